@@ -1,0 +1,66 @@
+# %% [markdown]
+# # pixpro_rs
+#
+# > PixPro pixel-level self-supervised pretraining on ResNet-RS backbones: a Jupyter-first, tested, reproducible textbook and library.
+
+# %% [markdown]
+# `pixpro_rs` implements **PixPro** ("Propagate Yourself", Xie et al., CVPR 2021) on **ResNet-RS** backbones
+# ("Revisiting ResNets", Bello et al., NeurIPS 2021). Every component is defined, explained and tested in a notebook
+# chapter, and exported with [nbdev](https://nbdev.fast.ai) to the `pixpro_rs` package, so the object a reader
+# studies in a chapter is the one a multi-GPU run imports. The reference PixPro code is frozen at PyTorch 1.4 with
+# apex, supports ResNet-50 only and has no tests; this project aims to be numerically faithful to it (and to say so,
+# with tests, where we depart from it) on current PyTorch, with Accelerate for one CPU to many GPUs.
+
+# %% [markdown]
+# ## The two papers
+#
+# **PixPro** learns dense features without labels. Two random crops of one image go through an online and a
+# momentum (EMA) network; feature-map pixels whose centres fall close together in the original image (closer than
+# T = 0.7 bin diagonals) are positive pairs. Instead of contrasting pixels directly, a *pixel propagation module*
+# smooths each online feature with the features similar to it, and the loss pulls the propagated feature towards
+# its positives in the other view. Pretrained for 100 epochs on ImageNet, a ResNet-50 reaches 58.8 AP on Pascal VOC
+# detection (60.2 after 400 epochs, against 53.5 for supervised pretraining and 57.6 for MoCo v2 after 800 epochs),
+# 40.8 box AP with a COCO Mask R-CNN R50-FPN 1x (41.4 with the added instance branch after 400 epochs), and 77.2 mIoU
+# on Cityscapes.
+#
+# **ResNet-RS** shows that training and scaling methods matter more than architecture changes: a ResNet with the
+# ResNet-D stem and shortcut, squeeze-and-excitation, and a modern recipe (350 epochs, cosine schedule, EMA, label
+# smoothing, RandAugment, dropout, stochastic depth, weight decay lowered to 4e-5) climbs from 79.0 % to 83.4 %
+# ImageNet top-1 at ResNet-200 size. Scaling depth rather than width for long schedules and growing resolution
+# slowly gives a family from RS-50 (35.7 M parameters, 78.8 %) to RS-420 (191.9 M, 84.4 %) that is 1.7-2.7x faster
+# on TPUs than EfficientNets of similar accuracy. No library pretrains ResNet-RS with a self-supervised method:
+# this one does.
+
+# %% [markdown]
+# ## The chapters
+#
+# | chapter | what it builds | module |
+# |---|---|---|
+# | [Conventions](00_core.ipynb) | the glossary of names, clear errors for bad input, atomic writes | `pixpro_rs.core` |
+#
+# Chapters are added as they are written; each is a notebook in `nbs/` that runs top to bottom in CI.
+
+# %% [markdown]
+# ## Getting started
+#
+# Set up and run the tests (a fresh virtual environment, the package with its development tools, then every
+# notebook through `nbdev_test` and the cross-component tests through `pytest`):
+#
+# ```sh
+# python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && bash tools/test.sh
+# ```
+#
+# Pretraining on the embedded synthetic data arrives with the training chapter, as the parameterised notebook
+# `nbs/train.ipynb`; once it is there, the main job will be
+# `papermill nbs/train.ipynb runs/train.ipynb -p arch resnetrs50` (any parameter of its `parameters` cell can be
+# set with `-p`). It is not in the repository yet, so that command does not run today.
+#
+# The docs site is built by `bash tools/docs.sh`: with Quarto on `PATH` it runs `nbdev_docs`; without it (as on
+# our CI machines) it builds the same chapters offline with Sphinx into `_docs/`.
+
+# %% [markdown]
+# ## Working on the book
+#
+# The notebooks are the source. After editing a notebook, run `bash tools/sync.sh`: it exports the package
+# (`nbdev_export`), cleans the notebooks (`nbdev_clean`), refreshes the jupytext twins in `nbs_py/` and regenerates
+# this README from `nbs/index.ipynb`. The test command checks that all four are in step.
