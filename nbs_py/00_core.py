@@ -96,6 +96,7 @@ test_eq(len(GLOSSARY), len(set(GLOSSARY)))
 assert all(k == k.lower() and ' ' not in k for k in GLOSSARY), "glossary names are snake_case"
 assert all(v.strip() for v in GLOSSARY.values())
 
+
 # %% [markdown]
 # ## Rejecting bad input early
 #
@@ -115,10 +116,12 @@ class ConfigError(ValueError):
         self.name, self.value, self.allowed = name, value, allowed
         super().__init__(f"invalid {name}={value!r}: expected {allowed}")
 
+
 # %%
 e = ConfigError('arch', 'resnet51', "one of 'resnet50', 'resnetrs50'")
 test_eq(str(e), "invalid arch='resnet51': expected one of 'resnet50', 'resnetrs50'")
 assert isinstance(e, ValueError) and e.name == 'arch'
+
 
 # %% [markdown]
 # Three checks cover almost every parameter of the book: a value from a fixed set, a number inside an interval,
@@ -135,10 +138,12 @@ def check_choice(name:str,  # parameter name
     if value not in choices: raise ConfigError(name, value, 'one of ' + ', '.join(repr(c) for c in choices))
     return value
 
+
 # %%
 test_eq(check_choice('method', 'pixpro', ['pixpro', 'pixcontrast']), 'pixpro')
 test_fail(lambda: check_choice('method', 'byol', ['pixpro', 'pixcontrast']),
           contains="invalid method='byol': expected one of 'pixpro', 'pixcontrast'")
+
 
 # %% [markdown]
 # Intervals follow the mathematical notation in the message, so `(0, 10]` means "above 0, at most 10". A number
@@ -168,6 +173,7 @@ def check_positive(name:str, value:float) -> float:
     "Return `value` if it is a finite number > 0, else raise `ConfigError`."
     return check_range(name, value, 0, None, low_open=True)
 
+
 # %%
 test_eq(check_range('threshold', 0.7, 0, 10, low_open=True), 0.7)
 test_eq(check_range('threshold', 10, 0, 10, low_open=True), 10)
@@ -179,6 +185,7 @@ test_fail(lambda: check_range('gamma', True, 0), contains="gamma=True")
 test_eq(check_positive('lr', 1e-3), 1e-3)
 test_fail(lambda: check_positive('lr', 0.0), contains="invalid lr=0.0: expected a number in (0, inf)")
 test_fail(lambda: check_positive('batch_size', -8), contains="batch_size=-8")
+
 
 # %% [markdown]
 # ## Writing files atomically
@@ -207,6 +214,7 @@ def atomic_write(path:str|Path,  # destination file
         tmp.unlink(missing_ok=True)
         raise
     return path
+
 
 # %% [markdown]
 # The test writes a file, then makes a second write fail half-way: the first content must survive untouched and no

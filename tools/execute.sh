@@ -11,8 +11,10 @@ for f in "$@"; do
     *) jupytext --sync -q "$f"; nb="$f" ;;
   esac
   nbdev_export   # the notebook may import what an earlier cell of another chapter exports
-  (cd "$(dirname "$nb")" && jupyter nbconvert --to notebook --execute --inplace \
-     --ExecutePreprocessor.timeout=3600 "$(basename "$nb")" 2>&1 | grep -v -e 'without encryption' -e '^\[NbConvertApp\] Converting' || true)
+  if ! (cd "$(dirname "$nb")" && jupyter nbconvert --to notebook --execute --inplace \
+          --ExecutePreprocessor.timeout=3600 "$(basename "$nb")" > /tmp/execute.$$.log 2>&1); then
+    grep -v 'without encryption' /tmp/execute.$$.log >&2; echo "execution of $nb failed" >&2; exit 1
+  fi
   nbdev_clean --fname "$nb"
   jupytext --sync -q "$nb"
 done
