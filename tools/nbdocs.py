@@ -79,9 +79,16 @@ def plain(nb) -> nbformat.NotebookNode:
             if opts.get('output') == 'false': tags.add('remove-output')
             if opts.get('include') == 'false': tags.add('remove-cell')
             if not cell.source.strip() and not cell.get('outputs'): continue
+            for out in cell.get('outputs', []):   # show_doc entries open with a rule: a heading suffices
+                md = out.get('data', {}).get('text/markdown')
+                if md is not None:
+                    md = ''.join(md) if isinstance(md, list) else md
+                    out['data']['text/markdown'] = re.sub(r'\A\s*---\s*\n', '', md)
             cell.metadata['tags'] = sorted(tags)
         cells.append(cell)
     nb.cells = cells
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
+    nb.metadata['language_info'] = {'name': 'python', 'pygments_lexer': 'ipython3'}
     return nb
 
 
@@ -154,8 +161,10 @@ def sphinx(out: Path = DOCS) -> Path:
     proc()
     sphinx_source()
     if out.exists(): shutil.rmtree(out)
-    cmd = [sys.executable, '-m', 'sphinx', '-b', 'html', '-q', '-j', '1', str(SRC), str(out)]
+    html = SRC/'_build'/'html'   # myst-nb also writes _build/jupyter_execute beside it
+    cmd = [sys.executable, '-m', 'sphinx', '-b', 'html', '-q', '-j', '1', str(SRC), str(html)]
     subprocess.run(cmd, check=True)
+    shutil.move(html, out)
     return out
 
 
