@@ -168,3 +168,276 @@ test_fail(lambda: positive_mask(c, c, size=(7,)), contains='size')
 try: positive_mask(c, c, threshold=0)
 except ValueError: pass
 else: raise AssertionError('a bad threshold must raise ValueError')
+
+# %% [markdown]
+# ## A picture of the pairs
+#
+# Figure 1 draws two crops of one image: a query crop (blue) and a horizontally flipped key crop (orange), each with
+# its 7x7 bins, and a grey line for every positive pair. Only the overlap of the crops has pairs, and because the
+# key crop is larger (bigger bins) each query pixel can match several key pixels: the relation is many-to-many.
+# Figure 2 shows the 49x49 masks of the three known cases as images (row: query pixel, column: key pixel).
+
+# %%
+import matplotlib.pyplot as plt
+from matplotlib.patches import Rectangle
+
+
+# %%
+def _draw_crop(ax, c, colour, H=7, W=7):
+    "Draw crop `c` (x_ul, y_ul, x_lr, y_lr) with its bin grid and centres; return the centres."
+    x0, y0, x1, y1 = c.tolist()
+    ax.add_patch(Rectangle((min(x0, x1), y0), abs(x1 - x0), y1 - y0, fill=False, ec=colour, lw=2))
+    for t in range(1, W): ax.plot([x0 + t*(x1-x0)/W]*2, [y0, y1], c=colour, lw=.4, alpha=.6)
+    for t in range(1, H): ax.plot([x0, x1], [y0 + t*(y1-y0)/H]*2, c=colour, lw=.4, alpha=.6)
+    cx, cy, _ = _bin_centres(c[None], H, W)
+    ax.scatter(cx[0], cy[0], s=6, c=colour, zorder=3)
+    return cx[0], cy[0]
+
+cq, ck = torch.tensor([.05, .08, .62, .70]), torch.tensor([.92, .25, .30, .95])  # key is flipped: x_ul > x_lr
+_, m = positive_mask(cq[None], ck[None])
+fig, ax = plt.subplots(figsize=(5.2, 5.2), dpi=80)
+qx, qy = _draw_crop(ax, cq, 'tab:blue'); kx, ky = _draw_crop(ax, ck, 'tab:orange')
+for i, j in m[0].nonzero().tolist(): ax.plot([qx[i], kx[j]], [qy[i], ky[j]], c='.3', lw=.6)
+ax.set(xlim=(0, 1), ylim=(1, 0), aspect='equal', xlabel='x (normalised)', ylabel='y (normalised)',
+       title=f'Figure 1: {int(m.sum())} positive pairs over {int(m.any(-1).sum())} query pixels')
+ax.text(.06, .06, 'query (blue)', color='tab:blue'); ax.text(.62, .97, 'key, flipped (orange)', color='tab:orange');
+
+# %%
+cases = {'identical': ([0., 0, 1, 1], [0., 0, 1, 1]), 'flipped twin': ([0., 0, 1, 1], [1., 0, 0, 1]),
+         'nested': ([.1, .2, .9, .8], [.3, .3, .6, .7])}
+fig, axs = plt.subplots(1, 3, figsize=(10, 3.6), dpi=80)
+for ax, (name, (a, b)) in zip(axs, cases.items()):
+    _, m = positive_mask(torch.tensor([a]), torch.tensor([b]))
+    ax.imshow(m[0], cmap='Greys', interpolation='nearest')
+    ax.set(title=f'{name}: {int(m.sum())} pairs', xlabel='key pixel j', ylabel='query pixel i')
+fig.suptitle('Figure 2: the 49x49 positive masks of the known cases'); fig.tight_layout()
+
+
+# %% [markdown]
+# **Why the threshold is relative to the bin diagonal.** A crop covers anything from 8 % to 100 % of the image, so a
+# fixed distance in image units would mean "the same pixel" for a large crop and "three pixels away" for a small
+# one. Measured in bins, $T$ asks the same question at every scale: *is the other centre within 0.7 of a feature
+# pixel's extent?* Using the larger of the two diagonals lets a coarse view's pixel match the several fine pixels of
+# the other view that fall inside it (Figure 1). And 0.7 is just below $1/\sqrt2 \approx 0.7071$, the distance to
+# the nearest neighbour when the two grids coincide: for identical crops 0.7 means **only the exact match**, a
+# diagonal in Figure 2. A threshold of 0.71 would add the four direct neighbours of every pixel (tested above), so
+# the number is not arbitrary and a round "0.7 or so" is not good enough. The reference code's *default* is 0.5; its
+# released scripts, and this book, use 0.7.
+#
+# > **Ours.** The mask is computed in float32 (or float64 when the coordinates are float64) even when the model runs
+# > under bf16/fp16 autocast. bf16 keeps 8 bits of mantissa: 0.7 becomes 0.6992 and 0.7071 becomes 0.7070, two
+# > units of the last place apart, and the rounding of the centres and the division moves pairs across the
+# > threshold. The cell below computes the same masks in bf16 for 500 random pairs of crops: a few percent of the
+# > pairs change, and almost every image pair has at least one changed entry.
+
+# %%
+def _mask_in(dtype, cq, ck, H=7, W=7, T=0.7):
+    "The mask computed entirely in `dtype` (what autocast would do), for the demonstration only."
+    qx, qy, qd = _bin_centres(cq.to(dtype), H, W); kx, ky, kd = _bin_centres(ck.to(dtype), H, W)
+    d = torch.sqrt((qx[:, :, None] - kx[:, None, :])**2 + (qy[:, :, None] - ky[:, None, :])**2)
+    return d / torch.maximum(qd, kd)[:, :, None] < T
+
+g = torch.Generator().manual_seed(0)
+xy, wh = torch.rand(500, 2, generator=g) * .5, torch.rand(500, 2, generator=g) * .5 + .2
+cq = torch.cat([xy, xy + wh], 1)
+xy2 = xy + torch.rand(500, 2, generator=g) * .2 - .1
+ck = torch.cat([xy2, xy2 + wh * (.7 + .6 * torch.rand(500, 2, generator=g))], 1)
+m32, m16 = _mask_in(torch.float32, cq, ck), _mask_in(torch.bfloat16, cq, ck)
+test_eq(m32, positive_mask(cq, ck)[1])
+changed = (m32 != m16)
+print(f'bf16 changes {float(changed.sum() / m32.sum()):.1%} of the positive pairs; '
+      f'{float(changed.flatten(1).any(1).float().mean()):.0%} of the image pairs have a changed entry')
+assert changed.any()
+
+
+# %% [markdown]
+# ## The PixPro loss
+#
+# PixPro pulls each query pixel's prediction $y_i$ (online branch, after the pixel propagation module, L2-normalised)
+# towards the momentum features $x'_j$ (target branch, L2-normalised) of every positive key pixel. For one direction
+# and a batch of $N$ image pairs,
+#
+# $$\mathcal{L}_{q \to k} = -\frac{2}{N} \sum_{n=1}^{N}
+#   \frac{\sum_{i,j} \cos(y_i, x'_j)\, [d_{ij} < T]}{\sum_{i,j} [d_{ij} < T] + 10^{-6}},$$
+#
+# the mean cosine over the image's positive pairs, averaged over the images, times $-2$. The full loss is
+# symmetric: $\mathcal{L} = \mathcal{L}_{1 \to 2} + \mathcal{L}_{2 \to 1}$ (the model chapter does that).
+# An image pair without any positive pair (disjoint crops, about 2 % of pairs under the reference augmentation)
+# contributes 0 to the sum **and still counts in $N$**; the $10^{-6}$ keeps its 0/0 at 0. Both are the reference's
+# behaviour, and both are kept.
+
+# %%
+#| exports
+def _check_features(q:Tensor, k:Tensor, coord_q:Tensor, coord_k:Tensor):
+    "Raise `ConfigError` unless q and k are [N, C, H, W] of one shape and the coordinates are [N, 4]."
+    for name, t in (('q', q), ('k', k)):
+        if not isinstance(t, Tensor) or t.ndim != 4:
+            raise ConfigError(name, getattr(t, 'shape', t), 'a tensor of shape [N, C, H, W]')
+    if k.shape != q.shape: raise ConfigError('k', k.shape, f'the shape of q, {tuple(q.shape)}')
+    _check_coords(coord_q, coord_k, q.shape[0])
+
+def _float(*ts:Tensor):
+    "Cast to float32 (float64 stays float64)."
+    dt = torch.promote_types(ts[0].dtype, torch.float32)
+    return [t.to(dt) for t in ts]
+
+
+# %%
+#| exports
+def pixpro_loss(q:Tensor,  # [N, C, H, W] online predictions y, L2-normalised along C
+                k:Tensor,  # [N, C, H, W] target features x', L2-normalised along C
+                coord_q:Tensor,  # [N, 4] crop of the view q comes from
+                coord_k:Tensor,  # [N, 4] crop of the view k comes from
+                threshold:float=0.7,  # T of `positive_mask`
+               ) -> Tensor:  # scalar in [-2, 2]; -2 is perfect agreement
+    "One direction of the PixPro loss: -2 x the mean over images of the mean cosine over positive pairs."
+    _check_features(q, k, coord_q, coord_k)
+    N, C, H, W = q.shape
+    with torch.autocast(q.device.type, enabled=False):  # mask and loss in float32 even under bf16 autocast
+        q, k = _float(q, k)
+        _, pos = positive_mask(coord_q.to(q.dtype), coord_k.to(q.dtype), (H, W), threshold)  # [N, HW, HW]
+        cos = torch.bmm(q.flatten(2).transpose(1, 2), k.flatten(2))  # [N, HW, C] @ [N, C, HW] -> [N, HW, HW]
+        pos = pos.to(cos.dtype)
+        per_image = (cos * pos).sum((1, 2)) / (pos.sum((1, 2)) + 1e-6)  # [N]
+        return -2 * per_image.mean()
+
+
+# %% [markdown]
+# The test compares the function, in float64, with the formula written out as loops over images and pixel pairs,
+# on a batch that mixes a nested pair, a flipped pair and a disjoint pair.
+
+# %%
+def _unit(*shape, dtype=torch.float64): return F.normalize(torch.randn(*shape, dtype=dtype), dim=1)
+
+torch.manual_seed(0)
+cq = torch.tensor([[.1, .2, .9, .8], [0, 0, 1, 1], [0, 0, .4, .4]], dtype=torch.float64)
+ck = torch.tensor([[.3, .3, .6, .7], [1, 0, 0, 1], [.6, .6, 1, 1]], dtype=torch.float64)
+q, k = _unit(3, 16, 7, 7), _unit(3, 16, 7, 7)
+_, m = positive_mask(cq, ck)
+total = 0.
+for n in range(3):
+    s, c = 0., 0
+    for i in range(49):
+        for j in range(49):
+            if m[n, i, j]: s += float(q[n, :, i // 7, i % 7] @ k[n, :, j // 7, j % 7]); c += 1
+    total += s / (c + 1e-6)
+loss = pixpro_loss(q, k, cq, ck)
+test_eq(loss.dtype, torch.float64)
+test_close(float(loss), -2 * total / 3, eps=1e-12)
+
+# %% [markdown]
+# The known answers of the loss: disjoint crops give exactly 0; identical crops with identical features give
+# $-2$ per direction (so $-4$ in total), opposite features $+2$; random high-dimensional features give about 0.
+# Wrong shapes are refused by name.
+
+# %%
+c0, c1 = torch.tensor([[0., 0, .4, .4]]), torch.tensor([[.6, .6, 1, 1]])
+x = _unit(1, 32, 7, 7, dtype=torch.float32)
+test_eq(float(pixpro_loss(x, x, c0, c1)), 0.)
+full = torch.tensor([[0., 0, 1, 1]])
+test_close(float(pixpro_loss(x, x, full, full)), -2., eps=1e-6)
+test_close(float(pixpro_loss(x, -x, full, full)), 2., eps=1e-6)
+assert abs(float(pixpro_loss(_unit(8, 4096, 7, 7), _unit(8, 4096, 7, 7), full.expand(8, 4), full.expand(8, 4)))) < .02
+# an image without positives still counts in the mean: (pair with loss -2) + (disjoint pair) -> -1
+test_close(float(pixpro_loss(torch.cat([x, x]), torch.cat([x, x]), torch.cat([full, c0]), torch.cat([full, c1]))), -1., eps=1e-6)
+test_fail(lambda: pixpro_loss(x[0], x[0], full, full), contains='invalid q=')
+test_fail(lambda: pixpro_loss(x, x[:, :16], full, full), contains='invalid k=')
+test_fail(lambda: pixpro_loss(x, x, full.expand(2, 4), full.expand(2, 4)), contains='coord_q')
+test_fail(lambda: pixpro_loss(x, x, full, full, threshold=0.), contains='threshold')
+
+# %% [markdown]
+# **Why the loss is negative, and what to expect.** The loss is $-2\times$ a mean cosine, so one direction lives in
+# $[-2, 2]$ and the symmetric total in $[-4, 4]$; $-4$ means every positive pair agrees perfectly. Negative values are
+# the normal, good case: a question users of the reference asked more than once. (BYOL writes the same thing as
+# $2 - 2\cos$, which is $\ge 0$; PixPro drops the constant.) Users of the reference report about $+0.1$ at the
+# first iterations, about $-3$ within the first epoch, and about $-2.2$ by epoch 100 on ImageNet: the curve falls
+# fast, then *rises* slowly. That rise is not divergence: the target network (momentum encoder) keeps improving,
+# and agreeing with a better target is harder. The loss value is not a measure of representation quality; transfer
+# results are. (These numbers are reports from the reference's issue tracker, not our measurements.)
+#
+# Under autocast the loss is computed in float32 whatever the dtype of the features:
+
+# %%
+with torch.autocast('cpu', dtype=torch.bfloat16):
+    l = pixpro_loss(x.bfloat16(), x.bfloat16(), full, full)
+test_eq(l.dtype, torch.float32)
+test_close(float(l), -2., eps=1e-2)
+
+
+# %% [markdown]
+# ## PixContrast
+#
+# The paper's first pretext task is contrastive: for pixel $i$ of view 1, the positive key pixels $P_i$ of view 2
+# (the same $d_{ij} < T$) should be more similar than the negatives $N_i$ (all others, $d_{ij} \ge T$), with a
+# temperature $\tau = 0.3$:
+#
+# $$\mathcal{L}_i = -\log \frac{\sum_{j \in P_i} e^{\cos(x_i, x'_j)/\tau}}{\sum_{k \in P_i \cup N_i} e^{\cos(x_i, x'_k)/\tau}}.$$
+#
+# The reference code does not include PixContrast, so the averaging is ours, chosen to mirror the PixPro loss: the
+# mean over the query pixels that have a positive, then the mean over images, where an image pair without any
+# positive contributes 0 and still counts. Like `pixpro_loss` the function is one direction; the model sums
+# $1 \to 2$ and $2 \to 1$. The negatives are only the other pixels of the *same* image pair, as in the paper's
+# description (no memory bank).
+
+# %%
+#| exports
+def pixcontrast_loss(q:Tensor,  # [N, C, H, W] online features x, L2-normalised along C
+                     k:Tensor,  # [N, C, H, W] target features x', L2-normalised along C
+                     coord_q:Tensor,  # [N, 4] crop of the view q comes from
+                     coord_k:Tensor,  # [N, 4] crop of the view k comes from
+                     threshold:float=0.7,  # T: positives closer than T bin diagonals, the rest are negatives
+                     tau:float=0.3,  # temperature of the softmax
+                    ) -> Tensor:  # scalar >= 0
+    "One direction of PixContrast: InfoNCE with all positive pixels in the numerator, averaged as in `pixpro_loss`."
+    _check_features(q, k, coord_q, coord_k)
+    check_positive('tau', tau)
+    N, C, H, W = q.shape
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = _float(q, k)
+        _, pos = positive_mask(coord_q.to(q.dtype), coord_k.to(q.dtype), (H, W), threshold)  # [N, HW, HW]
+        logits = torch.bmm(q.flatten(2).transpose(1, 2), k.flatten(2)) / tau  # [N, HW, HW]
+        has_pos = pos.any(-1)  # [N, HW]
+        # rows without a positive use all logits, so their term is exactly 0 (and its gradient finite)
+        num = torch.where(has_pos[..., None], logits.masked_fill(~pos, float('-inf')), logits)
+        per_pixel = (logits.logsumexp(-1) - num.logsumexp(-1)) * has_pos  # [N, HW]
+        per_image = per_pixel.sum(-1) / has_pos.sum(-1).clamp(min=1)  # [N]
+        return per_image.mean()
+
+
+# %% [markdown]
+# Tests: with identical crops every pixel has exactly one positive (the diagonal), so PixContrast is the ordinary
+# cross-entropy of each row against its own index; the float64 value equals the formula written as loops; disjoint
+# crops give exactly 0 with finite gradients.
+
+# %%
+torch.manual_seed(1)
+q, k = _unit(1, 16, 7, 7), _unit(1, 16, 7, 7)
+logits = (q.flatten(2)[0].T @ k.flatten(2)[0]) / .3
+test_close(float(pixcontrast_loss(q, k, full, full)), float(F.cross_entropy(logits, torch.arange(49))), eps=1e-10)
+q, k = _unit(3, 16, 7, 7), _unit(3, 16, 7, 7)
+_, m = positive_mask(cq, ck)
+total = 0.
+for n in range(3):
+    terms = []
+    for i in range(49):
+        if not m[n, i].any(): continue
+        e = [torch.exp(q[n, :, i // 7, i % 7] @ k[n, :, j // 7, j % 7] / .3) for j in range(49)]
+        terms.append(-torch.log(sum(e[j] for j in range(49) if m[n, i, j]) / sum(e)))
+    total += float(sum(terms) / len(terms)) if terms else 0.
+test_close(float(pixcontrast_loss(q, k, cq, ck)), total / 3, eps=1e-10)
+qq = _unit(1, 16, 7, 7).requires_grad_()
+l = pixcontrast_loss(qq, k[:1], c0.double(), c1.double())
+l.backward()
+test_eq(float(l.detach()), 0.); assert torch.isfinite(qq.grad).all()
+test_fail(lambda: pixcontrast_loss(q, k, cq, ck, tau=0), contains='tau')
+
+# %% [markdown]
+# ## Summary
+#
+# - `positive_mask(coord_q, coord_k, size, threshold)` matches pixel centres of two crops, in units of the larger bin
+#   diagonal, with a strict `< 0.7`: identical crops give exactly the 49 diagonal pairs, a flipped twin column
+#   $a \leftrightarrow 6-a$, the nested case 177 pairs over 28 query pixels, disjoint crops none.
+# - `pixpro_loss` is $-2\times$ the mean cosine over positive pairs, averaged over images (images without positives
+#   count as 0); one direction is in $[-2, 2]$, the symmetric total in $[-4, 4]$, and negative is good.
+# - `pixcontrast_loss` is the contrastive alternative with $\tau = 0.3$.
+# - Masks and losses are computed in float32 (float64 if given) even under autocast.

@@ -10,8 +10,602 @@
 #| export
 from __future__ import annotations
 
+import copy
+import math
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn, Tensor
 
 from pixpro_rs.core import ConfigError, check_choice, check_positive, check_range
-from pixpro_rs.positives import positive_mask  # re-exported: pixpro_rs.pixpro.*
+from pixpro_rs.positives import _check_coords, positive_mask, pixpro_loss, pixcontrast_loss  # re-exported here
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail, test_close, test_ne
+from nbdev.showdoc import show_doc
+import warnings
+warnings.filterwarnings('ignore', message='Converting a tensor with requires_grad')  # float(loss) in the tests
+
+# %%
+import matplotlib.pyplot as plt
+
+
+# %% [markdown]
+# The previous chapter decided *which* pixels of two views should agree and *how* agreement is scored. This chapter
+# builds the networks that produce the features being compared, following spec sections 3-5:
+#
+# | branch | view goes through | output |
+# |---|---|---|
+# | online | encoder (backbone C5) -> projector -> **pixel propagation module** -> L2 norm | $y$, [N, 256, H, W] |
+# | target | momentum encoder -> momentum projector -> L2 norm (no gradient) | $x'$, [N, 256, H, W] |
+# | instance (optional) | online: instance projector -> predictor -> average pool; target: its momentum copy -> pool | [N, 256] |
+#
+# The loss compares the online output of view 1 with the target output of view 2 and vice versa. The target is
+# not trained by gradients: it is an exponential moving average (EMA) of the online encoder and projector.
+# `positive_mask`, `pixpro_loss` and `pixcontrast_loss` are re-exported here, so `pixpro_rs.pixpro` is the one
+# module to import.
+
+# %% [markdown]
+# ## The projector
+#
+# A per-pixel MLP: two 1x1 convolutions with batch norm and ReLU between them, no normalisation on the output, the
+# default PyTorch initialisation. It maps the backbone's 2048 channels to 256 through a hidden width of 4096. The
+# same block, 256 -> 4096 -> 256, is the instance branch's predictor.
+
+# %%
+#| exports
+class Projector(nn.Sequential):
+    "Per-pixel MLP: conv1x1(in -> hidden, bias) -> BN -> ReLU -> conv1x1(hidden -> out, bias)."
+    def __init__(self,
+                 in_dim:int=2048,  # input channels (the backbone's C5 channels)
+                 hidden_dim:int=4096,  # hidden width
+                 out_dim:int=256,  # output channels
+                ):
+        super().__init__(nn.Conv2d(in_dim, hidden_dim, 1), nn.BatchNorm2d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Conv2d(hidden_dim, out_dim, 1))
+
+
+# %%
+p = Projector(32, 64, 16)
+test_eq([type(l).__name__ for l in p], ['Conv2d', 'BatchNorm2d', 'ReLU', 'Conv2d'])
+assert p[0].bias is not None and p[3].bias is not None
+test_eq(p(torch.randn(2, 32, 7, 7)).shape, (2, 16, 7, 7))
+test_eq(p(torch.randn(2, 32, 5, 3)).shape, (2, 16, 5, 3))  # any map size
+test_eq(sum(x.numel() for x in Projector().parameters()), 2048*4096 + 4096 + 2*4096 + 4096*256 + 256)
+
+
+# %% [markdown]
+# ## The pixel propagation module (PPM)
+#
+# PixPro does not ask a pixel's own feature to match its partner in the other view. It first *propagates*: each
+# pixel's prediction is a weighted sum of transformed features of all pixels of the same view, weighted by how
+# similar they are to it. For the projector output $x_i$ (pixel $i$, one image),
+#
+# $$y_i = \sum_{j} s(x_i, x_j)\, g(x_j), \qquad
+#   s(x_i, x_j) = \max\big(\cos(x_i, x_j),\ 0\big)^{\gamma},$$
+#
+# with $\gamma = 2$ (sharper) and $g$ a transform: one 1x1 convolution with bias in the released setting (the paper
+# also studies 0 layers, the identity, and 2 layers, conv-BN-ReLU-conv; one layer is best). Three details of the
+# reference that the equation hides, all kept and tested:
+#
+# 1. $g(x_j)$ is **L2-normalised** along the channels before the sum;
+# 2. the sum includes $j = i$ (the **self term**, $s_{ii} = 1$);
+# 3. the weights are **not normalised** (no softmax, no division by $\sum_j s_{ij}$); the caller L2-normalises $y_i$.
+#
+# The effect is a smoothing that respects content: pixels of the same object reinforce each other, and the
+# prediction of a pixel is informed by its surroundings, which the paper credits for spatial smoothness.
+
+# %%
+#| exports
+class PPM(nn.Module):
+    "Pixel propagation module: y_i = sum_j max(cos(x_i, x_j), 0)^gamma * normalize(g(x_j))."
+    def __init__(self,
+                 dim:int=256,  # channels of the input (the projector's output)
+                 gamma:float=2.0,  # sharpness exponent of the similarity
+                 n_layers:int=1,  # layers of the transform g: 0 identity, 1 conv1x1 (paper), 2 conv-BN-ReLU-conv
+                ):
+        super().__init__()
+        self.gamma = check_positive('gamma', gamma)
+        check_choice('n_layers', n_layers, (0, 1, 2))
+        self.transform = (nn.Identity() if n_layers == 0 else nn.Conv2d(dim, dim, 1) if n_layers == 1
+                          else Projector(dim, dim, dim))
+
+    def similarity(self, x:Tensor) -> Tensor:  # [N, HW, HW]
+        "s[i, j] = max(cos(x_i, x_j), 0) ** gamma for the pixels of each image of x [N, C, H, W]."
+        xn = F.normalize(x, dim=1).flatten(2)  # [N, C, HW]
+        s = torch.bmm(xn.transpose(1, 2), xn).clamp(min=0)  # [N, HW, HW]
+        if self.gamma < 1: s = s + 1e-6  # as the reference: keeps the gradient of s**gamma finite at 0
+        return s ** self.gamma
+
+    def forward(self, x:Tensor) -> Tensor:  # [N, C, H, W], not normalised
+        N, C, H, W = x.shape
+        v = F.normalize(self.transform(x), dim=1).flatten(2)  # [N, C, HW]
+        y = torch.bmm(v, self.similarity(x).transpose(1, 2))  # [N, C, HW]: y_i = sum_j s_ij v_j
+        return y.view(N, C, H, W)
+
+
+# %% [markdown]
+# The test writes the equation as a loop over pixels, in float64, and compares for $\gamma \in \{1, 2\}$ and every
+# transform depth. It also checks the structure the chapter promises for `transform`.
+
+# %%
+torch.manual_seed(0)
+x = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+for n_layers in (0, 1, 2):
+    for gamma in (1., 2.):
+        ppm = PPM(8, gamma, n_layers).double()
+        y = ppm(x)
+        gx = F.normalize(ppm.transform(x), dim=1)
+        for n in range(2):
+            for i in range(12):
+                xi = x[n, :, i // 4, i % 4]
+                ref = sum(max(float(F.cosine_similarity(xi, x[n, :, j // 4, j % 4], dim=0)), 0.) ** gamma
+                          * gx[n, :, j // 4, j % 4] for j in range(12))
+                test_close(y[n, :, i // 4, i % 4], ref, eps=1e-10)
+test_eq(type(PPM(8, n_layers=0).transform), nn.Identity)
+t = PPM(8).transform
+assert type(t) is nn.Conv2d and (t.in_channels, t.out_channels, t.kernel_size, t.bias is not None) == (8, 8, (1, 1), True)
+test_eq([type(l).__name__ for l in PPM(8, n_layers=2).transform], ['Conv2d', 'BatchNorm2d', 'ReLU', 'Conv2d'])
+test_close(torch.diagonal(PPM(8).similarity(x), dim1=1, dim2=2), torch.ones(2, 12, dtype=torch.float64), eps=1e-12)  # self term
+test_fail(lambda: PPM(8, gamma=0), contains='gamma'); test_fail(lambda: PPM(8, n_layers=3), contains='n_layers')
+
+
+# %% [markdown]
+# **What the similarity looks like.** Figure 3 takes a deterministic test scene (a red disc and a striped blue box on
+# a sky gradient, drawn by the cell below), runs it through a small *randomly initialised* conv stack (stride 8, so
+# a 112-pixel image gives a 14x14 map) and a projector, and shows $s(x_i, \cdot)$ for the pixel marked in the disc,
+# for $\gamma = 1, 2, 4$. Even untrained features separate the colours; the exponent decides how far the propagation
+# reaches: with $\gamma = 1$ the sky and the box still get weights of 0.3-0.5, with $\gamma = 4$ only the disc
+# counts. The paper's ablation prefers $\gamma = 2$; the reference's option *default* is 1 (a trap: the released
+# scripts use 2).
+
+# %%
+def scene(S:int=112) -> Tensor:
+    "A deterministic [3, S, S] test image in [0, 1]: a red disc and a striped blue box on a sky gradient."
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, S), torch.linspace(0, 1, S), indexing='ij')
+    img = torch.stack([.55 + .2*yy, .7 + .1*yy, .85 - .1*yy])
+    disc, box = (xx - .3)**2 + (yy - .35)**2 < .2**2, (xx > .55) & (xx < .9) & (yy > .5) & (yy < .85)
+    img[:, disc] = torch.tensor([.85, .2, .15])[:, None]
+    img[:, box] = torch.tensor([.15, .3, .8])[:, None] * (1 + .3*((xx[box]*20).floor() % 2))[None]
+    return img.clamp(0, 1)
+
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1),
+                    nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 3, 2, 1))
+img = scene()
+with torch.no_grad(): x = Projector(64, 256, 64)(net(img[None]))  # [1, 64, 14, 14]
+i = 4*14 + 4  # row 4, column 4: inside the disc
+fig, axs = plt.subplots(1, 4, figsize=(12, 3.2), dpi=80)
+axs[0].imshow(img.permute(1, 2, 0)); axs[0].plot(4.5*8, 4.5*8, 'w+', ms=12, mew=2); axs[0].set_title('scene')
+for ax, g in zip(axs[1:], (1, 2, 4)):
+    s = PPM(64, g).similarity(x)[0, i].view(14, 14)
+    im = ax.imshow(s, vmin=0, vmax=1); ax.plot(4, 4, 'w+', ms=12, mew=2); ax.set_title(f'$s(x_i, \\cdot)$, gamma {g}')
+fig.colorbar(im, ax=axs[1:], shrink=.8); fig.suptitle('Figure 3: PPM similarity of one pixel (untrained features)');
+
+# %% [markdown]
+# Since $0 \le \cos \le 1$ after the clamp, raising $\gamma$ can only lower a weight, and the self weight stays 1:
+
+# %%
+s1, s2, s4 = (PPM(64, g).similarity(x) for g in (1, 2, 4))
+assert (s4 <= s2 + 1e-6).all() and (s2 <= s1 + 1e-6).all() and (s1 >= 0).all()
+test_close(torch.diagonal(s4, dim1=1, dim2=2), torch.ones(1, 196), eps=1e-5)
+
+
+# %% [markdown]
+# ## The momentum schedule
+#
+# The target network follows the online one as an exponential moving average,
+# $\theta_t \leftarrow m\,\theta_t + (1 - m)\,\theta_o$, with a momentum that rises from $m_0 = 0.99$ to 1 over the
+# run along a half cosine:
+#
+# $$m(k) = 1 - (1 - m_0)\,\frac{\cos(\pi k / K) + 1}{2},$$
+#
+# $k$ the global training step (counted from 0) and $K$ the total number of steps. Early on the target moves 1 %
+# of the way towards the online network per step; at the end it freezes.
+#
+# > **Ours.** Past $K$ the formula would *decrease* again (the cosine rises after $\pi$); `momentum_at` holds
+# > $m = 1$ for $k \ge K$, so a run extended beyond its plan does not un-freeze its target.
+
+# %%
+#| exports
+def momentum_at(step:int,  # global training step k, counted from 0
+                total_steps:int,  # K, the total number of training steps of the run
+                base:float=0.99,  # m_0, the momentum at step 0
+               ) -> float:
+    "EMA momentum of the target network at `step`: cosine from `base` at 0 to 1 at `total_steps` (and after)."
+    check_positive('total_steps', total_steps); check_range('step', step, 0); check_range('momentum', base, 0, 1)
+    return 1. - (1. - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1.) / 2.
+
+
+# %%
+test_eq(momentum_at(0, 100), 0.99)
+test_close(momentum_at(50, 100), 0.995, eps=1e-12)
+test_eq(momentum_at(100, 100), 1.); test_eq(momentum_at(150, 100), 1.)
+ms = [momentum_at(k, 1000) for k in range(1001)]
+assert all(a <= b for a, b in zip(ms, ms[1:]))
+test_eq(momentum_at(0, 10, base=0.), 0.)
+test_fail(lambda: momentum_at(0, 0), contains='total_steps'); test_fail(lambda: momentum_at(-1, 10), contains='step')
+
+# %%
+K = 100 * 1251  # 100 epochs of ImageNet at a global batch of 1024
+fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
+ax.plot([k / 1251 for k in range(0, K + 1, 500)], [momentum_at(k, K) for k in range(0, K + 1, 500)])
+ax.set(xlabel='epoch', ylabel='momentum m', title='Figure 4: the EMA momentum over a 100-epoch run'); ax.grid(alpha=.3);
+
+
+# %% [markdown]
+# The update itself touches the **parameters** (weights and biases, including BN's affine ones) and nothing else:
+# the target's BN running statistics are its own, accumulated from the batches it sees in train mode.
+
+# %%
+#| exports
+@torch.no_grad()
+def ema_update_(target:nn.Module,  # the momentum copy, updated in place
+                online:nn.Module,  # the network it follows (same architecture)
+                m:float,  # momentum: target <- m * target + (1 - m) * online
+               ):
+    "In-place EMA of the parameters of `target` towards `online`; buffers (BN statistics) are left alone."
+    for pt, po in zip(target.parameters(), online.parameters(), strict=True):
+        pt.mul_(m).add_(po.detach(), alpha=1. - m)
+
+
+# %%
+torch.manual_seed(0)
+a, b = Projector(4, 8, 4), Projector(4, 8, 4)
+a0 = [p.detach().clone() for p in a.parameters()]; rm = a[1].running_mean.clone(); b[1].running_mean.fill_(3.)
+ema_update_(a, b, .9)
+for p, p0, q in zip(a.parameters(), a0, b.parameters()): test_close(p.detach(), .9*p0 + .1*q.detach(), eps=1e-6)
+test_eq(a[1].running_mean, rm)  # buffers untouched
+ema_update_(a, b, 0.)
+for p, q in zip(a.parameters(), b.parameters()): test_eq(p.detach(), q.detach())
+
+
+# %% [markdown]
+# ## The backbone
+#
+# PixPro works on any encoder that returns a C5 feature map [N, C, H, W] (no pooling). The model accepts any
+# `nn.Module`: if it has a `forward_features` method (the ResNet-RS models of this book, timm models) that is used,
+# otherwise its `forward` must return the map (e.g. torchvision's ResNet-50 without `avgpool` and `fc`). The channel
+# count comes from the backbone's `num_features` attribute when it has one, else from a dry run on a small input.
+
+# %%
+#| exports
+def backbone_features(backbone:nn.Module, x:Tensor) -> Tensor:  # [N, C, H, W]
+    "The C5 map of `backbone`: `forward_features(x)` when it exists, else `backbone(x)`; must be 4-D."
+    f = backbone.forward_features(x) if hasattr(backbone, 'forward_features') else backbone(x)
+    if f.ndim != 4: raise ConfigError('backbone', type(backbone).__name__, f'a C5 map [N, C, H, W], got shape {tuple(f.shape)}')
+    return f
+
+def feature_channels(backbone:nn.Module, image_size:int=64) -> int:
+    "C of the backbone's feature map: its `num_features`, else measured by a dry run in eval mode."
+    if isinstance(getattr(backbone, 'num_features', None), int): return backbone.num_features
+    was = backbone.training
+    p = next(backbone.parameters(), None)
+    try:
+        backbone.eval()
+        with torch.no_grad():
+            return backbone_features(backbone, torch.zeros(1, 3, image_size, image_size, device=None if p is None else p.device)).shape[1]
+    finally: backbone.train(was)
+
+
+# %%
+def tiny_backbone(c:int=32):
+    "A 3-layer conv stack with stride 8 (56 px -> 7x7, 40 px -> 5x5): a CPU stand-in for a ResNet in the tests."
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, c, 3, 2, 1),
+                         nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, 2, 1))
+
+bb = tiny_backbone()
+test_eq(feature_channels(bb), 32); assert bb.training
+bb.num_features = 7; test_eq(feature_channels(bb), 7)
+test_fail(lambda: backbone_features(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), torch.zeros(1, 3, 8, 8)), contains='backbone')
+
+
+# %% [markdown]
+# ## The model
+#
+# `PixPro` holds the online networks (`encoder`, `projector`, `ppm`, and for the instance branch
+# `instance_projector` and `predictor`) and their momentum copies in `target` (a `ModuleDict` with the same names;
+# no predictor, no PPM: those exist only online). One training step, in the reference's order:
+#
+# 1. each view goes through the online networks **in its own forward call** (so batch norm computes statistics per
+#    view, as in the reference);
+# 2. **the EMA update**: the target moves towards the online weights with $m = $ `momentum_at(step, total_steps)`,
+#    then `step` is incremented. It happens inside `forward` when the model is in training mode (override with
+#    `update_target=True/False`), after the online forward and before the target forward, so with $m = 0$ the
+#    target of this step *is* the online network;
+# 3. each view goes through the target networks (no gradient, batch norm in train mode when the model is);
+# 4. the losses, both directions: online view 1 against target view 2, online view 2 against target view 1.
+#
+# `method='pixpro'` uses the PPM and `pixpro_loss`; `method='pixcontrast'` skips the PPM and uses
+# `pixcontrast_loss` (with `tau`); `method='instance'` trains only the instance branch, a BYOL-style baseline.
+# With `instance_weight` $\alpha > 0$ the pixel methods add $\alpha\,\mathcal{L}_{inst}$.
+#
+# `total_steps` ($K$) must be known before the first training step: pass it to the constructor, or call
+# `set_total_steps(K)` once the data loader's length is known ($K$ = epochs x optimiser steps per epoch). With
+# gradient accumulation, call the forward of the extra micro-batches with `update_target=False`, so that the EMA
+# moves once per optimiser step.
+#
+# > **Ours.** `step` and `total_steps` are registered **buffers**, so they are part of `state_dict()` and every
+# > checkpoint. The reference keeps $k$ in a plain attribute and restarts it from the start epoch on resume, so a
+# > resumed run's momentum is not the planned one; here loading a checkpoint restores the schedule exactly (tested
+# > below). The reference also hard-codes a 7x7 average pool in the instance branch, which breaks for any other
+# > image size; we pool adaptively.
+
+# %%
+#| exports
+class PixProOutput(NamedTuple):
+    "What `PixPro.forward` returns: the loss to backpropagate and its parts (for logging)."
+    loss: Tensor  # the total: pixel + instance_weight * instance (instance only for method='instance')
+    pixel: Tensor  # pixel loss, both directions (pixpro or pixcontrast); 0 for method='instance'
+    instance: Tensor  # instance loss, both directions; 0 when the branch is off
+    momentum: float  # the EMA momentum used by this call's target update (nan when there was none)
+
+def instance_loss(p:Tensor,  # [N, D] online predictions, L2-normalised
+                  z:Tensor,  # [N, D] target projections, L2-normalised
+                 ) -> Tensor:  # scalar in [-2, 2]
+    "One direction of the instance (BYOL-style) loss: -2 x the mean cosine, computed in float32."
+    with torch.autocast(p.device.type, enabled=False):
+        return -2 * (p.float() * z.float()).sum(1).mean()
+
+
+# %%
+#| exports
+METHODS = ('pixpro', 'pixcontrast', 'instance')
+
+class PixPro(nn.Module):
+    "PixPro: online encoder + projector + PPM against an EMA target, optional instance branch."
+    def __init__(self,
+                 backbone:nn.Module,  # encoder returning a C5 map (via `forward_features` if it has one)
+                 method:str='pixpro',  # 'pixpro', 'pixcontrast' or 'instance'
+                 feature_dim:int|None=None,  # C of the backbone's map (None: `num_features` or a dry run)
+                 hidden_dim:int=4096,  # hidden width of projectors and predictor
+                 proj_dim:int=256,  # output channels of the projectors
+                 threshold:float=0.7,  # T of `positive_mask`
+                 gamma:float=2.0,  # PPM sharpness
+                 ppm_layers:int=1,  # layers of the PPM transform g
+                 instance_weight:float=0.0,  # alpha: weight of the instance branch (0: no branch)
+                 tau:float=0.3,  # PixContrast temperature
+                 momentum:float=0.99,  # base EMA momentum m_0
+                 total_steps:int|None=None,  # K, total training steps (or call `set_total_steps` later)
+                ):
+        super().__init__()
+        self.method = check_choice('method', method, METHODS)
+        self.threshold, self.tau = check_positive('threshold', threshold), check_positive('tau', tau)
+        self.instance_weight = check_range('instance_weight', instance_weight, 0)
+        self.base_momentum = check_range('momentum', momentum, 0, 1)
+        C = feature_dim or feature_channels(backbone)
+        self.encoder = backbone
+        nets = {'encoder': backbone}
+        if method != 'instance': self.projector = nets['projector'] = Projector(C, hidden_dim, proj_dim)
+        self.ppm = PPM(proj_dim, gamma, ppm_layers) if method == 'pixpro' else None
+        self.with_instance = method == 'instance' or instance_weight > 0
+        if self.with_instance:
+            self.instance_projector = nets['instance_projector'] = Projector(C, hidden_dim, proj_dim)
+            self.predictor = Projector(proj_dim, hidden_dim, proj_dim)
+        self.target = nn.ModuleDict({k: copy.deepcopy(v) for k, v in nets.items()})  # same names as online
+        self.target.requires_grad_(False)
+        self.register_buffer('step', torch.zeros((), dtype=torch.long))  # k, saved in checkpoints
+        self.register_buffer('total_steps', torch.zeros((), dtype=torch.long))  # K, saved in checkpoints
+        if total_steps is not None: self.set_total_steps(total_steps)
+
+    def set_total_steps(self, total_steps:int):
+        "Set K, the number of training steps of the whole run (the momentum reaches 1 there)."
+        self.total_steps.fill_(int(check_positive('total_steps', total_steps)))
+
+    @torch.no_grad()
+    def momentum_update(self) -> float:
+        "Move the target towards the online networks with m = momentum_at(step, total_steps); step += 1. Returns m."
+        K = int(self.total_steps)
+        if K <= 0: raise ConfigError('total_steps', K, 'the number of training steps (> 0): PixPro(..., total_steps=K) or set_total_steps(K)')
+        m = momentum_at(int(self.step), K, self.base_momentum)
+        for name, target in self.target.items(): ema_update_(target, getattr(self, name), m)
+        self.step += 1
+        return m
+
+
+# %% [markdown]
+# The two branches of one view, each in its own call. The online branch returns the L2-normalised pixel output
+# $y$ [N, 256, H, W] (through the PPM for PixPro, straight from the projector for PixContrast) and the instance
+# prediction [N, 256]; the target branch the same from the momentum networks. Average pooling is adaptive, so any
+# map size works.
+
+# %%
+#| exports
+def _online(self:PixPro, x:Tensor) -> tuple[Tensor|None, Tensor|None]:
+    "Online outputs of one view: (pixel [N, D, H, W] or None, instance [N, D] or None), L2-normalised."
+    f = backbone_features(self.encoder, x)  # [N, C, H, W]
+    pix = inst = None
+    if self.method != 'instance':
+        pix = self.projector(f)  # [N, D, H, W]
+        if self.ppm is not None: pix = self.ppm(pix)
+        pix = F.normalize(pix, dim=1)
+    if self.with_instance:
+        inst = F.normalize(F.adaptive_avg_pool2d(self.predictor(self.instance_projector(f)), 1).flatten(1), dim=1)  # [N, D]
+    return pix, inst
+
+@torch.no_grad()
+def _target(self:PixPro, x:Tensor) -> tuple[Tensor|None, Tensor|None]:
+    "Target outputs of one view, no gradient: (pixel [N, D, H, W] or None, instance [N, D] or None)."
+    f = backbone_features(self.target['encoder'], x)
+    pix = F.normalize(self.target['projector'](f), dim=1) if self.method != 'instance' else None
+    inst = None
+    if self.with_instance:
+        inst = F.normalize(F.adaptive_avg_pool2d(self.target['instance_projector'](f), 1).flatten(1), dim=1)
+    return pix, inst
+
+PixPro._online, PixPro._target = _online, _target
+
+
+# %% [markdown]
+# The forward checks its inputs first: a wrong coordinate shape would otherwise surface as a broadcasting error deep
+# inside the mask, or worse, broadcast silently.
+
+# %%
+#| exports
+def _forward(self:PixPro,
+             view1:Tensor,  # [N, 3, S, S] first augmented views
+             view2:Tensor,  # [N, 3, S, S] second augmented views
+             coord1:Tensor,  # [N, 4] crop of view1 in its image, (x_ul, y_ul, x_lr, y_lr)
+             coord2:Tensor,  # [N, 4] crop of view2
+             update_target:bool|None=None,  # EMA update in this call (None: when training)
+            ) -> PixProOutput:
+    "One PixPro step: online forward, EMA update, target forward, symmetric losses."
+    for name, v in (('view1', view1), ('view2', view2)):
+        if not isinstance(v, Tensor) or v.ndim != 4: raise ConfigError(name, getattr(v, 'shape', v), 'a batch [N, 3, H, W]')
+    if view2.shape[0] != view1.shape[0]: raise ConfigError('view2', view2.shape, f'N = {view1.shape[0]} as view1')
+    for name, c in (('coord1', coord1), ('coord2', coord2)):
+        if not isinstance(c, Tensor) or c.shape != (view1.shape[0], 4):
+            raise ConfigError(name, getattr(c, 'shape', c), f'a tensor of shape [N, 4] with N = {view1.shape[0]}')
+    p1, i1 = self._online(view1)
+    p2, i2 = self._online(view2)
+    m = self.momentum_update() if (self.training if update_target is None else update_target) else float('nan')
+    t1, j1 = self._target(view1)
+    t2, j2 = self._target(view2)
+    zero = torch.zeros((), device=view1.device)
+    pixel = instance = zero
+    if self.method == 'pixpro':
+        pixel = pixpro_loss(p1, t2, coord1, coord2, self.threshold) + pixpro_loss(p2, t1, coord2, coord1, self.threshold)
+    elif self.method == 'pixcontrast':
+        pixel = (pixcontrast_loss(p1, t2, coord1, coord2, self.threshold, self.tau)
+                 + pixcontrast_loss(p2, t1, coord2, coord1, self.threshold, self.tau))
+    if self.with_instance: instance = instance_loss(i1, j2) + instance_loss(i2, j1)
+    loss = instance if self.method == 'instance' else pixel + self.instance_weight * instance
+    return PixProOutput(loss, pixel, instance, m)
+
+PixPro.forward = _forward
+
+
+# %% [markdown]
+# A tiny model (the 3-layer stand-in backbone, hidden width 64, 16 output channels) and a batch of two image pairs
+# at 56 pixels (7x7 maps): one nested pair and one flipped twin. The shape table shows what each network produces.
+
+# %%
+def tiny_pixpro(**kw):
+    torch.manual_seed(0)
+    return PixPro(tiny_backbone(), hidden_dim=64, proj_dim=16, total_steps=10, **kw)
+
+def batch(n=2, size=56):
+    g = torch.Generator().manual_seed(1)
+    c1 = torch.tensor([[.1, .2, .9, .8], [0, 0, 1, 1]]).repeat(n // 2, 1)
+    c2 = torch.tensor([[.3, .3, .6, .7], [1, 0, 0, 1]]).repeat(n // 2, 1)
+    return torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g), c1, c2
+
+model = tiny_pixpro()
+v1, v2, c1, c2 = batch()
+with torch.no_grad():
+    f = backbone_features(model.encoder, v1)
+    for name, t in [('view', v1), ('encoder (C5)', f), ('projector', model.projector(f)),
+                    ('PPM', model.ppm(model.projector(f))), ('target projector', model.target['projector'](f))]:
+        print(f'{name:18s} {tuple(t.shape)}')
+out = model(v1, v2, c1, c2)
+print(out)
+assert isinstance(out, PixProOutput) and torch.isfinite(out.loss) and -4 <= float(out.loss) <= 4
+test_eq(float(out.loss), float(out.pixel)); test_eq(float(out.instance), 0.); test_eq(out.momentum, 0.99)
+test_eq(int(model.step), 1)
+assert model.target['encoder'][1].training  # target BN in train mode while training
+
+# %% [markdown]
+# **Gradients** reach every online parameter (encoder, projector, PPM) and no target parameter; the target's
+# parameters do not even require a gradient, so an optimiser built from `requires_grad` parameters never sees them.
+
+# %%
+model.zero_grad()
+model(v1, v2, c1, c2).loss.backward()
+online = [n for n, p in model.named_parameters() if not n.startswith('target.')]
+assert any(n.startswith('ppm.') for n in online) and any(n.startswith('projector.') for n in online)
+for n, p in model.named_parameters():
+    if n.startswith('target.'): assert p.grad is None and not p.requires_grad, n
+    else: assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+# %% [markdown]
+# **The EMA.** With base momentum 0 the first step's $m$ is 0, so right after the forward the target equals the
+# online networks. With $m_0 = 0.99$, $K = 10$, at step 3 each target parameter moves to exactly
+# $m\,\theta_t + (1-m)\,\theta_o$ with $m$ = `momentum_at(3, 10)`, and the BN statistics of the target are not
+# copied from the online network. Without training mode (or with `update_target=False`) nothing moves.
+
+# %%
+model = tiny_pixpro(momentum=0.)
+with torch.no_grad():  # make online and target differ first
+    for p in model.encoder.parameters(): p.add_(torch.randn_like(p))
+out = model(v1, v2, c1, c2)
+test_eq(out.momentum, 0.)
+for name, t in model.target.items():
+    for pt, po in zip(t.parameters(), getattr(model, name).parameters()): test_eq(pt.detach(), po.detach())
+
+model = tiny_pixpro()
+model.step.fill_(3)
+with torch.no_grad():
+    for p in model.encoder.parameters(): p.add_(torch.randn_like(p))
+before = {n: p.clone() for n, p in model.target.named_parameters()}
+onl = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith('target.')}
+out = model(v1, v2, c1, c2)
+m = momentum_at(3, 10); test_eq(out.momentum, m); test_eq(int(model.step), 4)
+for n, p in model.target.named_parameters(): test_close(p.detach(), m * before[n] + (1 - m) * onl[n], eps=1e-6)
+test_ne(model.target['encoder'][1].running_mean, model.encoder[1].running_mean)
+
+model.eval(); s = int(model.step); out = model(v1, v2, c1, c2)
+test_eq(int(model.step), s); assert math.isnan(out.momentum)
+model.train(); model(v1, v2, c1, c2, update_target=False); test_eq(int(model.step), s)
+
+# %% [markdown]
+# **Checkpoints keep the schedule.** `step` and `total_steps` are in the `state_dict`; a fresh model that loads it
+# continues with the next momentum of the schedule, not with 0.99 again. A model without `total_steps` refuses to
+# train instead of silently using a wrong schedule.
+
+# %%
+model = tiny_pixpro()
+for _ in range(4): model(v1, v2, c1, c2)
+sd = model.state_dict()
+assert 'step' in sd and 'total_steps' in sd
+fresh = PixPro(tiny_backbone(), hidden_dim=64, proj_dim=16)
+fresh.load_state_dict(sd)
+test_eq((int(fresh.step), int(fresh.total_steps)), (4, 10))
+test_eq(fresh(v1, v2, c1, c2).momentum, momentum_at(4, 10))
+test_fail(lambda: PixPro(tiny_backbone(), hidden_dim=64, proj_dim=16)(v1, v2, c1, c2), contains='total_steps')
+
+# %% [markdown]
+# **The instance branch** works at any map size (the reference's fixed 7x7 pool would fail at 5x5), alone
+# (`method='instance'`) or added to the pixel loss. The total is `pixel + alpha * instance`.
+
+# %%
+for size in (40, 56):  # 5x5 and 7x7 maps
+    v1s, v2s, c1s, c2s = batch(size=size)
+    m_ = tiny_pixpro(instance_weight=0.5)
+    o = m_(v1s, v2s, c1s, c2s)
+    test_close(float(o.loss), float(o.pixel + 0.5 * o.instance), eps=1e-6); assert -4 <= float(o.instance) <= 4 and float(o.instance) != 0
+    o = tiny_pixpro(method='instance')(v1s, v2s, c1s, c2s)
+    test_eq(float(o.loss), float(o.instance)); test_eq(float(o.pixel), 0.)
+mi = tiny_pixpro(method='instance')
+assert not hasattr(mi, 'projector') and mi.ppm is None and set(mi.target) == {'encoder', 'instance_projector'}
+test_eq(set(tiny_pixpro(instance_weight=1.).target), {'encoder', 'projector', 'instance_projector'})
+
+# %% [markdown]
+# **PixContrast** has no PPM; its loss is non-negative. **Mixed precision**: under bf16 autocast the networks run in
+# bf16, the mask and the losses in float32, and the loss is finite.
+
+# %%
+mc = tiny_pixpro(method='pixcontrast')
+assert mc.ppm is None
+o = mc(v1, v2, c1, c2); assert float(o.loss) > 0 and torch.isfinite(o.loss)
+for kw in ({}, {'instance_weight': 1.}, {'method': 'pixcontrast'}):
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        o = tiny_pixpro(**kw)(v1, v2, c1, c2)
+    test_eq(o.loss.dtype, torch.float32); assert torch.isfinite(o.loss), kw
+
+# %% [markdown]
+# **Bad input** is refused with the argument's name:
+
+# %%
+model = tiny_pixpro()
+test_fail(lambda: model(v1, v2, c1[:, :3], c2), contains='coord1')
+test_fail(lambda: model(v1, v2, c1, torch.cat([c2, c2])), contains='coord2')
+test_fail(lambda: model(v1, v2[:1], c1, c2), contains='view2')
+test_fail(lambda: model(v1[0], v2, c1, c2), contains='view1')
+test_fail(lambda: tiny_pixpro(threshold=0.), contains='threshold')
+test_fail(lambda: tiny_pixpro(method='byol'), contains='method')
+test_fail(lambda: tiny_pixpro(instance_weight=-1.), contains='instance_weight')
+test_fail(lambda: tiny_pixpro(gamma=-1.), contains='gamma')
+try: model(v1, v2, c1[:, :3], c2)
+except ValueError: pass

@@ -5,11 +5,218 @@
 # %% ../nbs/05_pixpro.ipynb #d7efc062
 from __future__ import annotations
 
+import copy
+import math
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn, Tensor
 
 from .core import ConfigError, check_choice, check_positive, check_range
-from .positives import positive_mask  # re-exported: pixpro_rs.pixpro.*
+from .positives import _check_coords, positive_mask, pixpro_loss, pixcontrast_loss  # re-exported here
 
 # %% auto #0
-__all__ = []
+__all__ = ['METHODS', 'Projector', 'PPM', 'momentum_at', 'ema_update_', 'backbone_features', 'feature_channels', 'PixProOutput',
+           'instance_loss', 'PixPro']
+
+# %% ../nbs/05_pixpro.ipynb #5763e8a6
+class Projector(nn.Sequential):
+    "Per-pixel MLP: conv1x1(in -> hidden, bias) -> BN -> ReLU -> conv1x1(hidden -> out, bias)."
+    def __init__(self,
+                 in_dim:int=2048,  # input channels (the backbone's C5 channels)
+                 hidden_dim:int=4096,  # hidden width
+                 out_dim:int=256,  # output channels
+                ):
+        super().__init__(nn.Conv2d(in_dim, hidden_dim, 1), nn.BatchNorm2d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Conv2d(hidden_dim, out_dim, 1))
+
+# %% ../nbs/05_pixpro.ipynb #4dea826b
+class PPM(nn.Module):
+    "Pixel propagation module: y_i = sum_j max(cos(x_i, x_j), 0)^gamma * normalize(g(x_j))."
+    def __init__(self,
+                 dim:int=256,  # channels of the input (the projector's output)
+                 gamma:float=2.0,  # sharpness exponent of the similarity
+                 n_layers:int=1,  # layers of the transform g: 0 identity, 1 conv1x1 (paper), 2 conv-BN-ReLU-conv
+                ):
+        super().__init__()
+        self.gamma = check_positive('gamma', gamma)
+        check_choice('n_layers', n_layers, (0, 1, 2))
+        self.transform = (nn.Identity() if n_layers == 0 else nn.Conv2d(dim, dim, 1) if n_layers == 1
+                          else Projector(dim, dim, dim))
+
+    def similarity(self, x:Tensor) -> Tensor:  # [N, HW, HW]
+        "s[i, j] = max(cos(x_i, x_j), 0) ** gamma for the pixels of each image of x [N, C, H, W]."
+        xn = F.normalize(x, dim=1).flatten(2)  # [N, C, HW]
+        s = torch.bmm(xn.transpose(1, 2), xn).clamp(min=0)  # [N, HW, HW]
+        if self.gamma < 1: s = s + 1e-6  # as the reference: keeps the gradient of s**gamma finite at 0
+        return s ** self.gamma
+
+    def forward(self, x:Tensor) -> Tensor:  # [N, C, H, W], not normalised
+        N, C, H, W = x.shape
+        v = F.normalize(self.transform(x), dim=1).flatten(2)  # [N, C, HW]
+        y = torch.bmm(v, self.similarity(x).transpose(1, 2))  # [N, C, HW]: y_i = sum_j s_ij v_j
+        return y.view(N, C, H, W)
+
+# %% ../nbs/05_pixpro.ipynb #eabd12a0
+def momentum_at(step:int,  # global training step k, counted from 0
+                total_steps:int,  # K, the total number of training steps of the run
+                base:float=0.99,  # m_0, the momentum at step 0
+               ) -> float:
+    "EMA momentum of the target network at `step`: cosine from `base` at 0 to 1 at `total_steps` (and after)."
+    check_positive('total_steps', total_steps); check_range('step', step, 0); check_range('momentum', base, 0, 1)
+    return 1. - (1. - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1.) / 2.
+
+# %% ../nbs/05_pixpro.ipynb #ba3a1037
+@torch.no_grad()
+def ema_update_(target:nn.Module,  # the momentum copy, updated in place
+                online:nn.Module,  # the network it follows (same architecture)
+                m:float,  # momentum: target <- m * target + (1 - m) * online
+               ):
+    "In-place EMA of the parameters of `target` towards `online`; buffers (BN statistics) are left alone."
+    for pt, po in zip(target.parameters(), online.parameters(), strict=True):
+        pt.mul_(m).add_(po.detach(), alpha=1. - m)
+
+# %% ../nbs/05_pixpro.ipynb #68c77bff
+def backbone_features(backbone:nn.Module, x:Tensor) -> Tensor:  # [N, C, H, W]
+    "The C5 map of `backbone`: `forward_features(x)` when it exists, else `backbone(x)`; must be 4-D."
+    f = backbone.forward_features(x) if hasattr(backbone, 'forward_features') else backbone(x)
+    if f.ndim != 4: raise ConfigError('backbone', type(backbone).__name__, f'a C5 map [N, C, H, W], got shape {tuple(f.shape)}')
+    return f
+
+def feature_channels(backbone:nn.Module, image_size:int=64) -> int:
+    "C of the backbone's feature map: its `num_features`, else measured by a dry run in eval mode."
+    if isinstance(getattr(backbone, 'num_features', None), int): return backbone.num_features
+    was = backbone.training
+    p = next(backbone.parameters(), None)
+    try:
+        backbone.eval()
+        with torch.no_grad():
+            return backbone_features(backbone, torch.zeros(1, 3, image_size, image_size, device=None if p is None else p.device)).shape[1]
+    finally: backbone.train(was)
+
+# %% ../nbs/05_pixpro.ipynb #2d4678cb
+class PixProOutput(NamedTuple):
+    "What `PixPro.forward` returns: the loss to backpropagate and its parts (for logging)."
+    loss: Tensor  # the total: pixel + instance_weight * instance (instance only for method='instance')
+    pixel: Tensor  # pixel loss, both directions (pixpro or pixcontrast); 0 for method='instance'
+    instance: Tensor  # instance loss, both directions; 0 when the branch is off
+    momentum: float  # the EMA momentum used by this call's target update (nan when there was none)
+
+def instance_loss(p:Tensor,  # [N, D] online predictions, L2-normalised
+                  z:Tensor,  # [N, D] target projections, L2-normalised
+                 ) -> Tensor:  # scalar in [-2, 2]
+    "One direction of the instance (BYOL-style) loss: -2 x the mean cosine, computed in float32."
+    with torch.autocast(p.device.type, enabled=False):
+        return -2 * (p.float() * z.float()).sum(1).mean()
+
+# %% ../nbs/05_pixpro.ipynb #214d8767
+METHODS = ('pixpro', 'pixcontrast', 'instance')
+
+class PixPro(nn.Module):
+    "PixPro: online encoder + projector + PPM against an EMA target, optional instance branch."
+    def __init__(self,
+                 backbone:nn.Module,  # encoder returning a C5 map (via `forward_features` if it has one)
+                 method:str='pixpro',  # 'pixpro', 'pixcontrast' or 'instance'
+                 feature_dim:int|None=None,  # C of the backbone's map (None: `num_features` or a dry run)
+                 hidden_dim:int=4096,  # hidden width of projectors and predictor
+                 proj_dim:int=256,  # output channels of the projectors
+                 threshold:float=0.7,  # T of `positive_mask`
+                 gamma:float=2.0,  # PPM sharpness
+                 ppm_layers:int=1,  # layers of the PPM transform g
+                 instance_weight:float=0.0,  # alpha: weight of the instance branch (0: no branch)
+                 tau:float=0.3,  # PixContrast temperature
+                 momentum:float=0.99,  # base EMA momentum m_0
+                 total_steps:int|None=None,  # K, total training steps (or call `set_total_steps` later)
+                ):
+        super().__init__()
+        self.method = check_choice('method', method, METHODS)
+        self.threshold, self.tau = check_positive('threshold', threshold), check_positive('tau', tau)
+        self.instance_weight = check_range('instance_weight', instance_weight, 0)
+        self.base_momentum = check_range('momentum', momentum, 0, 1)
+        C = feature_dim or feature_channels(backbone)
+        self.encoder = backbone
+        nets = {'encoder': backbone}
+        if method != 'instance': self.projector = nets['projector'] = Projector(C, hidden_dim, proj_dim)
+        self.ppm = PPM(proj_dim, gamma, ppm_layers) if method == 'pixpro' else None
+        self.with_instance = method == 'instance' or instance_weight > 0
+        if self.with_instance:
+            self.instance_projector = nets['instance_projector'] = Projector(C, hidden_dim, proj_dim)
+            self.predictor = Projector(proj_dim, hidden_dim, proj_dim)
+        self.target = nn.ModuleDict({k: copy.deepcopy(v) for k, v in nets.items()})  # same names as online
+        self.target.requires_grad_(False)
+        self.register_buffer('step', torch.zeros((), dtype=torch.long))  # k, saved in checkpoints
+        self.register_buffer('total_steps', torch.zeros((), dtype=torch.long))  # K, saved in checkpoints
+        if total_steps is not None: self.set_total_steps(total_steps)
+
+    def set_total_steps(self, total_steps:int):
+        "Set K, the number of training steps of the whole run (the momentum reaches 1 there)."
+        self.total_steps.fill_(int(check_positive('total_steps', total_steps)))
+
+    @torch.no_grad()
+    def momentum_update(self) -> float:
+        "Move the target towards the online networks with m = momentum_at(step, total_steps); step += 1. Returns m."
+        K = int(self.total_steps)
+        if K <= 0: raise ConfigError('total_steps', K, 'the number of training steps (> 0): PixPro(..., total_steps=K) or set_total_steps(K)')
+        m = momentum_at(int(self.step), K, self.base_momentum)
+        for name, target in self.target.items(): ema_update_(target, getattr(self, name), m)
+        self.step += 1
+        return m
+
+# %% ../nbs/05_pixpro.ipynb #3919faa0
+def _online(self:PixPro, x:Tensor) -> tuple[Tensor|None, Tensor|None]:
+    "Online outputs of one view: (pixel [N, D, H, W] or None, instance [N, D] or None), L2-normalised."
+    f = backbone_features(self.encoder, x)  # [N, C, H, W]
+    pix = inst = None
+    if self.method != 'instance':
+        pix = self.projector(f)  # [N, D, H, W]
+        if self.ppm is not None: pix = self.ppm(pix)
+        pix = F.normalize(pix, dim=1)
+    if self.with_instance:
+        inst = F.normalize(F.adaptive_avg_pool2d(self.predictor(self.instance_projector(f)), 1).flatten(1), dim=1)  # [N, D]
+    return pix, inst
+
+@torch.no_grad()
+def _target(self:PixPro, x:Tensor) -> tuple[Tensor|None, Tensor|None]:
+    "Target outputs of one view, no gradient: (pixel [N, D, H, W] or None, instance [N, D] or None)."
+    f = backbone_features(self.target['encoder'], x)
+    pix = F.normalize(self.target['projector'](f), dim=1) if self.method != 'instance' else None
+    inst = None
+    if self.with_instance:
+        inst = F.normalize(F.adaptive_avg_pool2d(self.target['instance_projector'](f), 1).flatten(1), dim=1)
+    return pix, inst
+
+PixPro._online, PixPro._target = _online, _target
+
+# %% ../nbs/05_pixpro.ipynb #f2e6351c
+def _forward(self:PixPro,
+             view1:Tensor,  # [N, 3, S, S] first augmented views
+             view2:Tensor,  # [N, 3, S, S] second augmented views
+             coord1:Tensor,  # [N, 4] crop of view1 in its image, (x_ul, y_ul, x_lr, y_lr)
+             coord2:Tensor,  # [N, 4] crop of view2
+             update_target:bool|None=None,  # EMA update in this call (None: when training)
+            ) -> PixProOutput:
+    "One PixPro step: online forward, EMA update, target forward, symmetric losses."
+    for name, v in (('view1', view1), ('view2', view2)):
+        if not isinstance(v, Tensor) or v.ndim != 4: raise ConfigError(name, getattr(v, 'shape', v), 'a batch [N, 3, H, W]')
+    if view2.shape[0] != view1.shape[0]: raise ConfigError('view2', view2.shape, f'N = {view1.shape[0]} as view1')
+    for name, c in (('coord1', coord1), ('coord2', coord2)):
+        if not isinstance(c, Tensor) or c.shape != (view1.shape[0], 4):
+            raise ConfigError(name, getattr(c, 'shape', c), f'a tensor of shape [N, 4] with N = {view1.shape[0]}')
+    p1, i1 = self._online(view1)
+    p2, i2 = self._online(view2)
+    m = self.momentum_update() if (self.training if update_target is None else update_target) else float('nan')
+    t1, j1 = self._target(view1)
+    t2, j2 = self._target(view2)
+    zero = torch.zeros((), device=view1.device)
+    pixel = instance = zero
+    if self.method == 'pixpro':
+        pixel = pixpro_loss(p1, t2, coord1, coord2, self.threshold) + pixpro_loss(p2, t1, coord2, coord1, self.threshold)
+    elif self.method == 'pixcontrast':
+        pixel = (pixcontrast_loss(p1, t2, coord1, coord2, self.threshold, self.tau)
+                 + pixcontrast_loss(p2, t1, coord2, coord1, self.threshold, self.tau))
+    if self.with_instance: instance = instance_loss(i1, j2) + instance_loss(i2, j1)
+    loss = instance if self.method == 'instance' else pixel + self.instance_weight * instance
+    return PixProOutput(loss, pixel, instance, m)
+
+PixPro.forward = _forward

@@ -12,7 +12,7 @@ from torch import Tensor
 from .core import ConfigError, check_positive
 
 # %% auto #0
-__all__ = ['positive_mask']
+__all__ = ['positive_mask', 'pixpro_loss', 'pixcontrast_loss']
 
 # %% ../nbs/04_positives.ipynb #71bb6bb9
 def _check_coords(coord_q:Tensor, coord_k:Tensor, n:int|None=None):
@@ -54,3 +54,58 @@ def positive_mask(coord_q:Tensor,  # [N, 4] crop of the query view, (x_ul, y_ul,
     dist = torch.sqrt((qx[:, :, None] - kx[:, None, :])**2 + (qy[:, :, None] - ky[:, None, :])**2)  # [N, HW, HW]
     dist = dist / torch.maximum(qd, kd)[:, :, None]  # the LARGER of the two bin diagonals
     return dist, dist < threshold  # strict <
+
+# %% ../nbs/04_positives.ipynb #f8312627
+def _check_features(q:Tensor, k:Tensor, coord_q:Tensor, coord_k:Tensor):
+    "Raise `ConfigError` unless q and k are [N, C, H, W] of one shape and the coordinates are [N, 4]."
+    for name, t in (('q', q), ('k', k)):
+        if not isinstance(t, Tensor) or t.ndim != 4:
+            raise ConfigError(name, getattr(t, 'shape', t), 'a tensor of shape [N, C, H, W]')
+    if k.shape != q.shape: raise ConfigError('k', k.shape, f'the shape of q, {tuple(q.shape)}')
+    _check_coords(coord_q, coord_k, q.shape[0])
+
+def _float(*ts:Tensor):
+    "Cast to float32 (float64 stays float64)."
+    dt = torch.promote_types(ts[0].dtype, torch.float32)
+    return [t.to(dt) for t in ts]
+
+# %% ../nbs/04_positives.ipynb #039e4820
+def pixpro_loss(q:Tensor,  # [N, C, H, W] online predictions y, L2-normalised along C
+                k:Tensor,  # [N, C, H, W] target features x', L2-normalised along C
+                coord_q:Tensor,  # [N, 4] crop of the view q comes from
+                coord_k:Tensor,  # [N, 4] crop of the view k comes from
+                threshold:float=0.7,  # T of `positive_mask`
+               ) -> Tensor:  # scalar in [-2, 2]; -2 is perfect agreement
+    "One direction of the PixPro loss: -2 x the mean over images of the mean cosine over positive pairs."
+    _check_features(q, k, coord_q, coord_k)
+    N, C, H, W = q.shape
+    with torch.autocast(q.device.type, enabled=False):  # mask and loss in float32 even under bf16 autocast
+        q, k = _float(q, k)
+        _, pos = positive_mask(coord_q.to(q.dtype), coord_k.to(q.dtype), (H, W), threshold)  # [N, HW, HW]
+        cos = torch.bmm(q.flatten(2).transpose(1, 2), k.flatten(2))  # [N, HW, C] @ [N, C, HW] -> [N, HW, HW]
+        pos = pos.to(cos.dtype)
+        per_image = (cos * pos).sum((1, 2)) / (pos.sum((1, 2)) + 1e-6)  # [N]
+        return -2 * per_image.mean()
+
+# %% ../nbs/04_positives.ipynb #f0fde344
+def pixcontrast_loss(q:Tensor,  # [N, C, H, W] online features x, L2-normalised along C
+                     k:Tensor,  # [N, C, H, W] target features x', L2-normalised along C
+                     coord_q:Tensor,  # [N, 4] crop of the view q comes from
+                     coord_k:Tensor,  # [N, 4] crop of the view k comes from
+                     threshold:float=0.7,  # T: positives closer than T bin diagonals, the rest are negatives
+                     tau:float=0.3,  # temperature of the softmax
+                    ) -> Tensor:  # scalar >= 0
+    "One direction of PixContrast: InfoNCE with all positive pixels in the numerator, averaged as in `pixpro_loss`."
+    _check_features(q, k, coord_q, coord_k)
+    check_positive('tau', tau)
+    N, C, H, W = q.shape
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = _float(q, k)
+        _, pos = positive_mask(coord_q.to(q.dtype), coord_k.to(q.dtype), (H, W), threshold)  # [N, HW, HW]
+        logits = torch.bmm(q.flatten(2).transpose(1, 2), k.flatten(2)) / tau  # [N, HW, HW]
+        has_pos = pos.any(-1)  # [N, HW]
+        # rows without a positive use all logits, so their term is exactly 0 (and its gradient finite)
+        num = torch.where(has_pos[..., None], logits.masked_fill(~pos, float('-inf')), logits)
+        per_pixel = (logits.logsumexp(-1) - num.logsumexp(-1)) * has_pos  # [N, HW]
+        per_image = per_pixel.sum(-1) / has_pos.sum(-1).clamp(min=1)  # [N]
+        return per_image.mean()
