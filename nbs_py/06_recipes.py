@@ -466,8 +466,8 @@ test_fail(lambda: scaled_lr(1.0, 0), contains='batch_size=0')
 # warm-up $W = 6255$. The target network's EMA momentum follows its own cosine (spec section 5),
 # $m(k) = 1 - (1 - 0.99)\,\bigl(\cos(\pi k/T) + 1\bigr)/2$, from 0.99 to 1.
 #
-# > **Ours.** The momentum schedule is implemented as `momentum_at` in the PixPro chapter (`pixpro_rs.pixpro`); the
-# > figure below writes the formula inline so this chapter does not depend on that one.
+# The momentum schedule belongs to the PixPro chapter (`pixpro_rs.pixpro.momentum_at`); the figure uses it and
+# checks it against the formula written inline.
 
 # %%
 #| exports
@@ -491,7 +491,9 @@ N = steps_per_epoch(IMAGENET_TRAIN_IMAGES, 1024)
 T, W = E * N, W_EP * N
 steps = torch.arange(T, dtype=torch.float64)
 lr_curve = [lr_at(i, base_lr=scaled_lr(1.0, 1024), total_steps=T, warmup_steps=W) for i in range(T)]
-m_curve = 1 - (1 - 0.99) * (torch.cos(math.pi * steps / T) + 1) / 2  # m(k), the PixPro chapter's momentum_at
+from pixpro_rs.pixpro import momentum_at
+m_curve = torch.tensor([momentum_at(k, T, 0.99) for k in range(T)], dtype=torch.float64)
+test_close(m_curve, 1 - (1 - 0.99) * (torch.cos(math.pi * steps / T) + 1) / 2, eps=1e-15)  # spec section 5
 fig, axs = plt.subplots(1, 3, figsize=(12, 3))
 axs[0].plot(steps / N, lr_curve); axs[0].set(title='lr, 100 epochs', xlabel='epoch', ylabel='lr')
 axs[1].plot(steps[:2 * W] / N, lr_curve[:2 * W]); axs[1].axvline(W_EP, ls=':', c='gray')
