@@ -153,7 +153,7 @@ test_fail(lambda: PPM(8, gamma=0), contains='gamma'); test_fail(lambda: PPM(8, n
 
 
 # %% [markdown]
-# **What the similarity looks like.** Figure 3 takes a deterministic test scene (a red disc and a striped blue box on
+# **What the similarity looks like.** Figure 1 takes a deterministic test scene (a red disc and a striped blue box on
 # a sky gradient, drawn by the cell below), runs it through a small *randomly initialised* conv stack (stride 8, so
 # a 112-pixel image gives a 14x14 map) and a projector, and shows $s(x_i, \cdot)$ for the pixel marked in the disc,
 # for $\gamma = 1, 2, 4$. Even untrained features separate the colours; the exponent decides how far the propagation
@@ -182,7 +182,7 @@ axs[0].imshow(img.permute(1, 2, 0)); axs[0].plot(4.5*8, 4.5*8, 'w+', ms=12, mew=
 for ax, g in zip(axs[1:], (1, 2, 4)):
     s = PPM(64, g).similarity(x)[0, i].view(14, 14)
     im = ax.imshow(s, vmin=0, vmax=1); ax.plot(4, 4, 'w+', ms=12, mew=2); ax.set_title(f'$s(x_i, \\cdot)$, gamma {g}')
-fig.colorbar(im, ax=axs[1:], shrink=.8); fig.suptitle('Figure 3: PPM similarity of one pixel (untrained features)');
+fig.colorbar(im, ax=axs[1:], shrink=.8); fig.suptitle('Figure 1: PPM similarity of one pixel (untrained features)');
 
 # %% [markdown]
 # Since $0 \le \cos \le 1$ after the clamp, raising $\gamma$ can only lower a weight, and the self weight stays 1:
@@ -232,7 +232,7 @@ test_fail(lambda: momentum_at(0, 0), contains='total_steps'); test_fail(lambda: 
 K = 100 * 1251  # 100 epochs of ImageNet at a global batch of 1024
 fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
 ax.plot([k / 1251 for k in range(0, K + 1, 500)], [momentum_at(k, K) for k in range(0, K + 1, 500)])
-ax.set(xlabel='epoch', ylabel='momentum m', title='Figure 4: the EMA momentum over a 100-epoch run'); ax.grid(alpha=.3);
+ax.set(xlabel='epoch', ylabel='momentum m', title='Figure 2: the EMA momentum over a 100-epoch run'); ax.grid(alpha=.3);
 
 
 # %% [markdown]
