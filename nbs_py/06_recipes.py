@@ -514,39 +514,18 @@ test_eq((T, W), (125_100, 6255))
 test_close(lr_curve[0], 0.04, eps=1e-15); test_eq(lr_curve[W], 4.0)
 assert 1e-6 < lr_curve[-1] < 1e-5 and abs(float(m_curve[0]) - 0.99) < 1e-12 and float(m_curve[-1]) > 0.99999999
 
+
 # %% [markdown]
 # ## Named recipes
 #
 # A recipe is data: a frozen dataclass whose field names are the glossary's, plus two fields of provenance:
 # `source` (where the values come from) and `ours` (the fields that are *our* choice, not the source's, each with its
-# reason). `provenance()` answers "where does this number come from?" for every field. The new names it introduces
-# are listed in `RECIPE_GLOSSARY` (candidates for the core glossary).
+# reason). `provenance()` answers "where does this number come from?" for every field. Every field name is an entry
+# of the one glossary, `pixpro_rs.core.GLOSSARY`.
 #
 # The batch is recorded as the reference's layout, `batch_size` images on each of `devices` devices; what the
 # recipe really fixes is their product, the global batch, from which the lr is scaled. On other hardware keep the
 # global batch (gradient accumulation) or scale the lr with `scaled_lr`.
-
-# %%
-#| exports
-RECIPE_GLOSSARY: dict[str, str] = {
-    'name': "the recipe's registry key",
-    'devices': "devices of the recipe's reference layout; global batch = batch_size x devices",
-    'warmup_epochs': "epochs of linear lr warm-up",
-    'warmup_start_factor': "the warm-up starts at this fraction of the lr (PixPro: 0.01)",
-    'final_lr': "the lr at the end of the cosine (PixPro: 1e-6)",
-    'optimizer': "'lars', 'sgd' or 'sgd_nesterov'",
-    'optimizer_momentum': "SGD momentum of the optimiser (0.9), not the target network's momentum",
-    'trust_coefficient': "LARS eta: updates are eta x ||w|| (x lr)",
-    'stochastic_depth': "drop-path rate of the residual branches (0: off)",
-    'dropout': "dropout before the classifier",
-    'label_smoothing': "label smoothing of the cross-entropy",
-    'ema_decay': "decay of the EMA of weights used for evaluation (0: none)",
-    'randaugment_ops': "RandAugment operations per image",
-    'randaugment_magnitude': "RandAugment magnitude on TF's 0-10+ scale",
-    'source': "where the recipe's values come from",
-    'ours': "fields that are our choice rather than the source's, with the reason",
-}
-
 
 # %%
 #| exports
@@ -841,7 +820,7 @@ for rec in RECIPES.values():
     test_eq(torch.load(buffer, weights_only=True), rec.to_dict())
 from pixpro_rs.core import GLOSSARY
 fields = {f.name for rec in RECIPES.values() for f in dataclasses.fields(rec)}
-test_eq(fields - set(GLOSSARY) - set(RECIPE_GLOSSARY), set())  # every field name is in a glossary
+test_eq(fields - set(GLOSSARY), set())  # every field name is in the glossary
 
 # %% [markdown]
 # Written out: the paper's 100-epoch recipe, then where each value of a ResNet-RS recipe comes from (truncated):

@@ -16,9 +16,9 @@ from torch import nn, Tensor
 from .core import ConfigError, check_choice, check_positive, check_range
 
 # %% auto #0
-__all__ = ['IMAGENET_TRAIN_IMAGES', 'RECIPE_GLOSSARY', 'RESNETRS_SUPERVISED', 'RS_DEPTHS', 'RECIPES', 'LARS', 'lars_param_groups',
-           'lr_at', 'set_lr', 'scaled_lr', 'steps_per_epoch', 'Recipe', 'PixProRecipe', 'SupervisedRecipe',
-           'supervised_recipe', 'get_recipe']
+__all__ = ['IMAGENET_TRAIN_IMAGES', 'RESNETRS_SUPERVISED', 'RS_DEPTHS', 'RECIPES', 'LARS', 'lars_param_groups', 'lr_at', 'set_lr',
+           'scaled_lr', 'steps_per_epoch', 'Recipe', 'PixProRecipe', 'SupervisedRecipe', 'supervised_recipe',
+           'get_recipe']
 
 # %% ../nbs/06_recipes.ipynb #7e2b5b92
 def _lars_reference_update(p:Tensor,  # a parameter with `.grad`
@@ -179,26 +179,6 @@ def steps_per_epoch(dataset_size:int,  # images in the training set
     "Iterations per epoch with `drop_last=True` (the reference's loader): `dataset_size // global_batch`."
     check_positive('batch_size', global_batch)
     return dataset_size // global_batch
-
-# %% ../nbs/06_recipes.ipynb #ff467237
-RECIPE_GLOSSARY: dict[str, str] = {
-    'name': "the recipe's registry key",
-    'devices': "devices of the recipe's reference layout; global batch = batch_size x devices",
-    'warmup_epochs': "epochs of linear lr warm-up",
-    'warmup_start_factor': "the warm-up starts at this fraction of the lr (PixPro: 0.01)",
-    'final_lr': "the lr at the end of the cosine (PixPro: 1e-6)",
-    'optimizer': "'lars', 'sgd' or 'sgd_nesterov'",
-    'optimizer_momentum': "SGD momentum of the optimiser (0.9), not the target network's momentum",
-    'trust_coefficient': "LARS eta: updates are eta x ||w|| (x lr)",
-    'stochastic_depth': "drop-path rate of the residual branches (0: off)",
-    'dropout': "dropout before the classifier",
-    'label_smoothing': "label smoothing of the cross-entropy",
-    'ema_decay': "decay of the EMA of weights used for evaluation (0: none)",
-    'randaugment_ops': "RandAugment operations per image",
-    'randaugment_magnitude': "RandAugment magnitude on TF's 0-10+ scale",
-    'source': "where the recipe's values come from",
-    'ours': "fields that are our choice rather than the source's, with the reason",
-}
 
 # %% ../nbs/06_recipes.ipynb #922fdd3f
 @dataclass(frozen=True, kw_only=True)
