@@ -192,6 +192,27 @@ s1, s2, s4 = (PPM(64, g).similarity(x) for g in (1, 2, 4))
 assert (s4 <= s2 + 1e-6).all() and (s2 <= s1 + 1e-6).all() and (s1 >= 0).all()
 test_close(torch.diagonal(s4, dim1=1, dim2=2), torch.ones(1, 196), eps=1e-5)
 
+# %% [markdown]
+# **Through the book's backbone.** The same scene at 448 pixels through an untrained `resnetrs_tiny` (the CPU-sized
+# ResNet-RS of the backbone chapter; C5 is 14x14) and a projector tells a different story: random *deep* features
+# are nearly collinear, so every pixel of the image is at least ~0.9 similar to the disc pixel, for any $\gamma$.
+# At initialisation the PPM averages over the whole view; it becomes selective only as training spreads the
+# features apart, and $\gamma$ then sharpens that selection. (Measured here with random weights: we ship no
+# pretrained PixPro weights to show the trained map.)
+
+# %%
+from pixpro_rs.resnet_rs import create_model
+
+# %%
+torch.manual_seed(0)
+rs = create_model('resnetrs_tiny', num_classes=0).eval()
+with torch.no_grad():
+    f = rs.forward_features(scene(448)[None])  # [1, 512, 14, 14]
+    x = Projector(rs.num_features, 256, 64).eval()(f)  # [1, 64, 14, 14]
+lows = {g: float(PPM(64, g).similarity(x)[0, i].min()) for g in (1, 2, 4)}
+print(f'C5 {tuple(f.shape)}; smallest similarity to pixel (4, 4): ' + ', '.join(f'gamma {g}: {v:.2f}' for g, v in lows.items()))
+assert lows[4] < lows[2] < lows[1] and lows[4] > .8
+
 
 # %% [markdown]
 # ## The momentum schedule
@@ -609,3 +630,17 @@ test_fail(lambda: tiny_pixpro(instance_weight=-1.), contains='instance_weight')
 test_fail(lambda: tiny_pixpro(gamma=-1.), contains='gamma')
 try: model(v1, v2, c1[:, :3], c2)
 except ValueError: pass
+
+# %% [markdown]
+# ## Summary
+#
+# - `Projector` is the per-pixel MLP (C -> 4096 -> 256, BN and ReLU in between); the instance predictor is the same
+#   block on 256 channels.
+# - `PPM(dim, gamma, n_layers)` propagates features within a view: $y_i = \sum_j \max(\cos(x_i, x_j), 0)^\gamma\,
+#   \mathrm{normalize}(g(x_j))$, self term included, weights not normalised; `transform` is $g$.
+# - `momentum_at(step, total_steps, base)` is the cosine EMA schedule from 0.99 to 1 (held at 1 past the end);
+#   `ema_update_` moves parameters only.
+# - `PixPro(backbone, method=...)` runs each view through the online networks, updates the target once per training
+#   forward (after the online pass, before the target pass), and returns `PixProOutput(loss, pixel, instance,
+#   momentum)`. Its `step` and `total_steps` are buffers, so checkpoints resume the schedule exactly, which the
+#   reference does not do; the instance branch pools adaptively, so any image size works.
