@@ -72,7 +72,7 @@ def adjust_hue(x:Tensor,  # [3, H, W] float RGB in [0, 1]
     r, g, b = x.unbind(0)  # each [H, W]
     mx, mn = x.amax(0), x.amin(0)
     c = mx - mn  # chroma
-    inv = 1 / torch.where(c > 0, c, 1)
+    inv = c.clamp(min=1e-12).reciprocal()  # where c == 0 every difference below is 0 too
     h = torch.where(mx == r, (g - b) * inv, torch.where(mx == g, (b - r) * inv + 2, (r - g) * inv + 4))  # [-1, 5]
     k = (torch.tensor([5., 3., 1.]).view(3, 1, 1) + (h + 6 * hue)).remainder_(6)  # [3, H, W]
     return mx - c * torch.minimum(k, 4 - k).clamp_(0, 1)
@@ -118,15 +118,24 @@ def _blur_matrix(n:int, k:Tensor) -> Tensor:
     idx = (torch.arange(n)[:, None] + torch.arange(-R, R + 1)[None]).clamp_(0, n - 1)  # [n, 2R+1]
     return torch.zeros(n, n).scatter_add_(1, idx, k.expand(n, -1).contiguous())
 
+def _banded(x:Tensor, m:Tensor, R:int, dim:int, block:int=32) -> Tensor:
+    "`m` applied along `dim` (-1: x @ m.T, -2: m @ x), in column blocks that skip the zeros outside the band."
+    n, out = x.shape[dim], torch.empty_like(x)
+    for s in range(0, n, block):
+        lo, hi = max(s - R, 0), min(s + block + R, n)
+        if dim == -1: out[..., s:s + block] = x[..., lo:hi] @ m[s:s + block, lo:hi].T
+        else: out[..., s:s + block, :] = m[s:s + block, lo:hi] @ x[..., lo:hi, :]
+    return out
+
 def gaussian_blur(x:Tensor,  # [C, H, W] float
                   sigma:float,  # standard deviation in pixels (PIL's radius)
                  ) -> Tensor:  # [C, H, W]
     "PIL's Gaussian blur (box-filter approximation, repeated edges) on a float tensor."
     if sigma <= 0: return x
-    k = pil_blur_kernel(sigma)
+    k = pil_blur_kernel(sigma); R = (len(k) - 1) // 2
     mw = _blur_matrix(x.shape[-1], k)
     mh = mw if x.shape[-2] == x.shape[-1] else _blur_matrix(x.shape[-2], k)
-    return mh @ (x @ mw.T)  # rows, then columns
+    return _banded(_banded(x, mw, R, -1), mh, R, -2)  # rows, then columns
 
 # %% ../nbs/02_augment.ipynb #c9ba7300
 @dataclass
