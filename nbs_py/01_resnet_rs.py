@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,10 @@ from fastcore.test import test_close, test_eq, test_fail
 from IPython.display import Markdown, display
 from matplotlib.patches import FancyBboxPatch
 from nbdev.showdoc import show_doc
+from safetensors.torch import save_file
 
+# %%
+#| hide
 _t0 = time.time()
 
 
@@ -380,6 +384,7 @@ class ResNetRS(nn.Module):
         super().__init__()
         self.drop_rate = check_range('drop_rate', drop_rate, 0, 1, high_open=True)
         check_range('bn_momentum', bn_momentum, 0, 1, low_open=True)
+        if len(layers) != 4 or len(widths) != 4: raise ConfigError('layers/widths', (layers, widths), 'four stages each')
         c0 = widths[0]
         self.conv1 = nn.Sequential(*conv_bn(in_chans, stem_width, 3, 2), nn.ReLU(inplace=True),
                                    *conv_bn(stem_width, stem_width, 3), nn.ReLU(inplace=True),
@@ -505,6 +510,8 @@ def create_model(arch:str,  # one of MODEL_NAMES
         raise ConfigError('num_classes', num_classes, 'an integer >= 0')
     if arch == 'resnet50': model = TorchvisionResNet((3, 4, 6, 3), num_classes, **overrides)
     else:
+        allowed = [k for k in inspect.signature(ResNetRS).parameters if k != 'num_classes']
+        for k in overrides: check_choice('override', k, allowed)
         c = RS_CONFIGS[arch]
         kw = dict(layers=c.layers, widths=c.widths, stem_width=c.stem_width, drop_rate=c.drop_rate,
                   drop_path_rate=c.drop_path_rate)
@@ -522,6 +529,7 @@ test_fail(lambda: create_model('resnetrs51'), contains="invalid arch='resnetrs51
 test_fail(lambda: create_model('resnetrs51'), contains="'resnet50'")
 test_fail(lambda: create_model('resnetrs50', num_classes=-1), contains='invalid num_classes=-1')
 test_fail(lambda: create_model('resnetrs50', drop_path_rule='linear'), contains='drop_path_rule')
+test_fail(lambda: create_model('resnetrs50', dropout=0.1), contains="invalid override='dropout': expected one of 'layers'")
 for arch in ('resnetrs_tiny', 'resnet50'):
     bb = create_model(arch, num_classes=0).eval()
     assert not any(k.startswith('fc.') for k in bb.state_dict()), arch
@@ -803,7 +811,6 @@ def load_pretrained(model:nn.Module,  # a model from `create_model`
 # another model, a file that is not a checkpoint, and a wrong suffix.
 
 # %%
-from safetensors.torch import save_file
 src, dst = create_model('resnetrs_tiny').eval(), create_model('resnetrs_tiny').eval()
 with torch.no_grad():
     for p in src.parameters(): p.normal_()

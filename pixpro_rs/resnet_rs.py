@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,7 @@ class ResNetRS(nn.Module):
         super().__init__()
         self.drop_rate = check_range('drop_rate', drop_rate, 0, 1, high_open=True)
         check_range('bn_momentum', bn_momentum, 0, 1, low_open=True)
+        if len(layers) != 4 or len(widths) != 4: raise ConfigError('layers/widths', (layers, widths), 'four stages each')
         c0 = widths[0]
         self.conv1 = nn.Sequential(*conv_bn(in_chans, stem_width, 3, 2), nn.ReLU(inplace=True),
                                    *conv_bn(stem_width, stem_width, 3), nn.ReLU(inplace=True),
@@ -234,6 +236,8 @@ def create_model(arch:str,  # one of MODEL_NAMES
         raise ConfigError('num_classes', num_classes, 'an integer >= 0')
     if arch == 'resnet50': model = TorchvisionResNet((3, 4, 6, 3), num_classes, **overrides)
     else:
+        allowed = [k for k in inspect.signature(ResNetRS).parameters if k != 'num_classes']
+        for k in overrides: check_choice('override', k, allowed)
         c = RS_CONFIGS[arch]
         kw = dict(layers=c.layers, widths=c.widths, stem_width=c.stem_width, drop_rate=c.drop_rate,
                   drop_path_rate=c.drop_path_rate)
