@@ -23,6 +23,7 @@ from pixpro_rs.core import ConfigError, check_range
 
 # %%
 #| hide
+import dataclasses
 from fastcore.test import test_eq, test_close, test_fail, test_ne
 from nbdev.showdoc import show_doc
 
@@ -673,7 +674,6 @@ test_close(q.coord, torch.tensor([.1, .2, .9, .8])); test_close(k.coord, torch.t
 test_eq(pos(q, k).sum(), 177); test_eq(pos(q, k).any(1).sum(), 28)
 test_eq(pos(ViewParams(0, 0, 5, 5, 11, 11), ViewParams(6, 6, 5, 5, 11, 11)).sum(), 0)
 # the whole photo and its flipped twin, through the pixels: mirror images, and the 49 mirrored pairs
-import dataclasses
 H, W = x_photo.shape[1:]
 p = ViewParams(0, 0, H, W, H, W, sigma=1.0)
 twin = dataclasses.replace(p, flip=True)

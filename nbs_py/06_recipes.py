@@ -26,6 +26,9 @@ import io
 
 import matplotlib.pyplot as plt
 from fastcore.test import test_close, test_eq, test_fail
+import warnings
+from pixpro_rs.core import GLOSSARY
+from pixpro_rs.pixpro import momentum_at
 from nbdev.showdoc import show_doc
 
 
@@ -420,7 +423,6 @@ assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a > b for a, b in
 # every iteration) give the same sequence, up to the rounding of their recursive formulas.
 
 # %%
-import warnings
 p = nn.Parameter(torch.zeros(1))
 opt = torch.optim.SGD([p], lr=4.0)
 sched = torch.optim.lr_scheduler.SequentialLR(opt, [torch.optim.lr_scheduler.LinearLR(opt, 0.01, 1.0, total_iters=10),
@@ -491,7 +493,6 @@ N = steps_per_epoch(IMAGENET_TRAIN_IMAGES, 1024)
 T, W = E * N, W_EP * N
 steps = torch.arange(T, dtype=torch.float64)
 lr_curve = [lr_at(i, base_lr=scaled_lr(1.0, 1024), total_steps=T, warmup_steps=W) for i in range(T)]
-from pixpro_rs.pixpro import momentum_at
 m_curve = torch.tensor([momentum_at(k, T, 0.99) for k in range(T)], dtype=torch.float64)
 test_close(m_curve, 1 - (1 - 0.99) * (torch.cos(math.pi * steps / T) + 1) / 2, eps=1e-15)  # spec section 5
 fig, axs = plt.subplots(1, 3, figsize=(12, 3))
@@ -818,7 +819,6 @@ for rec in RECIPES.values():
     test_eq(type(rec)(**rec.to_dict()), rec)
     buffer = io.BytesIO(); torch.save(rec.to_dict(), buffer); buffer.seek(0)
     test_eq(torch.load(buffer, weights_only=True), rec.to_dict())
-from pixpro_rs.core import GLOSSARY
 fields = {f.name for rec in RECIPES.values() for f in dataclasses.fields(rec)}
 test_eq(fields - set(GLOSSARY), set())  # every field name is in the glossary
 

@@ -37,8 +37,15 @@
 # | chapter | what it builds | module |
 # |---|---|---|
 # | [Conventions](00_core.ipynb) | the glossary of names, clear errors for bad input, atomic writes | `pixpro_rs.core` |
+# | [ResNet-RS](01_resnet_rs.ipynb) | the ResNet-RS family (RS-50 ... RS-420) exact to the released checkpoints, timm-compatible weights, C5 and C2-C5 features | `pixpro_rs.resnet_rs` |
+# | [Two views](02_augment.ipynb) | PixPro's two augmented views with exact crop coordinates | `pixpro_rs.augment` |
+# | [Data](03_data.ipynb) | image folders, the embedded `SyntheticScenes`, seeded loaders, bad-file handling | `pixpro_rs.data` |
+# | [Positive pairs](04_positives.ipynb) | the positive-pixel rule, the PixPro and PixContrast losses | `pixpro_rs.positives` |
+# | [PixPro](05_pixpro.ipynb) | the pixel propagation module, the momentum encoder, the full model | `pixpro_rs.pixpro` |
+# | [Recipes](06_recipes.ipynb) | LARS, the warm-up + cosine schedule, the named pretraining and supervised recipes | `pixpro_rs.recipes` |
 #
-# Chapters are added as they are written; each is a notebook in `nbs/` that runs top to bottom in CI.
+# Training (the papermill notebook and `accelerate launch` entry point), evaluation and transfer, and performance
+# chapters come next. Each chapter is a notebook in `nbs/` that runs top to bottom in CI.
 
 # %% [markdown]
 # ## Getting started

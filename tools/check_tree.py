@@ -6,17 +6,20 @@ of them changed a file:
 - `nbdev_clean` must leave `nbs/` unchanged (notebooks are committed clean);
 - every notebook has its jupytext twin in `nbs_py/`, with the same content, and no twin lacks its notebook;
 - README.md equals what `nbs/index.ipynb` renders to;
-- `nbs/sidebar.yml` lists every notebook of `nbs/` exactly once.
+- `nbs/sidebar.yml` lists every notebook of `nbs/` exactly once;
+- no test cell mixes imports with other code (nbdev's doc processing executes every cell that imports).
 The derived files are left rewritten, so after a failure `git diff` shows the fix; commit it after a look.
 """
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import jupytext
+import nbformat
 from jupytext.config import load_jupytext_config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -55,6 +58,21 @@ def twin_problems() -> list[str]:
     return problems
 
 
+def import_cell_problems() -> list[str]:
+    "nbdev's doc processing runs every cell that imports something: imports belong in cells of their own."
+    problems = []
+    for nb_path in sorted((ROOT/'nbs').glob('*.ipynb')):
+        for i, cell in enumerate(nbformat.read(nb_path, as_version=4).cells):
+            if cell.cell_type != 'code' or re.search(r'^\s*#\|\s*(export|exports|exporti|hide)\b', cell.source, re.M):
+                continue
+            code = [l for l in cell.source.splitlines() if l.strip() and not l.lstrip().startswith('#')]
+            imports = [l for l in code if re.match(r'(import|from)\s+\S+', l)]
+            if imports and len(imports) < len(code):
+                problems.append(f'{nb_path.name} cell {i} mixes imports ({imports[0]!r}) with other code; '
+                                'nbdev runs import cells when building the docs: move the import to an imports cell')
+    return problems
+
+
 def sidebar_problems() -> list[str]:
     order = nbdocs.chapters()
     on_disk = sorted(p.name for p in (ROOT/'nbs').glob('*.ipynb'))
@@ -74,6 +92,10 @@ def main() -> int:
     problems += [f'nbdev_clean changed {f}' for f in changed(before, snapshot('nbs'))]
     problems += twin_problems()
     problems += sidebar_problems()
+    problems += import_cell_problems()
+    if problems:   # doc processing would fail on an import cell that runs other code: report that first
+        print('The tree is not in step with the notebooks:', *problems, sep='\n  ')
+        return 1
     nbdocs.proc()
     if (ROOT/'README.md').read_text() != nbdocs.readme_text():
         problems.append('README.md is not what nbs/index.ipynb renders to')
