@@ -6,7 +6,7 @@ module renders the same notebooks:
 
 - `python tools/nbdocs.py readme`: `_proc/index.ipynb` -> README.md (GitHub markdown, through nbconvert);
 - `python tools/nbdocs.py sphinx`: every chapter of `nbs/sidebar.yml`, in that order -> `_docs/` (Sphinx, myst-nb,
-  sphinx-book-theme; left sidebar, search, figures, API entries, offline MathJax).
+  sphinx-book-theme; left sidebar, search, figures, API entries).
 
 The adapter is small: the YAML front matter becomes a title and a summary quote; `#| echo: false` becomes the
 `remove-input` tag, `#| output: false` `remove-output`, `#| include: false` `remove-cell`; other `#|` lines are
@@ -122,9 +122,7 @@ html_theme_options = {"show_toc_level": 2, "home_page_in_toc": True, "use_downlo
 html_static_path = ["_static"]
 html_css_files = ["pixpro.css"]
 html_show_sourcelink = False
-mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML"
-mathjax2_config = {"tex2jax": {"inlineMath": [["\\\\(", "\\\\)"]], "displayMath": [["\\\\[", "\\\\]"]],
-                   "processEscapes": True}}
+# Equations use Sphinx's default MathJax 3 from its CDN: typeset when the reader is online, raw TeX offline.
 '''
 
 _CSS = '''/* show_doc entries: a light rule above each API entry, like nbdev's Quarto theme */
@@ -151,8 +149,6 @@ def sphinx_source(proc_dir: Path = PROC, src: Path = SRC) -> list[str]:
         docnames.append(Path(name).stem)
     (src/'conf.py').write_text(_CONF)
     (src/'_static'/'pixpro.css').write_text(_CSS)
-    import jupyter_server_mathjax
-    shutil.copytree(Path(jupyter_server_mathjax.__file__).parent/'static', src/'_static'/'mathjax')
     return docnames
 
 
