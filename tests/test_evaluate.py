@@ -62,6 +62,22 @@ def test_load_backbone_takes_the_online_encoder(tmp_path):
         load_backbone(tmp_path / 'ckpt.pth', arch='resnet50')
 
 
+def test_load_backbone_reads_what_train_writes(tmp_path):
+    "A real checkpoint of the training engine (2 steps on scenes): the online encoder, with the run's config."
+    train = pytest.importorskip('pixpro_rs.train')
+    train.train(arch='resnetrs_tiny', image_size=64, batch_size=4, synthetic_length=16, synthetic_size=64,
+                num_workers=0, max_steps=2, progress=False, output_dir=str(tmp_path / 'run'))
+    ckpt = train.list_checkpoints(tmp_path / 'run')[-1]
+    bb = load_backbone(ckpt)
+    assert bb.arch == 'resnetrs_tiny' and bb.pretrain_config['image_size'] == 64
+    model = torch.load(ckpt, weights_only=True)['model']
+    online = {k[len('encoder.'):]: v for k, v in model.items() if k.startswith('encoder.')}
+    target = {k[len('target.encoder.'):]: v for k, v in model.items() if k.startswith('target.encoder.')}
+    assert set(online) == set(bb.state_dict()) == set(target)
+    assert all(torch.equal(v, online[k]) for k, v in bb.state_dict().items())
+    assert any(not torch.equal(v, target[k]) for k, v in bb.state_dict().items())  # 2 steps: target != online
+
+
 def test_load_backbone_names_the_file_on_mismatch(tmp_path):
     torch.save(create_model('resnetrs_tiny', num_classes=0).state_dict(), tmp_path / 'tiny.pth')
     with pytest.raises(ConfigError, match='has no config'):
