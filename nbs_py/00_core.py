@@ -105,7 +105,13 @@ GLOSSARY: dict[str, str] = {
     # run management
     'output_dir': "folder for checkpoints, metrics and the resolved config",
     'save_every': "write a checkpoint every this many epochs (and always at the end)",
-    'resume': "continue from the newest checkpoint in output_dir (or from a given checkpoint file)",
+    'resume': "'auto' (continue the run found in output_dir, if any), 'never', or a checkpoint file to continue from",
+    'overwrite': "start afresh in an output_dir that holds a different run (its checkpoints are deleted)",
+    'grad_accum': "micro-batches per optimiser step (gradient accumulation)",
+    'synthetic_length': "number of SyntheticScenes images when data='synthetic'",
+    'synthetic_size': "side in pixels of the SyntheticScenes images when data='synthetic'",
+    'keep_checkpoints': "how many of the newest checkpoints to keep in output_dir",
+    'progress': "show a progress bar on the main process",
 }
 
 # %%

@@ -426,15 +426,18 @@ class PairSampler(Sampler):
                 ):
         if not 0 <= rank < world_size: raise ConfigError('rank', rank, f'0 <= rank < world_size={world_size}')
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, epoch
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-    def set_epoch(self, epoch:int): self.epoch = epoch
-    def __len__(self): return self.n // self.world_size if self.drop_last else math.ceil(self.n / self.world_size)
+        self.rank, self.world_size, self.drop_last, self.start = rank, world_size, drop_last, 0
+    def set_epoch(self, epoch:int, start:int=0):
+        "Select the epoch; `start` > 0 skips this rank's first `start` samples (resuming in the middle of an epoch)."
+        self.epoch, self.start = epoch, start
+    def per_rank(self) -> int: return self.n // self.world_size if self.drop_last else math.ceil(self.n / self.world_size)
+    def __len__(self): return max(self.per_rank() - self.start, 0)
     def __iter__(self):
         order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
                  if self.shuffle else torch.arange(self.n))
-        total = len(self) * self.world_size
+        total = self.per_rank() * self.world_size
         order = order[:total] if self.drop_last else torch.cat([order, order[:total - self.n]])
-        for i in order[self.rank::self.world_size].tolist(): yield i, derive_seed(self.seed, self.epoch, i)
+        for i in order[self.rank::self.world_size][self.start:].tolist(): yield i, derive_seed(self.seed, self.epoch, i)
 
 
 # %%
@@ -447,6 +450,8 @@ s = PairSampler(10, seed=1); e0 = list(s); s.set_epoch(1)
 test_ne([i for i, _ in s], [i for i, _ in e0]); test_ne(dict(list(s))[3], dict(e0)[3])  # new order, new seeds
 test_eq(len(list(PairSampler(10, rank=2, world_size=3, drop_last=False))), 4)
 test_eq([i for i, _ in PairSampler(5, shuffle=False)], [0, 1, 2, 3, 4])
+s = PairSampler(10, seed=1, rank=1, world_size=3); s.set_epoch(0, start=2)
+test_eq(list(s), parts[1][2:]); test_eq(len(s), 1)  # resuming in the middle of an epoch
 
 
 # %% [markdown]
@@ -490,9 +495,9 @@ class PairLoader:
         self.set_epoch(sampler.epoch)
     @property
     def epoch(self) -> int: return self.sampler.epoch
-    def set_epoch(self, epoch:int):
-        "Select the epoch: the order, every sample's augmentation and the workers' seeds derive from it."
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch:int, skip:int=0):
+        "Select the epoch (the order, every sample's augmentation and the workers' seeds derive from it); skip `skip` batches."
+        self.sampler.set_epoch(epoch, skip * self.loader.batch_size)
         self.loader.generator.manual_seed(derive_seed(self.seed, epoch, self.rank))  # workers: + worker id
     def __len__(self): return len(self.loader)
     def __iter__(self):
@@ -550,6 +555,10 @@ for x, y in zip(b0, epoch_batches(2)):
 assert not torch.equal(epoch_batches(0, epoch=1)[0][0], v1) and not torch.equal(epoch_batches(0, seed=1)[0][0], v1)
 test_eq(len(epoch_batches(0, labels=False)[0]), 4)
 test_eq(len(epoch_batches(0, rank=1, world_size=2)), 3)
+dl = make_loader(scenes, 4, image_size=32, num_workers=2); dl.set_epoch(0, skip=4)  # resume after 4 batches
+rest = list(dl); test_eq(len(rest), 2); test_eq(len(dl), 2)
+for x, y in zip(rest, b0[4:]):
+    for a, b in zip(x, y): test_eq(a, b)
 
 # %% [markdown]
 # A bad file inside a worker: the warning comes from the worker, the shared table reaches the main process, and the

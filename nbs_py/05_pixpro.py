@@ -474,6 +474,7 @@ def _forward(self:PixPro,
              coord1:Tensor,  # [N, 4] crop of view1 in its image, (x_ul, y_ul, x_lr, y_lr)
              coord2:Tensor,  # [N, 4] crop of view2
              update_target:bool|None=None,  # EMA update in this call (None: when training)
+             online:nn.Module|None=None,  # computes the online outputs of both views (None: this model; see `OnlineNet`)
             ) -> PixProOutput:
     "One PixPro step: online forward, EMA update, target forward, symmetric losses."
     for name, v in (('view1', view1), ('view2', view2)):
@@ -482,8 +483,7 @@ def _forward(self:PixPro,
     for name, c in (('coord1', coord1), ('coord2', coord2)):
         if not isinstance(c, Tensor) or c.shape != (view1.shape[0], 4):
             raise ConfigError(name, getattr(c, 'shape', c), f'a tensor of shape [N, 4] with N = {view1.shape[0]}')
-    p1, i1 = self._online(view1)
-    p2, i2 = self._online(view2)
+    (p1, i1), (p2, i2) = online(view1, view2) if online is not None else (self._online(view1), self._online(view2))
     m = self.momentum_update() if (self.training if update_target is None else update_target) else float('nan')
     t1, j1 = self._target(view1)
     t2, j2 = self._target(view2)
@@ -634,6 +634,41 @@ test_fail(lambda: tiny_pixpro(gamma=-1.), contains='gamma')
 try: model(v1, v2, c1[:, :3], c2)
 except ValueError: pass
 
+
+# %% [markdown]
+# ## Data parallelism
+#
+# Only the online networks learn, so only they belong inside `DistributedDataParallel`: the
+# target is updated by the EMA, identically on every process because the online weights are. `OnlineNet` is a view
+# of a `PixPro` model that holds the *same* online modules (no copy) and computes both views' online outputs; the
+# training loop wraps it in DDP and passes it as `online=`, so the gradients of the online parameters are averaged
+# across processes while the target and the step counter stay outside DDP.
+#
+# > **Ours.** The reference wraps the whole model, target included, in apex's DDP; that broadcasts and checks
+# > buffers of a network that no gradient reaches.
+
+# %%
+#| export
+class OnlineNet(nn.Module):
+    "The online half of a `PixPro` model, sharing its modules: what DDP wraps. `forward(v1, v2)` -> both views' outputs."
+    def __init__(self, model:PixPro):
+        super().__init__()
+        self.model = [model]  # a plain list: the target must not become a child of this module
+        for name in ('encoder', 'projector', 'ppm', 'instance_projector', 'predictor'):
+            if getattr(model, name, None) is not None: setattr(self, name, getattr(model, name))
+    def forward(self, view1:Tensor, view2:Tensor):
+        return self.model[0]._online(view1), self.model[0]._online(view2)
+
+
+# %%
+model = tiny_pixpro(instance_weight=1.)
+net = OnlineNet(model)
+test_eq({id(p) for p in net.parameters()}, {id(p) for n, p in model.named_parameters() if not n.startswith('target.')})
+assert not any(n.startswith('target') for n, _ in net.named_parameters()) and 'step' not in dict(net.named_buffers())
+a = model(v1, v2, c1, c2, update_target=False).loss
+b = model(v1, v2, c1, c2, update_target=False, online=net).loss
+test_eq(float(a), float(b))
+
 # %% [markdown]
 # ## Summary
 #
@@ -647,3 +682,5 @@ except ValueError: pass
 #   forward (after the online pass, before the target pass), and returns `PixProOutput(loss, pixel, instance,
 #   momentum)`. Its `step` and `total_steps` are buffers, so checkpoints resume the schedule exactly, which the
 #   reference does not do; the instance branch pools adaptively, so any image size works.
+# - `OnlineNet(model)` is the online half of a model, sharing its modules: the training loop wraps it in DDP and
+#   passes it as `model(..., online=...)`, so the target stays outside DDP.

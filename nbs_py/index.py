@@ -43,9 +43,13 @@
 # | [Positive pairs](04_positives.ipynb) | the positive-pixel rule, the PixPro and PixContrast losses | `pixpro_rs.positives` |
 # | [PixPro](05_pixpro.ipynb) | the pixel propagation module, the momentum encoder, the full model | `pixpro_rs.pixpro` |
 # | [Recipes](06_recipes.ipynb) | LARS, the warm-up + cosine schedule, the named pretraining and supervised recipes | `pixpro_rs.recipes` |
+# | [Training](07_train.ipynb) | the engine: config, Accelerate, the loop, atomic checkpoints, exact resume, the `pixpro-train` command | `pixpro_rs.train` |
+# | [Train](train.ipynb) | the papermill notebook: pretrain, then the curves, the throughput and the learned pixel similarity | (runs `pixpro_rs.train`) |
+# | [Evaluation and transfer](08_evaluate.ipynb) | linear and dense probes on frozen features (top-1, mIoU), segmentation folders, exports for timm, torchvision and detectron2 | `pixpro_rs.evaluate` |
 #
-# Training (the papermill notebook and `accelerate launch` entry point), evaluation and transfer, and performance
-# chapters come next. Each chapter is a notebook in `nbs/` that runs top to bottom in CI.
+# The supervised fine-tuning recipe, detection transfer, the paper's claims at CPU scale, and performance chapters
+# come next. Each chapter is a notebook in `nbs/` that runs top to
+# bottom in CI.
 
 # %% [markdown]
 # ## Getting started
@@ -57,10 +61,18 @@
 # python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && bash tools/test.sh
 # ```
 #
-# Pretraining on the embedded synthetic data arrives with the training chapter, as the parameterised notebook
-# `nbs/train.ipynb`; once it is there, the main job will be
-# `papermill nbs/train.ipynb runs/train.ipynb -p arch resnetrs50` (any parameter of its `parameters` cell can be
-# set with `-p`). It is not in the repository yet, so that command does not run today.
+# Pretrain on the embedded synthetic data (no download; about 3 minutes on 2 CPU cores for ResNet-RS-50, about 5
+# for ResNet-RS-101) with the parameterised notebook `nbs/train.ipynb`; any parameter of its `parameters` cell can
+# be set with `-p`, or from a YAML file with `-f params.yaml`:
+#
+# ```sh
+# papermill nbs/train.ipynb runs/train.ipynb -p arch resnetrs101
+# ```
+#
+# The same run from the command line is `pixpro-train --arch resnetrs101` (or `python -m pixpro_rs.train`), and on
+# several processes, GPUs or machines `accelerate launch -m pixpro_rs.train --recipe pixpro_rs50_400ep --data
+# /data/imagenet/train --mixed_precision bf16`. The [Train](train.ipynb) notebook gives the full-scale commands
+# and their expected cost. Runs resume from their `output_dir` when started again.
 #
 # The docs site is built by `bash tools/docs.sh`: with Quarto on `PATH` it runs `nbdev_docs`; without it (as on
 # our CI machines) it builds the same chapters offline with Sphinx into `_docs/`.

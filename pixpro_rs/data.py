@@ -231,15 +231,18 @@ class PairSampler(Sampler):
                 ):
         if not 0 <= rank < world_size: raise ConfigError('rank', rank, f'0 <= rank < world_size={world_size}')
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, epoch
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-    def set_epoch(self, epoch:int): self.epoch = epoch
-    def __len__(self): return self.n // self.world_size if self.drop_last else math.ceil(self.n / self.world_size)
+        self.rank, self.world_size, self.drop_last, self.start = rank, world_size, drop_last, 0
+    def set_epoch(self, epoch:int, start:int=0):
+        "Select the epoch; `start` > 0 skips this rank's first `start` samples (resuming in the middle of an epoch)."
+        self.epoch, self.start = epoch, start
+    def per_rank(self) -> int: return self.n // self.world_size if self.drop_last else math.ceil(self.n / self.world_size)
+    def __len__(self): return max(self.per_rank() - self.start, 0)
     def __iter__(self):
         order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
                  if self.shuffle else torch.arange(self.n))
-        total = len(self) * self.world_size
+        total = self.per_rank() * self.world_size
         order = order[:total] if self.drop_last else torch.cat([order, order[:total - self.n]])
-        for i in order[self.rank::self.world_size].tolist(): yield i, derive_seed(self.seed, self.epoch, i)
+        for i in order[self.rank::self.world_size][self.start:].tolist(): yield i, derive_seed(self.seed, self.epoch, i)
 
 # %% ../nbs/03_data.ipynb #9ee04fdb
 class TwoViews(Dataset):
@@ -267,9 +270,9 @@ class PairLoader:
         self.set_epoch(sampler.epoch)
     @property
     def epoch(self) -> int: return self.sampler.epoch
-    def set_epoch(self, epoch:int):
-        "Select the epoch: the order, every sample's augmentation and the workers' seeds derive from it."
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch:int, skip:int=0):
+        "Select the epoch (the order, every sample's augmentation and the workers' seeds derive from it); skip `skip` batches."
+        self.sampler.set_epoch(epoch, skip * self.loader.batch_size)
         self.loader.generator.manual_seed(derive_seed(self.seed, epoch, self.rank))  # workers: + worker id
     def __len__(self): return len(self.loader)
     def __iter__(self):

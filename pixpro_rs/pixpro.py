@@ -18,7 +18,7 @@ from .positives import _check_coords, positive_mask, pixpro_loss, pixcontrast_lo
 
 # %% auto #0
 __all__ = ['METHODS', 'Projector', 'PPM', 'momentum_at', 'ema_update_', 'backbone_features', 'feature_channels', 'PixProOutput',
-           'instance_loss', 'PixPro']
+           'instance_loss', 'PixPro', 'OnlineNet']
 
 # %% ../nbs/05_pixpro.ipynb #5763e8a6
 class Projector(nn.Sequential):
@@ -195,6 +195,7 @@ def _forward(self:PixPro,
              coord1:Tensor,  # [N, 4] crop of view1 in its image, (x_ul, y_ul, x_lr, y_lr)
              coord2:Tensor,  # [N, 4] crop of view2
              update_target:bool|None=None,  # EMA update in this call (None: when training)
+             online:nn.Module|None=None,  # computes the online outputs of both views (None: this model; see `OnlineNet`)
             ) -> PixProOutput:
     "One PixPro step: online forward, EMA update, target forward, symmetric losses."
     for name, v in (('view1', view1), ('view2', view2)):
@@ -203,8 +204,7 @@ def _forward(self:PixPro,
     for name, c in (('coord1', coord1), ('coord2', coord2)):
         if not isinstance(c, Tensor) or c.shape != (view1.shape[0], 4):
             raise ConfigError(name, getattr(c, 'shape', c), f'a tensor of shape [N, 4] with N = {view1.shape[0]}')
-    p1, i1 = self._online(view1)
-    p2, i2 = self._online(view2)
+    (p1, i1), (p2, i2) = online(view1, view2) if online is not None else (self._online(view1), self._online(view2))
     m = self.momentum_update() if (self.training if update_target is None else update_target) else float('nan')
     t1, j1 = self._target(view1)
     t2, j2 = self._target(view2)
@@ -220,3 +220,14 @@ def _forward(self:PixPro,
     return PixProOutput(loss, pixel, instance, m)
 
 PixPro.forward = _forward
+
+# %% ../nbs/05_pixpro.ipynb #b1722091
+class OnlineNet(nn.Module):
+    "The online half of a `PixPro` model, sharing its modules: what DDP wraps. `forward(v1, v2)` -> both views' outputs."
+    def __init__(self, model:PixPro):
+        super().__init__()
+        self.model = [model]  # a plain list: the target must not become a child of this module
+        for name in ('encoder', 'projector', 'ppm', 'instance_projector', 'predictor'):
+            if getattr(model, name, None) is not None: setattr(self, name, getattr(model, name))
+    def forward(self, view1:Tensor, view2:Tensor):
+        return self.model[0]._online(view1), self.model[0]._online(view2)

@@ -42,7 +42,8 @@ def chapters() -> list[str]:
 def proc() -> Path:
     "Run nbdev's doc processing (executes only export, import and show_doc cells) into `_proc/`."
     from nbdev.serve import proc_nbs
-    return Path(proc_nbs(n_workers=0))
+    # runs/ holds training runs (checkpoints of hundreds of MB) made when the train notebook runs inside nbs/
+    return Path(proc_nbs(n_workers=0, skip_folder_re=r'^([_.]|runs$)'))
 
 
 _DIRECTIVE = re.compile(r'^\s*#\|\s*([\w-]+)\s*:?\s*(.*)$')

@@ -1,0 +1,179 @@
+# %% [markdown]
+# # Train
+#
+# > The notebook that pretrains: a flat cell of parameters for papermill, one call of `train`, then the loss, learning-rate and momentum curves, the throughput, and what the trained model's pixel features look like.
+
+# %% [markdown]
+# Run it as it is (in JupyterLab, or `papermill nbs/train.ipynb runs/train.ipynb`) and it pretrains a ResNet-RS-50
+# with PixPro on the embedded SyntheticScenes: no download, about 3 minutes on 2 CPU cores (`-p arch resnetrs101`:
+# about 5). Every parameter below can be set from the command line of papermill, with the same names as the
+# training chapter's `TrainConfig`, the `pixpro-train` command and the `params.yaml` files:
+#
+# ```bash
+# papermill nbs/train.ipynb runs/train-rs101.ipynb -p arch resnetrs101         # the demo with ResNet-RS-101
+# papermill nbs/train.ipynb runs/imagenet.ipynb -f params.yaml                  # parameters from a YAML file
+# papermill nbs/train.ipynb runs/rs50-400ep.ipynb -p data /data/imagenet/train -p recipe pixpro_rs50_400ep \
+#     -p mixed_precision bf16 -p num_workers 10 -p output_dir runs/rs50-400ep
+# ```
+#
+# **The full-scale run.** `-p recipe pixpro_r50_400ep` is the paper's ResNet-50 run (per-device batch 128, 8
+# devices: 1024 images per step, lr 1.0 x 1024/256 = 4.0); `pixpro_rs{50..420}_{100,400}ep` are the ResNet-RS
+# counterparts. A notebook runs in one process, so it trains on one GPU: with `batch_size` 128 on one GPU the global
+# batch is 128 and the learning rate is scaled to it by the linear rule (printed at the start). For the recipe's
+# 8-GPU layout, run the same code with Accelerate:
+#
+# ```bash
+# accelerate launch --multi_gpu --num_processes 8 -m pixpro_rs.train --recipe pixpro_rs50_400ep \
+#     --data /data/imagenet/train --mixed_precision bf16 --num_workers 10 --output_dir runs/rs50-400ep
+# # two machines of 8 GPUs (run on each, --machine_rank 0 and 1): global batch 2048, lr 8.0
+# accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 \
+#     --num_processes 16 -m pixpro_rs.train --recipe pixpro_rs50_400ep --data /data/imagenet/train --mixed_precision bf16
+# ```
+#
+# **Expected cost.** A user of the reference code reported 58 hours for 100 epochs of ResNet-50 on 8 V100-32GB
+# (about 77 images per second per GPU). The supervised training step of ResNet-RS-50 at 160 pixels ran at 5067 images
+# per second on one H200 in the ResNet-RS chapter (bf16, channels_last); a PixPro step costs about 2.7 supervised
+# steps at the same size (two views, a target forward for each) and 224 pixels cost about 2x 160 pixels, so expect
+# on the order of 900 images per second per H200 for RS-50: 100 epochs of ImageNet (128M images) in about 40
+# GPU-hours, 400 epochs in about 160. These are estimates from a supervised measurement; the performance chapter
+# measures the PixPro step itself. Interrupting is safe: start the same command again and it resumes from the last
+# checkpoint in `output_dir`, exactly.
+
+# %% tags=["parameters"]
+# Parameters: papermill -p NAME VALUE, or -f params.yaml. None takes the recipe's value.
+recipe = 'pixpro_demo_cpu'  # named recipe: pixpro_demo_cpu, pixpro_r50_100ep, pixpro_r50_400ep, pixpro_rs101_400ep ...
+arch = None  # backbone (the demo: resnetrs50): resnetrs50 ... resnetrs420, resnet50, resnetrs_tiny
+data = 'synthetic'  # 'synthetic' (the embedded SyntheticScenes) or a folder of images, e.g. /data/imagenet/train
+epochs = None  # passes over the data (demo: 3)
+batch_size = None  # images per device per micro-batch (demo: 16)
+image_size = None  # side of each view (demo: 96, a 3x3 C5 map; the paper: 224, 7x7)
+lr = None  # base lr per 256 images, scaled linearly to the global batch (demo: 16 per 256, i.e. 1.0 at 16)
+weight_decay = None  # LARS weight decay (1e-5)
+momentum = None  # base EMA momentum of the target network (0.99)
+threshold = None  # T: pixels closer than T bin diagonals are positive pairs (0.7)
+gamma = None  # PPM sharpness (2)
+ppm_layers = None  # layers of the PPM transform g (1)
+instance_weight = None  # weight of the instance branch (0: off)
+method = None  # 'pixpro', 'pixcontrast' or 'instance'
+output_dir = None  # None: runs/<recipe>-<arch>-seed<seed> (relative to where the notebook runs)
+seed = 0  # initialisation, data order and augmentations
+num_workers = 2  # DataLoader workers
+mixed_precision = 'no'  # 'no', 'bf16' or 'fp16' (fp16 needs a GPU)
+max_steps = 0  # stop after this many steps (0: all epochs)
+save_every = 1  # checkpoint every this many epochs (and at the end)
+resume = 'auto'  # 'auto' (continue the run found in output_dir), 'never', or a checkpoint file
+overwrite = False  # start afresh in an output_dir that holds a different run
+grad_accum = 1  # micro-batches per optimiser step
+synthetic_length = 256  # scenes when data='synthetic'
+synthetic_size = 128  # side of the scenes
+keep_checkpoints = 1  # newest checkpoints kept (RS-50 + PixPro: about 520 MB each)
+progress = True  # progress bar
+
+# %%
+import math
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from pixpro_rs.augment import IMAGENET_MEAN, IMAGENET_STD
+from pixpro_rs.data import SyntheticScenes
+from pixpro_rs.pixpro import PixPro
+from pixpro_rs.resnet_rs import create_model
+from pixpro_rs.train import TrainConfig, train
+
+# %% [markdown]
+# ## Train
+
+# %%
+result = train(TrainConfig(
+    recipe=recipe, arch=arch, data=data, epochs=epochs, batch_size=batch_size, image_size=image_size, lr=lr,
+    weight_decay=weight_decay, momentum=momentum, threshold=threshold, gamma=gamma, ppm_layers=ppm_layers,
+    instance_weight=instance_weight, method=method, output_dir=output_dir, seed=seed, num_workers=num_workers,
+    mixed_precision=mixed_precision, max_steps=max_steps, save_every=save_every, resume=resume, overwrite=overwrite,
+    grad_accum=grad_accum, synthetic_length=synthetic_length, synthetic_size=synthetic_size,
+    keep_checkpoints=keep_checkpoints, progress=progress))
+c, metrics = result.config, result.metrics
+print(f'{len(metrics)} steps in {result.output_dir}; final checkpoint {result.checkpoint}')
+
+# %% [markdown]
+# ## The curves
+#
+# Figure 1: the loss (the sum of both directions' pixel losses, in $[-4, 4]$; $-4$ would be perfect agreement of
+# every positive pair) with its parts, the learning rate of every step (linear warm-up, then cosine) and the target
+# network's momentum (cosine from the base value to 1).
+
+# %%
+steps = [m['step'] for m in metrics]
+fig, axs = plt.subplots(1, 3, figsize=(13, 3.2))
+axs[0].plot(steps, [m['loss'] for m in metrics], label='loss')
+if c['instance_weight'] > 0 or c['method'] == 'instance':
+    axs[0].plot(steps, [m['pixel'] for m in metrics], label='pixel', alpha=.7)
+    axs[0].plot(steps, [m['instance'] for m in metrics], label='instance', alpha=.7)
+axs[0].set(xlabel='step', title='loss'); axs[0].legend()
+axs[1].plot(steps, [m['lr'] for m in metrics]); axs[1].set(xlabel='step', title=f"lr (peak {c['global_lr']:g})")
+axs[2].plot(steps, [m['momentum'] for m in metrics]); axs[2].set(xlabel='step', title='target momentum')
+fig.suptitle(f"Figure 1: {c['arch']} {c['method']}, global batch {c['global_batch']}, {len(metrics)} steps"); fig.tight_layout()
+first, last = metrics[:max(len(metrics) // 10, 1)], metrics[-max(len(metrics) // 10, 1):]
+print(f"mean loss over the first tenth of the steps {sum(m['loss'] for m in first) / len(first):.3f}, "
+      f"over the last tenth {sum(m['loss'] for m in last) / len(last):.3f}")
+
+# %% [markdown]
+# ## Throughput
+#
+# Images per second (one image = its two views) of each optimiser step, measured from the end of one step to the end
+# of the next (data loading included); the first steps include one-off costs (worker start-up, memory allocation).
+
+# %%
+rates = [m['images_per_s'] for m in metrics[min(3, len(metrics) - 1):]]
+wall = metrics[-1]['time_s'] if metrics else float('nan')
+print(f"{c['arch']} at {c['image_size']} px, batch {c['global_batch']}, {c['world_size']} process(es) on "
+      f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.get_num_threads()} threads): "
+      f"median {sorted(rates)[len(rates) // 2]:.1f} images/s; the loop took {wall:.0f} s (this session's steps)")
+
+# %% [markdown]
+# ## What the pixel features learned
+#
+# Figure 2 is the PPM's similarity $s(i, j) = \max(\cos(x_i, x_j), 0)^\gamma$ between one pixel of a scene (the cross,
+# placed on an object) and every other pixel, computed on the output of the projector for a 256-pixel SyntheticScenes
+# image, before training (the same initialisation, rebuilt from the seed) and after. The numbers under the maps are
+# the mean similarity to pixels of the same object and to everything else: after training, the features of one object
+# should be more alike than the features of the rest of the scene.
+
+# %%
+scene_img, labels, _ = SyntheticScenes(8, image_size=256, seed=1).scene(3)
+x = ((scene_img.float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))[None]
+
+def pixel_features(model:PixPro, x):
+    "The online pixel features used by the PPM: projector output (encoder output for method='instance')."
+    model = model.cpu().eval()
+    with torch.no_grad():
+        f = model.encoder.forward_features(x)
+        return model.projector(f) if hasattr(model, 'projector') else f  # [1, D, h, w]
+
+torch.manual_seed(c['seed'])
+initial = PixPro(create_model(c['arch'], num_classes=0), method=c['method'], ppm_layers=c['ppm_layers'],
+                 instance_weight=c['instance_weight'])
+h = w = 8
+small = F.interpolate(labels[None, None].float(), size=(h, w), mode='nearest')[0, 0].long()  # [8, 8] labels
+obj = max(range(1, int(labels.max()) + 1), key=lambda k: int((small == k).sum()))
+q = int((small.flatten() == obj).nonzero()[len((small.flatten() == obj).nonzero()) // 2])
+fig, axs = plt.subplots(1, 3, figsize=(11, 3.8))
+axs[0].imshow(scene_img.permute(1, 2, 0)); axs[0].set_title('scene (cross: the query pixel)')
+for ax, (name, mdl) in zip(axs[1:], [('before training', initial), ('after training', result.model)]):
+    f = F.normalize(pixel_features(mdl, x), dim=1).flatten(2)[0]  # [D, 64]
+    s = (f[:, q] @ f).clamp(min=0) ** c['gamma']  # [64]
+    same = (small.flatten() == obj)
+    same[q] = False
+    ax.imshow(s.view(h, w), cmap='magma', vmin=0, vmax=1)
+    ax.set_title(f"{name}\nsame object {float(s[same].mean()):.2f}, elsewhere {float(s[small.flatten() != obj].mean()):.2f}")
+for ax, scale in zip(axs, (256 / w, 1, 1)):  # the scene in pixels, the maps in C5 cells
+    ax.plot((q % w + .5) * scale - .5, (q // w + .5) * scale - .5, 'c+', ms=14, mew=2); ax.axis('off')
+fig.suptitle('Figure 2: PPM similarity of one pixel to all others'); fig.tight_layout()
+
+# %% [markdown]
+# A 3-minute run on 256 synthetic scenes is a demonstration of the machinery, not a pretrained model: the curves and
+# the similarity map show that the loop runs and the objective moves; the evaluation chapter measures what the
+# features are worth. The run's folder holds `config.json`, `metrics.csv`/`metrics.jsonl`, the checkpoints
+# (`checkpoints/step-*.pt`, loadable with `torch.load(weights_only=True)`), TensorBoard logs when TensorBoard is
+# installed, and `encoder.safetensors`, the online encoder for transfer (`pixpro_rs.resnet_rs.load_pretrained`).
