@@ -1,0 +1,952 @@
+# %% [markdown]
+# # Detection transfer without detectron2
+#
+# > torchvision's Faster R-CNN on our backbone + FPN (from `forward_pyramid`), boxes from SyntheticScenes, a CPU fine-tuning run, VOC-style mAP, and the Pascal VOC protocol with torchvision's `VOCDetection`.
+
+# %%
+#| default_exp detection
+
+# %%
+#| export
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import xml.etree.ElementTree as ET
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn, Tensor
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler
+from torchvision.datasets import VOCDetection
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import FeaturePyramidNetwork, box_iou
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from pixpro_rs.augment import IMAGENET_MEAN, IMAGENET_STD
+from pixpro_rs.core import ConfigError, atomic_write, check_choice, check_positive, check_range
+from pixpro_rs.data import SyntheticScenes
+from pixpro_rs.evaluate import load_backbone
+from pixpro_rs.resnet_rs import create_model
+
+# %%
+#| hide
+import tempfile
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+from fastcore.test import test_close, test_eq, test_fail
+from matplotlib.patches import Rectangle
+from nbdev.showdoc import show_doc
+
+from pixpro_rs.pixpro import PixPro
+
+# %%
+#| hide
+_t0 = time.time()
+_threads = torch.get_num_threads()  # restored at the end
+torch.set_num_threads(1)  # nbdev_test runs notebooks side by side on 2 cores
+
+
+# %% [markdown]
+# The paper's headline transfer result is object detection: Faster R-CNN fine-tuned on Pascal VOC
+# (trainval07+12, evaluated on test07) reaches 58.8 AP from a 100-epoch PixPro ResNet-50 against 53.5 from supervised
+# ImageNet weights and 33.8 from scratch (spec section 7). The reference runs it in detectron2, whose ResNet cannot hold
+# ResNet-RS weights (the evaluation chapter explains why). torchvision's detection models take *any* module that
+# returns a dict of feature maps, so this chapter builds the detector from our own backbone, with nothing to register:
+#
+# | unit | what it does |
+# |---|---|
+# | `connected_components`, `instance_boxes`, `SceneBoxes` | boxes of object instances derived from SyntheticScenes' label maps |
+# | `freeze_backbone`, `PyramidFPN`, `build_detector` | our backbone's C2..C5 -> FPN -> torchvision's Faster R-CNN, from a PixPro checkpoint or random init |
+# | `finetune_detector` | SGD with warm-up and step decay, horizontal flips, seeded minibatches |
+# | `voc_ap`, `class_ap`, `mean_ap`, `evaluate_detector` | Pascal VOC's AP (11-point or all-point) per class, mAP, AP50/AP75/AP |
+# | `voc_target`, `VOCBoxes`, `main` | Pascal VOC through `torchvision.datasets.VOCDetection`; `python -m pixpro_rs.detection` |
+
+# %% [markdown]
+# ## Boxes from label maps
+#
+# `SyntheticScenes.scene(i)` gives a label map (0 background, 1..K the object classes), not instances: two touching
+# objects of the same class are one region of the map, and an object cut in two by another one painted over it is two
+# regions. We derive instances as the **connected components of each class** (8-connectivity: pixels touching by an
+# edge or a corner, of the same class), and keep those of at least `min_area` (a fraction of the image's pixels).
+#
+# > **Ours.** Components, not objects: touching same-class objects become one box (rare: objects are 20-56% of the
+# > image side wide and placed at random), and the visible pieces of an occluded object become separate boxes; the
+# > tiny ones (a sliver of an object left between two others, a corner cut by the image border) fall below `min_area`
+# > and are dropped, since nobody could be asked to detect them. The clean solution is for the data chapter's
+# > `scene` to return an instance map too (it paints objects one at a time and knows them); we did not edit that chapter.
+#
+# No scipy here, so the components come from **label propagation**: every foreground pixel starts with its own id, and
+# repeatedly takes the largest id among its same-class neighbours, until nothing changes; each component then carries
+# the id of its last pixel. The number of rounds is the longest path inside a component (about 100 for a 128 px scene),
+# each one a few tensor operations.
+
+# %%
+#| exports
+def connected_components(labels:Tensor,  # [H, W] integer class map, 0 = background
+                        ) -> Tensor:  # [H, W] int64 component ids, 0 on the background
+    "Connected components (8-connectivity) of each class of a label map, by max-id propagation."
+    if labels.ndim != 2: raise ConfigError('labels', tuple(labels.shape), 'a label map [H, W]')
+    H, W = labels.shape
+    labels = labels.long()
+    fg = labels > 0
+    ids = torch.where(fg, torch.arange(1, H * W + 1).view(H, W), 0)  # [H, W]
+    lab = F.pad(labels, (1, 1, 1, 1), value=-1)
+    same = torch.stack([lab[dy:dy + H, dx:dx + W] == labels for dy in range(3) for dx in range(3)]) & fg  # [9, H, W]
+    while True:
+        p = F.pad(ids, (1, 1, 1, 1))
+        nb = torch.stack([p[dy:dy + H, dx:dx + W] for dy in range(3) for dx in range(3)])  # [9, H, W]
+        new = torch.where(same, nb, 0).amax(0)  # the centre is one of the 9: ids never decrease
+        if torch.equal(new, ids): return ids
+        ids = new
+
+
+# %%
+#| exports
+def instance_boxes(labels:Tensor,  # [H, W] class map, 0 = background, 1..K classes
+                   min_area:float=0.004,  # drop components smaller than this fraction of the image's pixels
+                  ) -> tuple[Tensor, Tensor]:  # boxes [n, 4] float32 (x0, y0, x1, y1), classes [n] int64
+    "One box per connected component of each class; pixel (row i, col j) covers [j, j+1) x [i, i+1)."
+    check_range('min_area', min_area, 0, 1)
+    ids = connected_components(labels)
+    H, W = labels.shape
+    boxes, classes = [], []
+    for c in ids.unique():
+        if c == 0: continue
+        ys, xs = torch.nonzero(ids == c, as_tuple=True)
+        if len(ys) < min_area * H * W: continue
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        classes.append(int(labels[ys[0], xs[0]]))
+    return torch.tensor(boxes, dtype=torch.float32).view(-1, 4), torch.tensor(classes, dtype=torch.int64)
+
+
+# %% [markdown]
+# Boxes use torchvision's convention: continuous coordinates $(x_0, y_0, x_1, y_1)$ in pixels, a pixel $(i, j)$ covering
+# $[j, j+1) \times [i, i+1)$, so a box's width is the number of pixel columns it covers. The test: two separated blobs
+# of class 2, one of class 1 touching the first (a different class: a different instance), a 2x1 speck, and an
+# L-shaped blob that is one component only through a corner (8-connectivity).
+
+# %%
+lab = torch.zeros(10, 12, dtype=torch.long)
+lab[1:4, 1:5] = 2   # rows 1-3, cols 1-4
+lab[1:3, 5:7] = 1   # touches the first blob, another class
+lab[6:9, 8:11] = 2  # a second, separate blob of class 2
+lab[8, 1:3] = 3     # a speck of 2 pixels
+lab[5, 5] = 1; lab[6, 6] = 1  # two pixels of class 1 touching by a corner
+ids = connected_components(lab)
+test_eq(len(ids.unique()), 1 + 5)  # background + 5 components
+test_eq(ids[1, 1], ids[3, 4]); assert ids[1, 1] != ids[6, 8] and ids[1, 4] != ids[1, 5]
+test_eq(ids[5, 5], ids[6, 6])  # corner-connected
+boxes, classes = instance_boxes(lab, min_area=0)
+order = boxes[:, 0].argsort(stable=True)
+got = sorted(zip(boxes.tolist(), classes.tolist()))
+test_eq(got, sorted([([1., 1., 5., 4.], 2), ([8., 6., 11., 9.], 2), ([5., 1., 7., 3.], 1),
+                     ([1., 8., 3., 9.], 3), ([5., 5., 7., 7.], 1)]))
+boxes, classes = instance_boxes(lab, min_area=3 / 120)  # 3 pixels of 120: the speck and the diagonal pair go
+test_eq(sorted(classes.tolist()), [1, 2, 2])
+test_eq(instance_boxes(torch.zeros(5, 5, dtype=torch.long))[0].shape, (0, 4))
+test_fail(lambda: instance_boxes(lab, min_area=2), contains='min_area')
+test_fail(lambda: connected_components(lab[None]), contains='label map [H, W]')
+
+
+# %% [markdown]
+# `SceneBoxes` turns `SyntheticScenes` into a detection dataset in torchvision's format: `(image, target)` with a
+# uint8 image [3, H, W] and `target = {'boxes': [n, 4] float32, 'labels': [n] int64}`, classes 1..K (0 is the
+# background for torchvision's detectors too). A scene whose objects are all dropped gives zero boxes, which
+# torchvision's Faster R-CNN accepts as a negative image. In Figure 1, the last scene shows the limitation of
+# components: two touching discs of the same class share one box.
+
+# %%
+#| exports
+class SceneBoxes(Dataset):
+    "SyntheticScenes as a detection dataset: (uint8 image [3, H, W], {'boxes', 'labels'}) from `instance_boxes`."
+    def __init__(self, scenes:SyntheticScenes, min_area:float=0.004):
+        self.scenes, self.min_area = scenes, check_range('min_area', min_area, 0, 1)
+        self.classes, self.num_classes = scenes.classes, scenes.num_classes
+    def __len__(self): return len(self.scenes)
+    def __getitem__(self, i:int) -> tuple[Tensor, dict]:
+        image, labels, _ = self.scenes.scene(i)
+        boxes, classes = instance_boxes(labels, self.min_area)
+        return image, {'boxes': boxes, 'labels': classes}
+
+
+# %%
+def draw_boxes(ax, image, boxes, labels, names, scores=None, color='yellow'):
+    ax.imshow(image.permute(1, 2, 0)); ax.set_axis_off()
+    for i, ((x0, y0, x1, y1), k) in enumerate(zip(boxes.tolist(), labels.tolist())):
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=color, lw=1.5))
+        text = names[k - 1] + ('' if scores is None else f' {scores[i]:.2f}')
+        ax.text(x0 + 1, y0 + 1, text, color='black', fontsize=6, va='top', bbox=dict(facecolor=color, alpha=0.7, pad=0.5, lw=0))
+
+t = time.time()
+scenes = SyntheticScenes(160, 128, num_classes=4, seed=1)
+train_boxes = [SceneBoxes(scenes)[i] for i in range(len(scenes))]  # computed once, reused by every step
+val_boxes = [SceneBoxes(SyntheticScenes(40, 128, num_classes=4, seed=2))[i] for i in range(40)]
+n_boxes = [len(t_['boxes']) for _, t_ in train_boxes]
+print(f'{len(train_boxes)} training scenes, {sum(n_boxes)} boxes (mean {np.mean(n_boxes):.1f}, max {max(n_boxes)}), '
+      f'{len(val_boxes)} validation scenes, {time.time() - t:.1f} s')
+fig, axes = plt.subplots(1, 5, figsize=(13, 2.9))
+for ax, (image, target), i in zip(axes, train_boxes, range(5)):
+    draw_boxes(ax, image, target['boxes'], target['labels'], scenes.classes)
+fig.suptitle('Figure 1. SyntheticScenes with the boxes of their connected components (classes: shape + texture)', fontsize=9)
+plt.tight_layout(); plt.show()
+for image, target in train_boxes:
+    b = target['boxes']
+    assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all() and b.min() >= 0 and b.max() <= 128
+    assert all(1 <= k <= 4 for k in target['labels'].tolist())
+assert sum(n_boxes) > 2 * len(train_boxes)
+
+
+# %% [markdown]
+# ## The detector: our backbone, an FPN, torchvision's Faster R-CNN
+#
+# torchvision's `FasterRCNN(backbone, ...)` needs a module that maps a batch of images to an `OrderedDict` of feature
+# maps and has an `out_channels` attribute. `PyramidFPN` is exactly that: the backbone's `forward_pyramid` gives
+# C2..C5 (strides 4 to 32), `torchvision.ops.FeaturePyramidNetwork` turns them into P2..P5 with `out_channels` channels
+# each, and `LastLevelMaxPool` adds P6 (stride 64, a max-pool of P5) for the largest anchors, as in torchvision's
+# and detectron2's R50-FPN.
+#
+# > **Ours.** torchvision's `BackboneWithFPN` would pick the stages with `IntermediateLayerGetter`, which calls the
+# > backbone's children one after another; our ResNet-RS stem applies a ReLU between `bn1` and the strided conv that
+# > is not a child module, so that machinery would silently compute something else. `forward_pyramid` is the
+# > backbone's own definition of C2..C5: we call it.
+
+# %%
+#| exports
+class PyramidFPN(nn.Module):
+    "A backbone's C2..C5 (`forward_pyramid`) through an FPN: an OrderedDict '0'..'3' of P2..P5 plus 'pool' (P6)."
+    def __init__(self,
+                 backbone:nn.Module,  # has `forward_pyramid` and `pyramid_channels` (`create_model(arch, num_classes=0)`)
+                 out_channels:int=256,  # channels of every FPN level
+                ):
+        super().__init__()
+        self.body, self.out_channels = backbone, out_channels
+        self.fpn = FeaturePyramidNetwork(list(backbone.pyramid_channels), out_channels, extra_blocks=LastLevelMaxPool())
+    def forward(self, x:Tensor) -> OrderedDict:  # [N, 3, H, W] normalised -> {name: [N, out_channels, H/s, W/s]}
+        return self.fpn(OrderedDict((str(i), c) for i, c in enumerate(self.body.forward_pyramid(x))))
+
+
+# %%
+torch.manual_seed(0)
+pf = PyramidFPN(create_model('resnetrs_tiny', num_classes=0), out_channels=32)
+feats = pf(torch.randn(2, 3, 128, 64))
+test_eq(list(feats), ['0', '1', '2', '3', 'pool'])
+for (name, f), stride in zip(feats.items(), (4, 8, 16, 32, 64)):
+    test_eq(f.shape, (2, 32, 128 // stride, 64 // stride))  # P2..P5 at strides 4..32, P6 at 64
+test_eq(pf.out_channels, 32)
+
+# %% [markdown]
+# ### Frozen stages and batch norm
+#
+# Detection fine-tuning freezes the first layers, which hold generic edges and textures, and cares about batch
+# norm, because detection batches are small (2 images per GPU in detectron2) and per-GPU batch statistics of
+# 2 images are noise. `freeze_backbone` offers the three usual answers:
+#
+# | `norm` | batch norm in the trainable stages | who uses it |
+# |---|---|---|
+# | `'frozen'` | `FrozenBatchNorm2d`: the pretrained statistics and affine parameters, constant | torchvision's and detectron2's default with pretrained weights |
+# | `'bn'` | plain `BatchNorm2d`, trained on batch statistics | training from scratch; fine with large per-device batches |
+# | `'syncbn'` | `SyncBatchNorm`: statistics over all GPUs | the PixPro paper (and MoCo/DenseCL) on VOC and COCO; GPUs with DDP only |
+#
+# The stages that are not trainable always get `FrozenBatchNorm2d`: a frozen stage in training mode would still move
+# its running statistics. `trainable_layers` counts stages from the top, as torchvision does: 0 freezes the backbone,
+# 3 trains C3..C5 (the stem and C2 frozen: detectron2's `FREEZE_AT: 2`), 5 trains everything including the stem.
+#
+# > **Ours.** With random initialisation the defaults are `norm='bn'` and `trainable_layers=5` (torchvision's choice
+# > too), and `norm='frozen'` is refused: ResNet-RS starts the last BN of every block at $\gamma = 0$, so frozen BN would
+# > keep every residual branch at zero for the whole run. With a pretrained checkpoint the defaults are
+# > `norm='frozen'`, `trainable_layers=3`. For the paper's setting (SyncBN, 16 images on 8 GPUs), pass
+# > `norm='syncbn'` and run under DDP; SyncBN does not run on CPU tensors (see the training chapter).
+
+# %%
+#| exports
+NORMS = ('frozen', 'bn', 'syncbn')
+
+def frozen_bn(module:nn.Module) -> nn.Module:
+    "`module` with every `BatchNorm2d` replaced by a `FrozenBatchNorm2d` holding the same statistics and affine values."
+    if isinstance(module, nn.BatchNorm2d):
+        f = FrozenBatchNorm2d(module.num_features, module.eps)
+        for name in ('weight', 'bias', 'running_mean', 'running_var'): getattr(f, name).copy_(getattr(module, name).detach())
+        return f
+    for name, child in module.named_children(): setattr(module, name, frozen_bn(child))
+    return module
+
+STAGES = (('conv1', 'bn1', 'maxpool'), ('layer1',), ('layer2',), ('layer3',), ('layer4',))  # the units `trainable_layers` counts
+
+def freeze_backbone(backbone:nn.Module,  # from `create_model(arch, num_classes=0)` or `load_backbone`
+                    trainable_layers:int=3,  # stages trained, from the top: 0 (none) .. 5 (all, stem included)
+                    norm:str='frozen',  # batch norm of the trainable stages: 'frozen', 'bn' or 'syncbn'
+                   ) -> nn.Module:
+    "Freeze the stem and the lower stages (weights and BN); set the BN kind of the others. In place; returns it."
+    check_choice('norm', norm, NORMS)
+    if trainable_layers not in range(6): raise ConfigError('trainable_layers', trainable_layers, 'an integer in 0..5')
+    for k, names in enumerate(STAGES):  # the stem (ResNet-RS: 3 convs + strided conv), then C2..C5
+        train = k >= len(STAGES) - trainable_layers
+        for name in names:
+            m = getattr(backbone, name).requires_grad_(train)
+            if not train or norm == 'frozen': m = frozen_bn(m)
+            elif norm == 'syncbn': m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+            setattr(backbone, name, m)  # a BN module itself (the stem's bn1) is replaced, not changed in place
+    backbone.fc.requires_grad_(False)
+    return backbone
+
+
+# %%
+def bn_kinds(m): return {type(x).__name__ for x in m.modules() if isinstance(x, (nn.BatchNorm2d, FrozenBatchNorm2d, nn.SyncBatchNorm))}
+
+torch.manual_seed(0)
+net = create_model('resnetrs_tiny', num_classes=0)
+x = torch.randn(2, 3, 64, 64)
+net.eval()
+with torch.no_grad(): want = net.forward_pyramid(x)
+freeze_backbone(net, trainable_layers=2, norm='bn')
+assert not any(p.requires_grad for m in (net.conv1, net.layer1, net.layer2) for p in m.parameters())
+assert all(p.requires_grad for m in (net.layer3, net.layer4) for p in m.parameters())
+test_eq((bn_kinds(net.layer2), bn_kinds(net.layer3), bn_kinds(net.conv1) | bn_kinds(net.bn1)),
+        ({'FrozenBatchNorm2d'}, {'BatchNorm2d'}, {'FrozenBatchNorm2d'}))
+with torch.no_grad():
+    for a, b in zip(net.eval().forward_pyramid(x), want): test_close(a, b, eps=1e-5)  # frozen BN = the eval-mode BN
+freeze_backbone(net, trainable_layers=0, norm='frozen')
+test_eq(bn_kinds(net), {'FrozenBatchNorm2d'}); assert not any(p.requires_grad for p in net.parameters())
+net = freeze_backbone(create_model('resnetrs_tiny', num_classes=0), trainable_layers=1, norm='syncbn')
+test_eq((bn_kinds(net.layer4), bn_kinds(net.layer3)), ({'SyncBatchNorm'}, {'FrozenBatchNorm2d'}))
+test_fail(lambda: freeze_backbone(net, trainable_layers=6), contains='trainable_layers=6')
+test_fail(lambda: freeze_backbone(net, norm='gn'), contains="norm='gn'")
+
+
+# %% [markdown]
+# ### `build_detector`
+#
+# `build_detector` puts it together: the backbone (a PixPro checkpoint's **online** encoder through the evaluation
+# chapter's `load_backbone`, or random init), frozen as above, `PyramidFPN`, and torchvision's `FasterRCNN` with
+# `num_classes + 1` outputs (class 0 is the background). Three settings are ours to choose and matter:
+#
+# - **Input normalisation.** torchvision's detection transform takes float images in [0, 1] and normalises them with
+#   `image_mean`/`image_std`: we pass ImageNet's, the values pretraining used (the augmentation chapter's).
+# - **Image size.** The transform resizes every image so that its shorter side is `min_size` (a tuple: one drawn at
+#   random per training batch, as detectron2's multi-scale training) and its longer side at most `max_size`.
+#   torchvision's defaults, 800 and 1333, are the VOC/COCO protocol; for 128 px scenes pass 128.
+# - **Anchors.** One size per FPN level (P2..P6) and three aspect ratios; the default sizes 32..512 px suit 800 px
+#   images, `anchor_sizes=(16, 32, 64, 128, 256)` suits our small ones.
+#
+# The box head (`TwoMLPHead`) has `representation_size` units (1024 in torchvision and detectron2); everything else
+# (`rpn_*`, `box_*` sampling and thresholds) passes through `**kwargs` to `FasterRCNN`.
+
+# %%
+#| exports
+def build_detector(arch:str|None=None,  # backbone name; None: the one saved in `weights`
+                   num_classes:int=20,  # K object classes (VOC: 20); the detector predicts K + 1 with the background
+                   weights:str|Path|nn.Module|None=None,  # PixPro checkpoint / encoder.safetensors / module; None: random init
+                   trainable_layers:int|None=None,  # backbone stages trained (0..5); None: 3 with weights, 5 without
+                   norm:str|None=None,  # 'frozen', 'bn' or 'syncbn'; None: 'frozen' with weights, 'bn' without
+                   out_channels:int=256,  # FPN channels
+                   min_size:int|tuple=800,  # shorter image side (a tuple: drawn per training batch)
+                   max_size:int=1333,  # longer image side at most
+                   anchor_sizes:tuple=(32, 64, 128, 256, 512),  # one anchor size per level P2..P6, in pixels
+                   representation_size:int=1024,  # units of the box head's two fully connected layers
+                   **kwargs,  # passed to torchvision's FasterRCNN (rpn_*, box_* settings)
+                  ) -> FasterRCNN:
+    "torchvision's Faster R-CNN on our backbone (C2..C5) + FPN, from a PixPro checkpoint or random init."
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError('num_classes', num_classes, 'an integer >= 1 (object classes, without the background)')
+    check_positive('out_channels', out_channels); check_positive('representation_size', representation_size)
+    if len(anchor_sizes) != 5: raise ConfigError('anchor_sizes', anchor_sizes, 'five sizes, one per level P2..P6')
+    if weights is None:
+        if arch is None: raise ConfigError('arch', None, 'a backbone name when there are no weights to read it from')
+        backbone, norm, trainable_layers = create_model(arch, num_classes=0), norm or 'bn', 5 if trainable_layers is None else trainable_layers
+        if norm == 'frozen':
+            raise ConfigError('norm', norm, "'bn' or 'syncbn' with random init: ResNet-RS starts the last BN of each block at "
+                              'gamma = 0, and frozen BN would keep every residual branch at zero')
+    else:
+        backbone, norm = load_backbone(weights, arch), norm or 'frozen'
+        trainable_layers = 3 if trainable_layers is None else trainable_layers
+    backbone = freeze_backbone(backbone.train(), trainable_layers, norm)
+    model = FasterRCNN(PyramidFPN(backbone, out_channels), num_classes=None, min_size=min_size, max_size=max_size,
+                       image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+                       rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5),
+                       box_head=TwoMLPHead(out_channels * 7 * 7, representation_size),
+                       box_predictor=FastRCNNPredictor(representation_size, num_classes + 1), **kwargs)
+    model.arch, model.num_classes, model.pretrain_config = backbone.arch, num_classes, getattr(backbone, 'pretrain_config', None)
+    return model
+
+
+# %% [markdown]
+# A PixPro checkpoint goes in as the backbone (its online encoder, not the momentum target), frozen BN and three
+# trainable stages by default; random init trains everything with plain BN. In both, training mode gives the four
+# losses of Faster R-CNN and evaluation mode gives boxes in the input image's coordinates.
+
+# %%
+def tiny_pixpro_checkpoint(path, seed=0):
+    torch.manual_seed(seed)
+    model = PixPro(create_model('resnetrs_tiny', num_classes=0))
+    with torch.no_grad():
+        for p in model.encoder.parameters(): p.add_(0.1 * torch.randn_like(p))  # online != target
+    torch.save({'model': model.state_dict(), 'config': {'arch': 'resnetrs_tiny', 'image_size': 64}}, path)
+    return model
+
+tmp = Path(tempfile.mkdtemp())
+pixpro = tiny_pixpro_checkpoint(tmp/'ckpt.pth')
+det = build_detector(num_classes=4, weights=tmp/'ckpt.pth', out_channels=32, min_size=64, max_size=64,
+                     anchor_sizes=(8, 16, 32, 64, 128), representation_size=64)
+body = det.backbone.body
+test_eq((det.arch, det.pretrain_config['image_size'], bn_kinds(body)), ('resnetrs_tiny', 64, {'FrozenBatchNorm2d'}))
+test_eq(body.layer4[0].conv1.weight.detach(), pixpro.encoder.layer4[0].conv1.weight.detach())  # the online encoder's weights
+test_eq(body.bn1.running_var, pixpro.encoder.bn1.running_var)  # and its BN statistics
+assert body.layer2[0].conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
+test_eq(det.roi_heads.box_predictor.cls_score.out_features, 5)
+images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+targets = [{'boxes': torch.tensor([[4., 4., 30., 40.]]), 'labels': torch.tensor([2])}, {'boxes': torch.zeros(0, 4), 'labels': torch.zeros(0, dtype=torch.long)}]
+losses = det.train()(images, targets)
+test_eq(sorted(losses), ['loss_box_reg', 'loss_classifier', 'loss_objectness', 'loss_rpn_box_reg'])
+assert all(torch.isfinite(v) for v in losses.values())
+with torch.no_grad(): out = det.eval()(images)
+test_eq(len(out), 2); assert out[1]['boxes'].numel() == 0 or out[1]['boxes'][:, 3].max() <= 48
+scratch = build_detector('resnetrs_tiny', num_classes=4, out_channels=32)
+test_eq(bn_kinds(scratch.backbone.body), {'BatchNorm2d'}); assert all(p.requires_grad for p in scratch.backbone.parameters())
+test_fail(lambda: build_detector('resnetrs_tiny', 4, norm='frozen'), contains='gamma = 0')
+test_fail(lambda: build_detector(num_classes=4), contains='arch=None')
+test_fail(lambda: build_detector('resnetrs_tiny', 0), contains='num_classes=0')
+test_fail(lambda: build_detector('resnetrs50', 4, weights=tmp/'ckpt.pth'), contains="'resnetrs_tiny', the arch saved in")
+
+
+# %% [markdown]
+# ## Fine-tuning
+#
+# `finetune_detector` is detectron2's schedule in miniature: SGD with momentum 0.9 and weight decay 1e-4, a linear
+# warm-up from 0.1% of the learning rate, then the learning rate divided by 10 at each milestone (detectron2's VOC
+# schedule: 24k iterations, steps at 18k and 22k, i.e. 75% and 92% of the run), and a random horizontal flip of each
+# image with its boxes. Minibatches are drawn with replacement by a seeded generator, so a rerun gives the same
+# numbers. It returns the four losses and their sum at every step, and stops with an error naming the step on a
+# non-finite loss.
+
+# %%
+#| exports
+def hflip(image:Tensor, target:dict) -> tuple[Tensor, dict]:
+    "Mirror an image [3, H, W] and its boxes: x0' = W - x1, x1' = W - x0."
+    W = image.shape[-1]
+    boxes = target['boxes'][:, [2, 1, 0, 3]] * torch.tensor([-1., 1., -1., 1.]) + torch.tensor([W, 0., W, 0.])
+    return image.flip(-1), {**target, 'boxes': boxes}
+
+def _collate(batch): return batch  # a list of (image, target): images may differ in size
+
+def finetune_detector(model:FasterRCNN,  # e.g. from `build_detector`; trained in place
+                      dataset:Dataset,  # (uint8 image [3, H, W], {'boxes', 'labels'}) pairs
+                      steps:int=300,  # optimiser steps (iterations)
+                      batch_size:int=4,  # images per step
+                      lr:float=0.02,  # peak learning rate (detectron2: 0.02 for 16 images)
+                      weight_decay:float=1e-4,
+                      warmup_steps:int=100,  # linear warm-up from lr / 1000
+                      milestones:tuple=(0.75, 0.92),  # fractions of `steps` where the lr is divided by 10
+                      flip:bool=True,  # random horizontal flips
+                      seed:int=0,  # minibatch draws and flips
+                      device:str|torch.device='cpu',
+                      num_workers:int=0,  # DataLoader workers (for image files)
+                     ) -> dict[str, list[float]]:  # 'loss' and each of Faster R-CNN's losses, one value per step
+    "Fine-tune a detector: SGD, warm-up then step decay, flips, seeded minibatches; returns the losses of every step."
+    for name, v in (('steps', steps), ('batch_size', batch_size), ('lr', lr)): check_positive(name, v)
+    if len(dataset) == 0: raise ConfigError('dataset', dataset, 'a dataset with at least one image')
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    ms = [int(m * steps) for m in milestones]
+    factor = lambda s: (0.001 + 0.999 * min(1.0, s / warmup_steps) if warmup_steps else 1.0) * 0.1 ** sum(s >= m for m in ms)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    g = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=steps * batch_size, generator=g)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_collate, num_workers=num_workers)
+    history = {}
+    for step, batch in enumerate(loader):
+        images, targets = [], []
+        for image, target in batch:
+            target = {'boxes': target['boxes'], 'labels': target['labels']}
+            if flip and torch.rand(1, generator=g) < 0.5: image, target = hflip(image, target)
+            images.append(image.to(device).float() / 255)
+            targets.append({k: v.to(device) for k, v in target.items()})
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss): raise FloatingPointError(f'non-finite detection loss at step {step}: {({k: float(v) for k, v in losses.items()})}')
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
+        for k, v in {'loss': loss, **losses}.items(): history.setdefault(k, []).append(v.item())
+    return history
+
+
+# %%
+image = torch.arange(12, dtype=torch.uint8).view(1, 3, 4).expand(3, 3, 4)
+fi, ft = hflip(image, {'boxes': torch.tensor([[0., 1., 1., 3.]]), 'labels': torch.tensor([1])})
+test_eq(fi[0, 0].tolist(), [3, 2, 1, 0]); test_eq(ft['boxes'], torch.tensor([[3., 1., 4., 3.]]))  # column 0 -> column 3
+test_eq(hflip(*hflip(image, ft))[1]['boxes'], ft['boxes'])
+
+# %% [markdown]
+# **The tiny run.** A `resnetrs_tiny` from random init (the baseline a pretrained checkpoint must beat), 128 px scenes
+# with 4 classes, batch 4. Settings for a CPU in a minute: FPN and box head narrow (64 channels, 256 units),
+# anchors sized for 128 px images, and fewer proposals and sampled regions per image than torchvision's defaults
+# (2000 proposals and 512 regions per image in training; most of the time on a CPU goes into `roi_align`'s backward pass
+# over those regions). `TINY` holds them so the test and the VOC command below differ only where they must.
+
+# %%
+#| exports
+TINY = dict(out_channels=64, min_size=128, max_size=128, anchor_sizes=(16, 32, 64, 128, 256), representation_size=256,
+            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=300,
+            rpn_post_nms_top_n_test=150, box_batch_size_per_image=64)  # `build_detector` settings for 128 px CPU runs
+
+# %%
+#| slow
+torch.manual_seed(0)
+detector = build_detector('resnetrs_tiny', num_classes=4, **TINY)
+t = time.time()
+hist = finetune_detector(detector, train_boxes, steps=200, batch_size=4, lr=0.02, warmup_steps=20, seed=0)
+train_s = time.time() - t
+print(f"200 steps in {train_s:.0f} s ({train_s / 200:.2f} s/step); loss {np.mean(hist['loss'][:10]):.3f} (first 10) -> "
+      f"{np.mean(hist['loss'][-20:]):.3f} (last 20)")
+fig, ax = plt.subplots(figsize=(7, 3))
+smooth = lambda v, k=10: np.convolve(v, np.ones(k) / k, mode='valid')
+for k in hist: ax.plot(smooth(hist[k]), label=k, lw=2 if k == 'loss' else 1)
+ax.set_xlabel('step'); ax.set_ylabel('loss (mean of 10 steps)'); ax.set_yscale('log'); ax.legend(fontsize=7)
+ax.set_title('Figure 2. Fine-tuning Faster R-CNN (resnetrs_tiny, random init) on 128 px scenes', fontsize=9)
+plt.tight_layout(); plt.show()
+assert all(np.isfinite(v).all() for v in hist.values()) and len(hist['loss']) == 200
+assert np.mean(hist['loss'][-20:]) < 0.8 * np.mean(hist['loss'][:10])
+
+
+# %% [markdown]
+# ## Average precision, the Pascal VOC way
+#
+# For one class, every detection of that class over the whole test set is sorted by score, highest first. Going
+# down the list, a detection is a **true positive** if its IoU with a ground-truth box of that class in the same
+# image exceeds the threshold (0.5 for AP50) and that box has not been claimed by a higher-scoring detection; it is a
+# **false positive** otherwise, in particular a *duplicate*, a second detection of an already found object. Ground
+# truth marked *difficult* is ignored: it counts neither as a miss, nor does a detection on it count as an error.
+# After $n$ detections, with $N$ the number of non-difficult ground-truth boxes,
+#
+# $$\mathrm{recall}_n = \frac{\mathrm{TP}_n}{N}, \qquad \mathrm{precision}_n = \frac{\mathrm{TP}_n}{\mathrm{TP}_n + \mathrm{FP}_n},$$
+#
+# and AP summarises the precision-recall curve through its interpolated precision
+# $p_{\mathrm{interp}}(r) = \max_{n:\, \mathrm{recall}_n \ge r} \mathrm{precision}_n$ (0 if no $n$ reaches $r$):
+#
+# - **11-point** (VOC2007's devkit, what VOC07 test reports): $\mathrm{AP} = \frac{1}{11}\sum_{r \in \{0, 0.1, \dots, 1\}} p_{\mathrm{interp}}(r)$;
+# - **all-point** (VOC2010 onwards): the area under $p_{\mathrm{interp}}$, summed at every recall where it steps.
+#
+# mAP is the mean over classes; a class without ground truth in the test set has no AP and is left out of the mean.
+#
+# > **Ours (conventions, stated).** As the VOC devkit: the IoU must be strictly greater than the threshold, and
+# > each detection is matched to the ground-truth box of highest IoU (if that one is taken, the detection is a false
+# > positive even when another box would do). The devkit measures boxes in inclusive integer pixels
+# > (width = $x_{max} - x_{min} + 1$); `voc_target` below converts them to our continuous boxes
+# > ($x_0 = x_{min} - 1$, $x_1 = x_{max}$, as detectron2 does), which have the same widths, so torchvision's
+# > `box_iou` gives the devkit's IoU. Like detectron2's VOC evaluator, `evaluate_detector` also reports AP75 and
+# > **AP**, the mean of AP over IoU thresholds 0.50, 0.55, ..., 0.95: the "AP" of the paper's VOC table is this one.
+
+# %%
+#| exports
+def voc_ap(recall:Tensor,  # [n] recall after each detection (non-decreasing)
+           precision:Tensor,  # [n] precision after each detection
+           use_07_metric:bool=True,  # True: VOC2007's 11-point AP; False: all-point (area under the curve)
+          ) -> float:
+    "AP from a precision-recall curve, with interpolated precision max_{recall >= r} precision."
+    recall, precision = recall.double(), precision.double()
+    if use_07_metric:
+        return sum(float(precision[recall >= r].max()) if (recall >= r).any() else 0.0
+                   for r in torch.linspace(0, 1, 11).double().tolist()) / 11
+    r = torch.cat([torch.zeros(1, dtype=torch.float64), recall, torch.ones(1, dtype=torch.float64)])
+    p = torch.cat([torch.zeros(1, dtype=torch.float64), precision, torch.zeros(1, dtype=torch.float64)])
+    p = p.flip(0).cummax(0).values.flip(0)  # the envelope: max precision at any recall >= r
+    steps = torch.nonzero(r[1:] != r[:-1]).flatten()
+    return float(((r[steps + 1] - r[steps]) * p[steps + 1]).sum())
+
+
+# %%
+#| exports
+def class_ap(detections:list,  # per image: (boxes [n, 4], scores [n]) of ONE class
+             ground_truth:list,  # per image: (boxes [m, 4], difficult [m] bool) of that class
+             iou_threshold:float=0.5,  # a match needs IoU > this
+             use_07_metric:bool=True,  # 11-point (VOC2007) or all-point AP
+            ) -> float:  # nan when the class has no non-difficult ground truth
+    "Pascal VOC AP of one class: greedy matching by score, duplicates are false positives, difficult boxes ignored."
+    if len(detections) != len(ground_truth):
+        raise ConfigError('detections', f'{len(detections)} images', f'one entry per image of ground_truth ({len(ground_truth)})')
+    npos = sum(int((~d.bool()).sum()) for _, d in ground_truth)
+    if npos == 0: return math.nan
+    image_of = torch.cat([torch.full((len(s),), i) for i, (_, s) in enumerate(detections)] + [torch.zeros(0, dtype=torch.long)])
+    scores = torch.cat([s.float().reshape(-1) for _, s in detections] + [torch.zeros(0)])
+    boxes = torch.cat([b.float().reshape(-1, 4) for b, _ in detections] + [torch.zeros(0, 4)])
+    taken = [torch.zeros(len(b), dtype=torch.bool) for b, _ in ground_truth]
+    tp, fp = [], []
+    for j in scores.argsort(descending=True, stable=True).tolist():
+        i = int(image_of[j])
+        gt, difficult = ground_truth[i]
+        hit = ok = False
+        if len(gt):
+            iou = box_iou(boxes[j:j + 1], gt.float().reshape(-1, 4))[0]  # [m]
+            best = int(iou.argmax())
+            if iou[best] > iou_threshold:
+                if difficult[best]: continue  # neither a TP nor an FP
+                hit, ok = True, not taken[i][best]  # taken: a duplicate
+                taken[i][best] = True
+        tp.append(hit and ok); fp.append(not (hit and ok))
+    tp, fp = torch.tensor(tp, dtype=torch.float64).cumsum(0), torch.tensor(fp, dtype=torch.float64).cumsum(0)
+    return voc_ap(tp / npos, tp / (tp + fp).clamp(min=1), use_07_metric)
+
+
+# %% [markdown]
+# Known answers on hand-made boxes, two images, the second with two objects (by hand, 11-point and all-point):
+#
+# | ground truth | detections, best first | TP/FP | AP (11-point) | AP (all-point) |
+# |---|---|---|---|---|
+# | A (image 1); A, B (image 2) | one on each object | TP TP TP | 1 | 1 |
+# | the same | none | | 0 | 0 |
+# | A | C (0.9, nowhere near A), A (0.5) | FP TP | 1/2 | 1/2 |
+# | A | A (0.9), C (0.5) | TP FP | 1 | 1 |
+# | A, B | A (0.9), A again (0.8), B (0.7) | TP FP TP | 28/33 | 5/6 |
+#
+# The last row: precisions 1, 1/2, 2/3 at recalls 1/2, 1/2, 1, so the interpolated precision is 1 up to recall 1/2
+# and 2/3 beyond; 11-point AP = (6 x 1 + 5 x 2/3)/11 = 28/33, all-point AP = 1/2 x 1 + 1/2 x 2/3 = 5/6. The
+# duplicate costs something only because a true positive comes after it.
+
+# %%
+A, B, C = torch.tensor([[0., 0., 10., 10.]]), torch.tensor([[20., 20., 40., 30.]]), torch.tensor([[50., 0., 60., 10.]])
+no = lambda n: torch.zeros(n, dtype=torch.bool)
+gt2 = [(A, no(1)), (torch.cat([A, B]), no(2))]
+dets = lambda *per_image: [(torch.cat(b) if b else torch.zeros(0, 4), torch.tensor(s, dtype=torch.float32)) for b, s in per_image]
+for m in (True, False):
+    test_eq(class_ap(dets(([A], [0.9]), ([A, B], [0.8, 0.7])), gt2, use_07_metric=m), 1.0)  # perfect
+    test_eq(class_ap(dets(([], []), ([], [])), gt2, use_07_metric=m), 0.0)  # no detections
+    test_close(class_ap(dets(([C, A], [0.9, 0.5]),), [(A, no(1))], use_07_metric=m), 0.5, eps=1e-12)  # FP ranked first
+    test_eq(class_ap(dets(([C, A], [0.5, 0.9]),), [(A, no(1))], use_07_metric=m), 1.0)  # the same FP ranked last
+dup = dets(([], []), ([A, A, B], [0.9, 0.8, 0.7]))
+test_close(class_ap(dup, [(torch.zeros(0, 4), no(0)), gt2[1]], use_07_metric=True), 28 / 33, eps=1e-12)
+test_close(class_ap(dup, [(torch.zeros(0, 4), no(0)), gt2[1]], use_07_metric=False), 5 / 6, eps=1e-12)
+shifted = A + torch.tensor([[5., 0., 5., 0.]])  # IoU with A = 50/150 = 1/3
+test_eq(class_ap(dets(([shifted], [0.9]),), [(A, no(1))], iou_threshold=0.3), 1.0)
+test_eq(class_ap(dets(([shifted], [0.9]),), [(A, no(1))], iou_threshold=0.5), 0.0)
+# a difficult object: a detection on it is ignored, missing it costs nothing
+test_eq(class_ap(dets(([A, B], [0.95, 0.9]),), [(torch.cat([A, B]), torch.tensor([True, False]))]), 1.0)
+assert math.isnan(class_ap(dets(([A], [0.9]),), [(A, torch.tensor([True]))]))  # no non-difficult ground truth
+test_fail(lambda: class_ap(dets(([A], [0.9]),), gt2), contains='one entry per image')
+
+
+# %% [markdown]
+# `mean_ap` applies `class_ap` to every class of predictions and targets in torchvision's format, and
+# `evaluate_detector` runs a detector over a dataset (evaluation mode, no gradients, its mode restored) and reports
+# AP50, AP75, AP (the mean over ten thresholds) and AP50 per class.
+
+# %%
+#| exports
+def mean_ap(predictions:list,  # per image: {'boxes' [n, 4], 'scores' [n], 'labels' [n]}
+            targets:list,  # per image: {'boxes' [m, 4], 'labels' [m]} and optionally 'difficult' [m]
+            num_classes:int,  # K: classes 1..K (0 is the background)
+            iou_threshold:float=0.5,
+            use_07_metric:bool=True,
+           ) -> tuple[float, list[float]]:  # mAP over classes with ground truth, AP per class 1..K (nan: no ground truth)
+    "VOC mAP of detections in torchvision's format."
+    aps = []
+    for k in range(1, num_classes + 1):
+        dets = [(p['boxes'][p['labels'] == k], p['scores'][p['labels'] == k]) for p in predictions]
+        gts = [(t['boxes'][t['labels'] == k], t.get('difficult', torch.zeros(len(t['labels']), dtype=torch.bool))[t['labels'] == k])
+               for t in targets]
+        aps.append(class_ap(dets, gts, iou_threshold, use_07_metric))
+    valid = [a for a in aps if not math.isnan(a)]
+    return (sum(valid) / len(valid) if valid else math.nan), aps
+
+@torch.no_grad()
+def predict(model:FasterRCNN, images:list, batch_size:int=8, device:str|torch.device='cpu') -> list[dict]:
+    "Detections (boxes in the images' own coordinates, scores, labels) for uint8 images, in eval mode; mode restored."
+    was, out = model.training, []
+    model.to(device).eval()
+    try:
+        for i in range(0, len(images), batch_size):
+            out += [{k: v.cpu() for k, v in p.items()} for p in model([x.to(device).float() / 255 for x in images[i:i + batch_size]])]
+    finally: model.train(was)
+    return out
+
+def evaluate_detector(model:FasterRCNN,  # a detector in torchvision's format
+                      dataset:Dataset,  # (uint8 image, target) pairs; targets may have 'difficult'
+                      use_07_metric:bool=True,  # 11-point (VOC2007 test) or all-point
+                      batch_size:int=8, device:str|torch.device='cpu',
+                     ) -> dict:  # AP50, AP75, AP (mean over IoU 0.50:0.95), per_class (AP50 per class)
+    "AP50, AP75 and AP (mean over IoU 0.50:0.95) of a detector on a dataset, Pascal VOC style."
+    preds, targets = [], []
+    for i in range(0, len(dataset), batch_size):
+        chunk = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
+        preds += predict(model, [x for x, _ in chunk], batch_size, device)
+        targets += [t for _, t in chunk]
+    K = getattr(model, 'num_classes', None) or model.roi_heads.box_predictor.cls_score.out_features - 1
+    res = {f'AP{int(round(100 * th))}': mean_ap(preds, targets, K, th, use_07_metric) for th in [0.5 + 0.05 * i for i in range(10)]}
+    return {'AP50': res['AP50'][0], 'AP75': res['AP75'][0], 'AP': sum(v[0] for v in res.values()) / len(res),
+            'per_class': res['AP50'][1], 'predictions': preds}
+
+
+# %%
+p_perfect = [{'boxes': t['boxes'], 'labels': t['labels'], 'scores': torch.ones(len(t['labels']))} for _, t in val_boxes]
+m, per = mean_ap(p_perfect, [t for _, t in val_boxes], 4)
+test_eq((m, per), (1.0, [1.0] * 4))
+p_swapped = [{**p, 'labels': p['labels'] % 4 + 1} for p in p_perfect]  # every class wrong
+test_eq(mean_ap(p_swapped, [t for _, t in val_boxes], 4)[0], 0.0)
+m, per = mean_ap(p_perfect, [t for _, t in val_boxes], 6)  # classes 5, 6 have no ground truth: left out
+test_eq(m, 1.0); assert math.isnan(per[4]) and math.isnan(per[5])
+
+# %% [markdown]
+# **The tiny run's mAP.** The detector fine-tuned above, on 40 validation scenes (another seed), with VOC2007's
+# 11-point AP. It checks the pipeline, not PixPro: a `resnetrs_tiny` from random init after 200 steps of batch 4 is
+# far from converged (Figure 2 is still falling), its scores are low, and Figure 4 therefore shows detections above
+# 0.3. A pretrained backbone goes through exactly the same cells with `weights=`.
+
+# %%
+#| slow
+t = time.time()
+res = evaluate_detector(detector, val_boxes)
+print(f"validation: AP50 {res['AP50']:.3f}, AP75 {res['AP75']:.3f}, AP {res['AP']:.3f} ({time.time() - t:.1f} s); "
+      f"AP50 per class: {', '.join(f'{n} {a:.2f}' for n, a in zip(scenes.classes, res['per_class']))}")
+fig, ax = plt.subplots(figsize=(6, 2.6))
+ax.bar(scenes.classes, res['per_class'], color='tab:blue')
+ax.axhline(res['AP50'], color='k', ls='--', lw=1, label=f"mAP (AP50) {res['AP50']:.3f}")
+ax.set_ylim(0, 1); ax.set_ylabel('AP50 (11-point)'); ax.legend(fontsize=8)
+ax.set_title('Figure 3. AP50 per class on 40 validation scenes after 200 steps', fontsize=9)
+plt.tight_layout(); plt.show()
+for k in ('AP50', 'AP75', 'AP'): assert 0 <= res[k] <= 1, (k, res[k])
+assert res['AP75'] <= res['AP50'] + 1e-9
+
+# %%
+#| slow
+fig, axes = plt.subplots(1, 5, figsize=(13, 2.9))
+for ax, (image, target), p in zip(axes, val_boxes, res['predictions']):
+    keep = p['scores'] > 0.3
+    draw_boxes(ax, image, target['boxes'], target['labels'], scenes.classes, color='white')
+    draw_boxes(ax, image, p['boxes'][keep], p['labels'][keep], scenes.classes, p['scores'][keep], color='yellow')
+fig.suptitle('Figure 4. Detections with score > 0.3 (yellow, class and score) and ground truth (white) on validation scenes', fontsize=9)
+plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# ## Pascal VOC
+#
+# torchvision's `VOCDetection(root, year, image_set, download=False)` reads the devkit's layout under
+# `root/VOCdevkit/VOC2007` (or `VOC2012`): `JPEGImages/*.jpg`, `Annotations/*.xml`, `ImageSets/Main/{split}.txt`, and
+# returns a PIL image with the XML as nested dicts. `voc_target` converts that dict into boxes and labels:
+#
+# - the class index is the position in `VOC_CLASSES` plus 1 (0 is the background);
+# - VOC boxes are 1-based inclusive pixel indices; $x_0 = x_{min} - 1$, $y_0 = y_{min} - 1$, $x_1 = x_{max}$,
+#   $y_1 = y_{max}$ gives our continuous boxes with the same width and height (detectron2 converts the same way);
+# - `difficult` is kept as a flag: the evaluation ignores those objects, training uses them (as detectron2 does).
+#
+# An unknown class name or a box that is empty or inverted is an error naming the annotation file.
+
+# %%
+#| exports
+VOC_CLASSES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow', 'diningtable',
+               'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
+
+def voc_target(annotation:dict,  # VOCDetection's target: {'annotation': {'filename', 'object': [...], ...}}
+               classes:tuple=VOC_CLASSES,  # class names; index + 1 is the label
+               source:str|None=None,  # the annotation file, named in errors
+              ) -> dict:  # {'boxes' [n, 4] float32, 'labels' [n] int64, 'difficult' [n] bool}
+    "Boxes, labels and difficult flags of a Pascal VOC annotation in torchvision's detection format."
+    ann = annotation.get('annotation', annotation)
+    where = source or ann.get('filename', '<annotation>')
+    objects = ann.get('object', [])
+    objects = [objects] if isinstance(objects, dict) else objects
+    boxes, labels, difficult = [], [], []
+    for o in objects:
+        name = str(o.get('name', '')).strip()
+        if name not in classes: raise ValueError(f'{where}: object {name!r} is not one of the {len(classes)} classes ({", ".join(classes)})')
+        try: x0, y0, x1, y1 = (float(o['bndbox'][k]) for k in ('xmin', 'ymin', 'xmax', 'ymax'))
+        except (KeyError, TypeError, ValueError) as e: raise ValueError(f'{where}: object {name!r} has no valid bndbox ({e!r})') from e
+        if x1 < x0 or y1 < y0: raise ValueError(f'{where}: object {name!r} has an empty bndbox {(x0, y0, x1, y1)}')
+        boxes.append([x0 - 1, y0 - 1, x1, y1]); labels.append(classes.index(name) + 1)
+        difficult.append(str(o.get('difficult', '0')).strip() == '1')
+    return {'boxes': torch.tensor(boxes, dtype=torch.float32).view(-1, 4), 'labels': torch.tensor(labels, dtype=torch.int64),
+            'difficult': torch.tensor(difficult, dtype=torch.bool)}
+
+
+# %%
+#| exports
+class VOCBoxes(Dataset):
+    "Pascal VOC detection through torchvision's `VOCDetection` (no download): (uint8 image [3, H, W], `voc_target`)."
+    def __init__(self,
+                 root:str|Path,  # the folder that holds VOCdevkit/
+                 year:str='2007',  # '2007' or '2012'
+                 image_set:str='trainval',  # 'train', 'val', 'trainval', or 'test' (2007)
+                 classes:tuple=VOC_CLASSES,
+                ):
+        self.root, self.classes, self.num_classes = Path(root), tuple(classes), len(classes)
+        check_choice('year', str(year), [str(y) for y in range(2007, 2013)])
+        check_choice('image_set', image_set, ['train', 'val', 'trainval'] + (['test'] if str(year) == '2007' else []))
+        voc = self.root/'VOCdevkit'/f'VOC{year}'
+        if not voc.is_dir(): raise FileNotFoundError(f'{voc} does not exist: root must hold VOCdevkit/VOC{year} (the devkit layout)')
+        split = voc/'ImageSets'/'Main'/f'{image_set}.txt'
+        if not split.is_file(): raise FileNotFoundError(f'{split} does not exist: the list of the {image_set!r} images')
+        self.voc = VOCDetection(str(self.root), str(year), image_set, download=False)
+    def __len__(self): return len(self.voc)
+    def __repr__(self): return f'VOCBoxes({str(self.root)!r}, year={self.voc.year!r}, image_set={self.voc.image_set!r}): {len(self)} images'
+    def __getitem__(self, i:int) -> tuple[Tensor, dict]:
+        image_path, ann_path = self.voc.images[i], self.voc.annotations[i]
+        for p in (image_path, ann_path):
+            if not Path(p).is_file(): raise FileNotFoundError(f'{p} does not exist (listed in the {self.voc.image_set!r} split)')
+        try: image, ann = self.voc[i]
+        except ET.ParseError as e: raise ValueError(f'{ann_path}: not a valid annotation XML ({e})') from e
+        return pil_to_tensor(image.convert('RGB')), voc_target(ann, self.classes, ann_path)
+
+
+# %% [markdown]
+# The test writes a two-image VOC folder (the pytest suite adds the error cases): a `dog` and a difficult `person` in
+# the first image, a `car` in the second.
+
+# %%
+def write_voc(root, images, year='2007', split='trainval'):
+    "A tiny VOC devkit folder: images = {stem: (size (W, H), [(name, (xmin, ymin, xmax, ymax), difficult)])}."
+    voc = Path(root)/'VOCdevkit'/f'VOC{year}'
+    for d in ('Annotations', 'JPEGImages', 'ImageSets/Main'): (voc/d).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for stem, ((W, H), objects) in images.items():
+        plt.imsave(voc/'JPEGImages'/f'{stem}.jpg', rng.integers(0, 255, (H, W, 3), dtype=np.uint8))
+        objs = ''.join(f'<object><name>{n}</name><pose>Left</pose><truncated>0</truncated><difficult>{int(d)}</difficult>'
+                       f'<bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>'
+                       for n, b, d in objects)
+        (voc/'Annotations'/f'{stem}.xml').write_text(f'<annotation><folder>VOC{year}</folder><filename>{stem}.jpg</filename>'
+                                                     f'<size><width>{W}</width><height>{H}</height><depth>3</depth></size>{objs}</annotation>')
+    (voc/'ImageSets'/'Main'/f'{split}.txt').write_text(''.join(f'{s}\n' for s in images))
+    return root
+
+voc_root = write_voc(tmp/'voc', {'000001': ((64, 48), [('dog', (5, 6, 30, 40), False), ('person', (33, 2, 60, 47), True)]),
+                                 '000002': ((40, 56), [('car', (1, 1, 40, 56), False)])})
+ds = VOCBoxes(voc_root, '2007', 'trainval')
+image, target = ds[0]
+test_eq((image.shape, image.dtype, len(ds)), ((3, 48, 64), torch.uint8, 2))
+test_eq(target['boxes'], torch.tensor([[4., 5., 30., 40.], [32., 1., 60., 47.]]))
+test_eq(target['labels'], torch.tensor([VOC_CLASSES.index('dog') + 1, VOC_CLASSES.index('person') + 1]))
+test_eq(target['difficult'], torch.tensor([False, True]))
+test_eq(ds[1][1]['boxes'], torch.tensor([[0., 0., 40., 56.]]))  # the whole 40 x 56 image
+test_fail(lambda: VOCBoxes(tmp/'nowhere'), contains='nowhere/VOCdevkit/VOC2007 does not exist')
+test_fail(lambda: VOCBoxes(voc_root, '2007', 'test'), contains='test.txt does not exist')
+test_fail(lambda: voc_target({'annotation': {'filename': 'x.jpg', 'object': [{'name': 'unicorn', 'bndbox': {}}]}}), contains="x.jpg: object 'unicorn'")
+
+
+# %% [markdown]
+# ### The paper's protocol, and ours
+#
+# `main` is the command line for users who have the data (`python -m pixpro_rs.detection --help`): it trains on the
+# union of VOC2007 trainval and VOC2012 trainval (16,551 images), evaluates on VOC2007 test (4,952 images) with the
+# 11-point AP, and writes `results.json` (AP, AP50, AP75, AP50 per class, the config) and `detector.pt` into
+# `--output-dir`. With the devkits unpacked under `~/data` (`~/data/VOCdevkit/VOC2007`, `~/data/VOCdevkit/VOC2012`) and a
+# pretraining run in `runs/pixpro`:
+#
+# ```bash
+# python -m pixpro_rs.detection --voc-root ~/data --weights runs/pixpro/encoder.safetensors --arch resnetrs50 \
+#     --steps 24000 --batch-size 16 --lr 0.02 --device cuda --num-workers 8 --output-dir runs/voc_det
+# # the scratch baseline: no --weights (BN trained, all stages trainable)
+# python -m pixpro_rs.detection --voc-root ~/data --arch resnetrs50 --steps 24000 --batch-size 16 --lr 0.02 \
+#     --device cuda --num-workers 8 --output-dir runs/voc_det_scratch
+# ```
+#
+# The same thing from Python is four calls: `build_detector(num_classes=20, weights=...)`,
+# `ConcatDataset([VOCBoxes(root, '2007', 'trainval'), VOCBoxes(root, '2012', 'trainval')])`,
+# `finetune_detector(...)`, `evaluate_detector(model, VOCBoxes(root, '2007', 'test'))`.
+#
+# How it differs from the paper's detectron2 runs, so that numbers are not compared blindly:
+#
+# | | paper (detectron2) | here (torchvision) |
+# |---|---|---|
+# | detector | Faster R-CNN **R50-C4** (RoI head on C4, res5 as the box head) | Faster R-CNN **FPN** (P2..P6, 2-layer MLP box head) |
+# | backbone | torchvision ResNet-50 | any `arch` (ResNet-RS, or `resnet50`) |
+# | batch norm | SyncBN, trained | `'frozen'` by default with weights; `--norm syncbn` under DDP to match |
+# | schedule | 24k iterations, 16 images, lr 0.02, x0.1 at 18k and 22k, warm-up 100 | the same by default |
+# | input | shorter side 480..800 (step 32) in training, 800 in test, max 1333 | the same (`min_size` tuple) |
+# | devices | 8 GPUs | one device: 16 images on one GPU need memory (~40 GB for R50-FPN at 800 px) |
+#
+# C4 and FPN detectors do not give the same AP, so compare a PixPro checkpoint with the random-init and supervised
+# baselines run through *this* code, not with the paper's table. One process only: the loop has no DDP, so
+# `--norm syncbn` needs the user's own `torchrun` wrapper (SyncBN does nothing in one process).
+
+# %%
+#| exports
+def cli_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='python -m pixpro_rs.detection',
+                                description='Fine-tune Faster R-CNN (our backbone + FPN) on Pascal VOC 07+12 trainval, evaluate on VOC07 test.')
+    p.add_argument('--voc-root', required=True, help='folder holding VOCdevkit/VOC2007 and VOCdevkit/VOC2012')
+    p.add_argument('--weights', default=None, help='PixPro checkpoint or encoder.safetensors (default: random init)')
+    p.add_argument('--arch', default=None, help='backbone name (default: the one saved with --weights)')
+    p.add_argument('--train-sets', default='2007-trainval,2012-trainval', help='comma-separated YEAR-SPLIT')
+    p.add_argument('--test-set', default='2007-test', help='YEAR-SPLIT evaluated at the end')
+    p.add_argument('--steps', type=int, default=24000); p.add_argument('--batch-size', type=int, default=16)
+    p.add_argument('--lr', type=float, default=0.02); p.add_argument('--warmup-steps', type=int, default=100)
+    p.add_argument('--trainable-layers', type=int, default=None); p.add_argument('--norm', default=None, choices=NORMS)
+    p.add_argument('--min-size', default='480,512,544,576,608,640,672,704,736,768,800', help='training shorter sides')
+    p.add_argument('--test-size', type=int, default=800); p.add_argument('--max-size', type=int, default=1333)
+    p.add_argument('--use-07-metric', type=int, default=1, help='1: 11-point AP (VOC2007), 0: all-point')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--num-workers', type=int, default=4); p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--output-dir', required=True)
+    return p
+
+def _voc_sets(root:str, spec:str) -> Dataset:
+    "'2007-trainval,2012-trainval' -> the concatenation of those VOCBoxes."
+    sets = []
+    for s in spec.split(','):
+        year, _, split = s.strip().partition('-')
+        if not split: raise ConfigError('train-sets/test-set', s, "YEAR-SPLIT items such as '2007-trainval'")
+        sets.append(VOCBoxes(root, year, split))
+    return sets[0] if len(sets) == 1 else ConcatDataset(sets)
+
+def main(argv:list[str]|None=None) -> dict:
+    "The Pascal VOC protocol from the command line; returns (and writes) the results."
+    a = cli_parser().parse_args(argv)
+    torch.manual_seed(a.seed)
+    train_set, test_set = _voc_sets(a.voc_root, a.train_sets), _voc_sets(a.voc_root, a.test_set)
+    min_size = tuple(int(s) for s in str(a.min_size).split(','))
+    model = build_detector(a.arch, len(VOC_CLASSES), a.weights, a.trainable_layers, a.norm, min_size=min_size, max_size=a.max_size)
+    history = finetune_detector(model, train_set, a.steps, a.batch_size, a.lr, warmup_steps=a.warmup_steps,
+                                seed=a.seed, device=a.device, num_workers=a.num_workers)
+    model.transform.min_size = (a.test_size,)  # the test size (torchvision uses min_size[-1] in eval mode)
+    res = evaluate_detector(model, test_set, bool(a.use_07_metric), device=a.device)
+    out = Path(a.output_dir); out.mkdir(parents=True, exist_ok=True)
+    results = {k: res[k] for k in ('AP', 'AP50', 'AP75')} | {'per_class': dict(zip(VOC_CLASSES, res['per_class'])),
+               'final_loss': history['loss'][-1], 'config': vars(a), 'arch': model.arch}
+    atomic_write(out/'results.json', lambda t: Path(t).write_text(json.dumps(results, indent=1)))
+    atomic_write(out/'detector.pt', lambda t: torch.save(model.state_dict(), t))
+    print(f"{a.test_set}: AP {results['AP']:.4f}, AP50 {results['AP50']:.4f}, AP75 {results['AP75']:.4f}")
+    return results
+
+if __name__ == '__main__' and '__file__' in globals(): main()  # python -m pixpro_rs.detection (not in a notebook)
+
+# %% [markdown]
+# The same command on the tiny folder, two steps on CPU with a `resnetrs_tiny` from the checkpoint above (the pytest
+# suite runs it as a subprocess with `python -m`):
+
+# %%
+write_voc(voc_root, {'000003': ((64, 48), [('cat', (10, 10, 50, 40), False)])}, split='test')
+r = main(['--voc-root', str(voc_root), '--weights', str(tmp/'ckpt.pth'), '--train-sets', '2007-trainval',
+          '--steps', '2', '--batch-size', '2', '--min-size', '64', '--test-size', '64', '--max-size', '64',
+          '--device', 'cpu', '--num-workers', '0', '--output-dir', str(tmp/'voc_run')])
+test_eq(json.loads((tmp/'voc_run'/'results.json').read_text())['arch'], 'resnetrs_tiny')
+assert (tmp/'voc_run'/'detector.pt').is_file() and 0 <= r['AP50'] <= 1 and math.isnan(r['per_class']['dog'])
+
+# %% [markdown]
+# ## Summary
+#
+# - `instance_boxes` derives one box per connected component (8-connectivity) of each class of a label map, dropping
+#   components under `min_area` of the image; `SceneBoxes` makes SyntheticScenes a detection dataset with it.
+# - `build_detector(arch, num_classes, weights)` is torchvision's Faster R-CNN on our backbone's C2..C5
+#   (`forward_pyramid`) through an FPN with P6 (`PyramidFPN`), ImageNet normalisation, from a PixPro checkpoint's
+#   online encoder (frozen BN, stem and C2 frozen) or from random init (plain BN, all trainable; frozen BN refused, as
+#   it would keep ResNet-RS's zero-initialised residual branches at zero).
+# - `finetune_detector`: detectron2's VOC schedule in miniature (SGD, warm-up, x0.1 at 75% and 92%), flips,
+#   seeded draws. On 160 scenes of 128 px, `resnetrs_tiny` from random init trains 200 steps of batch 4 on one CPU
+#   thread in about a minute (0.3 s/step on a shared machine); the loss falls from 2.0 to 1.5 and the validation
+#   scores are AP50 0.20, AP75 0.05, AP 0.07 (Figures 2-4): a working pipeline, not a converged detector.
+# - `class_ap`/`mean_ap`/`evaluate_detector`: Pascal VOC AP (11-point for VOC07, all-point on request), greedy
+#   matching by score, duplicates counted as false positives, difficult objects ignored; AP50, AP75 and AP
+#   (0.50:0.95), with known answers on hand-made boxes.
+# - `VOCBoxes` reads Pascal VOC through torchvision's `VOCDetection`, `voc_target` converts its annotations;
+#   `python -m pixpro_rs.detection --voc-root ...` runs the paper's VOC protocol, with an FPN detector instead of C4.
+
+# %%
+#| hide
+torch.set_num_threads(_threads)
+print(f'notebook ran in {time.time() - _t0:.0f} s')

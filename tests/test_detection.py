@@ -1,0 +1,178 @@
+"Detection transfer: Pascal VOC folders through VOCDetection, PixPro checkpoints in the detector, bad input, the CLI."
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixpro_rs.core import ConfigError
+from pixpro_rs.detection import VOC_CLASSES, VOCBoxes, build_detector, evaluate_detector, finetune_detector, voc_target
+from pixpro_rs.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_voc(root, images, year='2007', split='trainval'):
+    "A VOC devkit folder: images = {stem: ((W, H), [(name, (xmin, ymin, xmax, ymax), difficult)])}."
+    voc = Path(root) / 'VOCdevkit' / f'VOC{year}'
+    for d in ('Annotations', 'JPEGImages', 'ImageSets/Main'):
+        (voc / d).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for stem, ((W, H), objects) in images.items():
+        Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(voc / 'JPEGImages' / f'{stem}.jpg')
+        objs = ''.join(f'<object><name>{n}</name><difficult>{int(d)}</difficult><bndbox><xmin>{b[0]}</xmin>'
+                       f'<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>' for n, b, d in objects)
+        (voc / 'Annotations' / f'{stem}.xml').write_text(
+            f'<annotation><filename>{stem}.jpg</filename><size><width>{W}</width><height>{H}</height>'
+            f'<depth>3</depth></size>{objs}</annotation>')
+    (voc / 'ImageSets' / 'Main' / f'{split}.txt').write_text(''.join(f'{s}\n' for s in images))
+    return Path(root)
+
+
+@pytest.fixture
+def voc(tmp_path):
+    return write_voc(tmp_path / 'data', {
+        '000005': ((64, 48), [('chair', (10, 20, 30, 40), False), ('chair', (1, 1, 5, 5), True), ('person', (40, 2, 64, 48), False)]),
+        '000007': ((50, 40), [('car', (3, 4, 20, 30), False)]),  # one object: VOCDetection still gives a list
+        '000009': ((30, 30), []),  # no object at all
+    })
+
+
+# ---------------------------------------------------------------- VOC layout
+
+def test_voc_layout_conversion(voc):
+    ds = VOCBoxes(voc, '2007', 'trainval')
+    assert len(ds) == 3 and ds.num_classes == 20 and 'trainval' in repr(ds)
+    image, t = ds[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 48, 64)
+    # 1-based inclusive VOC pixels -> continuous boxes: x0 = xmin - 1, x1 = xmax (same width)
+    assert torch.equal(t['boxes'], torch.tensor([[9., 19., 30., 40.], [0., 0., 5., 5.], [39., 1., 64., 48.]]))
+    assert t['labels'].tolist() == [VOC_CLASSES.index('chair') + 1] * 2 + [VOC_CLASSES.index('person') + 1]
+    assert t['difficult'].tolist() == [False, True, False]
+    image, t = ds[1]
+    assert image.shape == (3, 40, 50) and t['labels'].tolist() == [VOC_CLASSES.index('car') + 1]
+    assert t['boxes'].tolist() == [[2., 3., 20., 30.]]
+    image, t = ds[2]
+    assert t['boxes'].shape == (0, 4) and t['labels'].shape == (0,) and t['difficult'].shape == (0,)
+
+
+def test_voc_2012_and_test_split(tmp_path):
+    root = write_voc(tmp_path, {'2008_000001': ((20, 20), [('dog', (2, 2, 10, 10), False)])}, year='2012')
+    assert VOCBoxes(root, '2012', 'trainval')[0][1]['labels'].tolist() == [VOC_CLASSES.index('dog') + 1]
+    with pytest.raises(ConfigError, match="image_set='test'"):
+        VOCBoxes(root, '2012', 'test')  # VOC2012 has no public test annotations
+
+
+def test_voc_errors_name_the_file(voc, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'nowhere/VOCdevkit/VOC2007 does not exist'):
+        VOCBoxes(tmp_path / 'nowhere')
+    with pytest.raises(FileNotFoundError, match=r'ImageSets/Main/test.txt does not exist'):
+        VOCBoxes(voc, '2007', 'test')
+    with pytest.raises(ConfigError, match="year='2020'"):
+        VOCBoxes(voc, '2020')
+    ann = voc / 'VOCdevkit' / 'VOC2007' / 'Annotations'
+    (ann / '000007.xml').write_text((ann / '000007.xml').read_text().replace('<name>car</name>', '<name>unicorn</name>'))
+    with pytest.raises(ValueError, match=r"000007\.xml: object 'unicorn' is not one of the 20 classes"):
+        VOCBoxes(voc)[1]
+    (ann / '000007.xml').write_text((ann / '000007.xml').read_text().replace('unicorn', 'car').replace('<xmax>20</xmax>', '<xmax>1</xmax>'))
+    with pytest.raises(ValueError, match=r"000007\.xml: object 'car' has an empty bndbox"):
+        VOCBoxes(voc)[1]
+    (ann / '000007.xml').write_text('<annotation><object>')
+    with pytest.raises(ValueError, match=r'000007\.xml: not a valid annotation XML'):
+        VOCBoxes(voc)[1]
+    (voc / 'VOCdevkit' / 'VOC2007' / 'JPEGImages' / '000005.jpg').unlink()
+    with pytest.raises(FileNotFoundError, match=r'JPEGImages/000005\.jpg does not exist'):
+        VOCBoxes(voc)[0]
+    with pytest.raises(ValueError, match=r"a\.xml: object 'car' has no valid bndbox"):
+        voc_target({'annotation': {'object': [{'name': 'car', 'bndbox': {'xmin': '1'}}]}}, source='a.xml')
+
+
+# ---------------------------------------------------------------- PixPro checkpoints in the detector
+
+@pytest.fixture(scope='module')
+def pixpro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('pixpro') / 'run'
+    train(arch='resnetrs_tiny', image_size=64, batch_size=4, synthetic_length=16, synthetic_size=64, num_workers=0,
+          max_steps=1, progress=False, output_dir=str(out))
+    return out
+
+
+def test_detector_from_a_training_checkpoint(pixpro_run):
+    ckpt = sorted((pixpro_run / 'checkpoints').glob('step-*.pt'))[-1]
+    online = {k[len('encoder.'):]: v for k, v in torch.load(ckpt, weights_only=False)['model'].items() if k.startswith('encoder.')}
+    assert online
+    for weights, arch in ((ckpt, None), (pixpro_run / 'encoder.safetensors', 'resnetrs_tiny')):
+        det = build_detector(arch, num_classes=3, weights=weights, out_channels=32, representation_size=64, min_size=64, max_size=64)
+        sd = det.backbone.body.state_dict()
+        assert det.arch == 'resnetrs_tiny'
+        for k, v in online.items():
+            if k.startswith('fc.') or 'num_batches_tracked' in k:
+                continue
+            assert torch.equal(sd[k], v), k  # weights and BN statistics of the ONLINE encoder, frozen BN keeps the names
+        frozen = [n for n, p in det.backbone.body.named_parameters() if not p.requires_grad]
+        assert any(n.startswith('layer1.') for n in frozen) and not any(n.startswith('layer3.') for n in frozen)
+    if 'config' in torch.load(ckpt, weights_only=False):
+        with pytest.raises(ConfigError, match="the arch saved in"):
+            build_detector('resnetrs50', num_classes=3, weights=ckpt)
+
+
+def test_a_pretrained_detector_trains_and_scores(pixpro_run, voc):
+    det = build_detector(num_classes=20, weights=pixpro_run / 'encoder.safetensors', arch='resnetrs_tiny', out_channels=32,
+                         representation_size=64, min_size=64, max_size=64, box_batch_size_per_image=32)
+    before = det.backbone.body.layer1[0].conv1.weight.clone()
+    hist = finetune_detector(det, VOCBoxes(voc), steps=3, batch_size=2, warmup_steps=1)
+    assert len(hist['loss']) == 3 and all(math.isfinite(v) for v in hist['loss'])
+    assert torch.equal(det.backbone.body.layer1[0].conv1.weight, before)  # a frozen stage stays frozen
+    res = evaluate_detector(det, VOCBoxes(voc))
+    assert 0 <= res['AP50'] <= 1 and len(res['per_class']) == 20 and math.isnan(res['per_class'][VOC_CLASSES.index('dog')])
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_input_names_the_parameter(tmp_path):
+    with pytest.raises(FileNotFoundError, match='missing.pt does not exist'):
+        build_detector('resnetrs_tiny', 3, weights=tmp_path / 'missing.pt')
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(Exception, match='junk.pt'):
+        build_detector('resnetrs_tiny', 3, weights=tmp_path / 'junk.pt')
+    with pytest.raises(ConfigError, match="norm='frozen'"):
+        build_detector('resnetrs_tiny', 3, norm='frozen')
+    with pytest.raises(ConfigError, match="norm='group'"):
+        build_detector('resnetrs_tiny', 3, norm='group')
+    with pytest.raises(ConfigError, match='trainable_layers=7'):
+        build_detector('resnetrs_tiny', 3, trainable_layers=7)
+    with pytest.raises(ConfigError, match='num_classes=0'):
+        build_detector('resnetrs_tiny', 0)
+    with pytest.raises(ConfigError, match='anchor_sizes'):
+        build_detector('resnetrs_tiny', 3, anchor_sizes=(32, 64))
+    with pytest.raises(ConfigError, match="arch='resnet18'"):
+        build_detector('resnet18', 3)
+    det = build_detector('resnetrs_tiny', 3, out_channels=16, representation_size=32)
+    with pytest.raises(ConfigError, match='steps=0'):
+        finetune_detector(det, [], steps=0)
+    with pytest.raises(ConfigError, match='at least one image'):
+        finetune_detector(det, [], steps=1)
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_cli_runs_the_voc_protocol(voc, pixpro_run, tmp_path):
+    write_voc(voc, {'000011': ((64, 48), [('person', (5, 5, 40, 40), False)])}, split='test')
+    out = tmp_path / 'det'
+    cmd = [sys.executable, '-m', 'pixpro_rs.detection', '--voc-root', str(voc), '--weights', str(pixpro_run / 'encoder.safetensors'),
+           '--arch', 'resnetrs_tiny', '--train-sets', '2007-trainval', '--steps', '1', '--batch-size', '2',
+           '--min-size', '64', '--test-size', '64', '--max-size', '64', '--device', 'cpu', '--num-workers', '0',
+           '--output-dir', str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '2007-test: AP' in r.stdout
+    res = json.loads((out / 'results.json').read_text())
+    assert res['arch'] == 'resnetrs_tiny' and 0 <= res['AP50'] <= 1 and (out / 'detector.pt').is_file()
+    assert res['config']['steps'] == 1
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / 'nowhere')] + cmd[5:], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and 'nowhere/VOCdevkit/VOC2007 does not exist' in bad.stderr
