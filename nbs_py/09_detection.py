@@ -856,9 +856,9 @@ test_fail(lambda: voc_target({'annotation': {'filename': 'x.jpg', 'object': [{'n
 # | detector | Faster R-CNN **R50-C4** (RoI head on C4, res5 as the box head) | Faster R-CNN **FPN** (P2..P6, 2-layer MLP box head) |
 # | backbone | torchvision ResNet-50 | any `arch` (ResNet-RS, or `resnet50`) |
 # | batch norm | SyncBN, trained | `'frozen'` by default with weights; `--norm syncbn` under DDP to match |
-# | schedule | 24k iterations, 16 images, lr 0.02, x0.1 at 18k and 22k, warm-up 100 | the same by default |
+# | schedule | 24k iterations (spec); detectron2's VOC R50-C4 config: 16 images, lr 0.02, x0.1 at 18k and 22k, warm-up 100 | the same by default |
 # | input | shorter side 480..800 (step 32) in training, 800 in test, max 1333 | the same (`min_size` tuple) |
-# | devices | 8 GPUs | one device: 16 images on one GPU need memory (~40 GB for R50-FPN at 800 px) |
+# | devices | 8 GPUs | one device: 16 images of 800 px on one GPU need a large one; otherwise lower `--batch-size` and scale `--lr` linearly |
 #
 # C4 and FPN detectors do not give the same AP, so compare a PixPro checkpoint with the random-init and supervised
 # baselines run through *this* code, not with the paper's table. One process only: the loop has no DDP, so
