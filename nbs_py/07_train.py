@@ -595,6 +595,28 @@ again = train(tiny, output_dir=str(tmp/'b'))  # already complete: nothing to do
 test_eq(len(again.metrics), 16); test_eq(again.checkpoint, rest.checkpoint)
 
 # %% [markdown]
+# ### Gradient accumulation is one large batch
+#
+# With `grad_accum=2` one optimiser step sees two micro-batches of 4. The test redoes that step by hand: the first
+# micro-batch updates the target, the second does not, each backpropagates half its loss, then one LARS step at the
+# global batch's learning rate (8 images: 16 x 8 / 256 = 0.5 x the warm-up's start factor). The weights after the
+# step are those of the engine's run.
+
+# %%
+acc = train(tiny, output_dir=str(tmp/'accum'), grad_accum=2, max_steps=1)
+c = acc.config
+test_eq((c['global_batch'], c['global_lr'], len(acc.metrics)), (8, 0.5, 1))
+loader = make_loader(build_dataset(c), 4, image_size=64, seed=0, labels=False)
+n_steps = len(loader) // 2 * c['epochs']
+ref = build_model(c, n_steps)
+for i, (v1, v2, c1, c2) in zip(range(2), loader):
+    (ref(v1, v2, c1, c2, update_target=i == 0).loss / 2).backward()
+lr0 = lr_at(0, base_lr=0.5, total_steps=n_steps, warmup_steps=n_steps // c['epochs'], start_factor=0.01, final_lr=1e-6)
+LARS(lars_param_groups(OnlineNet(ref), c['weight_decay']), lr=lr0).step()
+test_eq(int(ref.step), 1)
+for (k, a), b in zip(ref.named_parameters(), acc.model.parameters()): test_close(a.detach(), b.detach(), eps=1e-6)
+
+# %% [markdown]
 # ### A folder holding another run, a NaN
 #
 # Starting with another learning rate in the folder of run `a` is refused, naming the difference; `overwrite=True`
@@ -707,3 +729,24 @@ yml.write_text('arch: resnetrs_tiny\nimage_size: 64\nbatch_size: 4\nepochs: 1\ns
 code, err = run_main('--config', str(yml), '--output_dir', str(tmp/'cli'), '--epochs', '2')
 test_eq(code, 0); test_eq(json.loads((tmp/'cli'/'config.json').read_text())['epochs'], 2)
 test_eq(len((tmp/'cli'/'metrics.csv').read_text().splitlines()), 1 + 4)
+
+# %% [markdown]
+# ## Summary
+#
+# - `TrainConfig` holds every parameter under the glossary's names; `resolve_config` fills the named recipe's values,
+#   derives the global batch and the linearly scaled lr, and rejects a bad value before any work with a
+#   `ConfigError` naming the parameter (exit code 2 on the command line).
+# - `train(config)` runs config -> Accelerate -> data -> model -> LARS and schedules -> loop -> checkpoints. Only the
+#   online half (`OnlineNet`) is wrapped by DDP; SyncBN is used across GPUs only; `grad_accum` micro-batches equal
+#   one large batch (the target moves once per step); the losses of all processes are gathered every step.
+# - Checkpoints (`checkpoints/step-*.pt`) hold the whole model (the momentum schedule's position included), the
+#   optimiser, the config, the metrics and the RNG states; they are written atomically, load with
+#   `weights_only=True`, and a run started again continues exactly, also in the middle of an epoch and after SIGKILL
+#   (tests/test_train.py). A folder holding a different run is refused unless `overwrite=True`.
+# - A non-finite loss stops every process at the same step with `NonFiniteLossError`, naming the step and the last
+#   good checkpoint, before the optimiser touches the weights.
+# - `main` is the command line: `pixpro-train`, `python -m pixpro_rs.train`, `accelerate launch -m pixpro_rs.train`
+#   and `accelerate launch pixpro_rs/train.py`, with `--config params.yaml`. The papermill notebook `train.ipynb`
+#   has the same parameters.
+# - Not tested here, because they need GPUs: SyncBN across GPUs, fp16 loss scaling, and multi-node runs. They are
+#   Accelerate's and PyTorch's code paths behind the same switches.

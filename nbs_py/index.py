@@ -46,9 +46,10 @@
 # | [Training](07_train.ipynb) | the engine: config, Accelerate, the loop, atomic checkpoints, exact resume, the `pixpro-train` command | `pixpro_rs.train` |
 # | [Train](train.ipynb) | the papermill notebook: pretrain, then the curves, the throughput and the learned pixel similarity | (runs `pixpro_rs.train`) |
 # | [Evaluation and transfer](08_evaluate.ipynb) | linear and dense probes on frozen features (top-1, mIoU), segmentation folders, exports for timm, torchvision and detectron2 | `pixpro_rs.evaluate` |
+# | [Detection transfer](09_detection.ipynb) | Faster R-CNN with our backbone + FPN in torchvision, boxes from SyntheticScenes, VOC AP, the Pascal VOC command | `pixpro_rs.detection` |
+# | [The paper's claims at CPU scale](10_claims.ipynb) | PixPro, PixContrast, instance, PixPro + instance and random init under the same probes, three seeds; T and gamma | (an experiment) |
 #
-# The supervised fine-tuning recipe, detection transfer, the paper's claims at CPU scale, and performance chapters
-# come next. Each chapter is a notebook in `nbs/` that runs top to
+# The supervised fine-tuning recipe and the performance chapter come next. Each chapter is a notebook in `nbs/` that runs top to
 # bottom in CI.
 
 # %% [markdown]
@@ -61,7 +62,7 @@
 # python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && bash tools/test.sh
 # ```
 #
-# Pretrain on the embedded synthetic data (no download; about 3 minutes on 2 CPU cores for ResNet-RS-50, about 5
+# Pretrain on the embedded synthetic data (no download; about 2.5 minutes on 2 CPU cores for ResNet-RS-50, about 4
 # for ResNet-RS-101) with the parameterised notebook `nbs/train.ipynb`; any parameter of its `parameters` cell can
 # be set with `-p`, or from a YAML file with `-f params.yaml`:
 #

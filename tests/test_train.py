@@ -145,9 +145,10 @@ def test_accelerate_two_processes(tmp_path):
         torch.testing.assert_close(v, ref[k].detach(), rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_accelerate_launch_module(tmp_path):
-    "`accelerate launch -m pixpro_rs.train` on two CPU processes: both shards' losses are logged, one checkpoint."
-    r = run([*ACCELERATE, '-m', 'pixpro_rs.train', *TINY, '--max_steps', '3', '--output_dir', str(tmp_path/'run')])
+@pytest.mark.parametrize('entry', [['-m', 'pixpro_rs.train'], ['pixpro_rs/train.py']])
+def test_accelerate_launch_entry_points(tmp_path, entry):
+    "`accelerate launch -m pixpro_rs.train` and `... pixpro_rs/train.py` on two CPU processes: both shards logged."
+    r = run([*ACCELERATE, *entry, *TINY, '--max_steps', '3', '--output_dir', str(tmp_path/'run')])
     assert r.returncode == 0, r.stderr[-4000:]
     rows = [json.loads(l) for l in (tmp_path/'run'/'metrics.jsonl').read_text().splitlines()]
     assert len(rows) == 3 and all(len(m['loss_per_process']) == 2 for m in rows)
@@ -168,3 +169,10 @@ def test_notebook_parameters_are_the_config():
     params = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body}
     assert list(params) == list(PARAMETERS)
     assert params == dataclasses.asdict(TrainConfig())
+
+
+def test_papermill_reads_every_parameter():
+    "papermill's own parser understands every line of the parameters cell (a comment it cannot parse hides a parameter)."
+    r = run(['papermill', '--help-notebook', str(ROOT/'nbs'/'train.ipynb')])
+    assert r.returncode == 0 and 'Unable to parse' not in r.stdout + r.stderr, r.stdout + r.stderr
+    for name in PARAMETERS: assert f'  {name}:' in r.stdout, name
