@@ -80,6 +80,11 @@ def check_page(pg, what):
     assert broken == [], f'{what}: images that did not load: {broken}'
 
 
+def plain_quotes(text):
+    "Undo Sphinx's smart quotes, so titles compare with the notebooks' plain ones."
+    return text.translate(str.maketrans({'\u2018': "'", '\u2019': "'", '\u201c': '"', '\u201d': '"'}))
+
+
 def test_home_and_every_chapter(site, page):
     ARTIFACTS.mkdir(exist_ok=True)
     titles = chapter_titles()
@@ -90,6 +95,7 @@ def test_home_and_every_chapter(site, page):
 
     links = page.eval_on_selector_all('nav.bd-docs-nav a.reference',
                                       'as => as.map(a => [a.innerText.trim(), a.getAttribute("href")])')
+    links = [[plain_quotes(t), href] for t, href in links]  # Sphinx typesets ' as a typographic apostrophe
     by_text = dict(links)
     chapters = [n for n in titles if n != 'index.ipynb']
     assert chapters, 'nbs/sidebar.yml lists no chapter'
@@ -99,7 +105,7 @@ def test_home_and_every_chapter(site, page):
         title = titles[name]
         assert title in by_text, f'the sidebar has no link to {name} ({title!r}); it has {links}'
         page.goto(site + '/' + by_text[title].lstrip('./'))
-        h1 = page.locator('h1').first.inner_text().strip().rstrip('#').strip()
+        h1 = plain_quotes(page.locator('h1').first.inner_text().strip().rstrip('#').strip())
         assert h1 == title, f'{name}: page title {h1!r}, expected {title!r}'
         check_page(page, name)
         page.screenshot(path=str(ARTIFACTS/f'docs-{Path(name).stem}.png'), full_page=False)
