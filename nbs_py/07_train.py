@@ -493,6 +493,7 @@ def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the 
 
     # 6. the loop
     last_ckpt, end = (Path(resume_from) if resume_from else None), min(total_steps, c['max_steps'] or total_steps)
+    saved = step if resume_from else None  # the step of the newest checkpoint
     bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
                mininterval=2 if sys.stderr.isatty() else 30)  # notebooks and log files: a line every 30 s
     t_start = time.perf_counter()
@@ -537,10 +538,10 @@ def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the 
             parts.zero_(); micro, data_s, t0 = 0, 0.0, time.perf_counter()
             if step >= end: break
         done_epoch = step % steps_per_epoch == 0
-        if step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0): last_ckpt = save(step)
+        if step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0): last_ckpt, saved = save(step), step
     bar.close()
     # 7. the end: the final checkpoint (unless the run was already complete) and the online encoder for transfer
-    if last_ckpt is None or int(str(last_ckpt.stem).split('-')[-1]) != step: last_ckpt = save(step)
+    if saved != step: last_ckpt = save(step)
     if main:
         from safetensors.torch import save_file
         enc = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
@@ -582,8 +583,8 @@ for k, v in backbone.state_dict().items(): test_eq(v, r.model.encoder.state_dict
 #
 # A run stopped after 5 steps (in the middle of epoch 0, by `max_steps`) and started again in the same folder
 # continues from its checkpoint: the losses of every step and the final weights, online and target, equal those of
-# the uninterrupted run above, bit for bit. (The test in `tests/test_train.py` does the same with a process killed
-# by SIGKILL.)
+# the uninterrupted run above, bit for bit; so does a run resumed from a checkpoint file given by `resume`. (The test
+# in `tests/test_train.py` does the same with a process killed by SIGKILL.)
 
 # %%
 part = train(tiny, output_dir=str(tmp/'b'), max_steps=5)
@@ -593,6 +594,10 @@ test_eq([m['loss'] for m in rest.metrics], [m['loss'] for m in r.metrics])
 for (k, a), b in zip(r.model.state_dict().items(), rest.model.state_dict().values()): test_eq(a, b)
 again = train(tiny, output_dir=str(tmp/'b'))  # already complete: nothing to do
 test_eq(len(again.metrics), 16); test_eq(again.checkpoint, rest.checkpoint)
+mine = tmp/'my-weights.pt'  # resume from an explicit file, under any name, into another folder
+shutil.copy(train(tiny, output_dir=str(tmp/'b3'), max_steps=5).checkpoint, mine)
+elsewhere = train(tiny, output_dir=str(tmp/'b2'), resume=str(mine))
+test_eq([m['loss'] for m in elsewhere.metrics], [m['loss'] for m in r.metrics])
 
 # %% [markdown]
 # ### Gradient accumulation is one large batch

@@ -316,6 +316,7 @@ def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the 
 
     # 6. the loop
     last_ckpt, end = (Path(resume_from) if resume_from else None), min(total_steps, c['max_steps'] or total_steps)
+    saved = step if resume_from else None  # the step of the newest checkpoint
     bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
                mininterval=2 if sys.stderr.isatty() else 30)  # notebooks and log files: a line every 30 s
     t_start = time.perf_counter()
@@ -360,10 +361,10 @@ def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the 
             parts.zero_(); micro, data_s, t0 = 0, 0.0, time.perf_counter()
             if step >= end: break
         done_epoch = step % steps_per_epoch == 0
-        if step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0): last_ckpt = save(step)
+        if step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0): last_ckpt, saved = save(step), step
     bar.close()
     # 7. the end: the final checkpoint (unless the run was already complete) and the online encoder for transfer
-    if last_ckpt is None or int(str(last_ckpt.stem).split('-')[-1]) != step: last_ckpt = save(step)
+    if saved != step: last_ckpt = save(step)
     if main:
         from safetensors.torch import save_file
         enc = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
