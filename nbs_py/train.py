@@ -5,9 +5,10 @@
 
 # %% [markdown]
 # Run it as it is (in JupyterLab, or `papermill nbs/train.ipynb runs/train.ipynb`) and it pretrains a ResNet-RS-50
-# with PixPro on the embedded SyntheticScenes: no download, 2 min 21 s for the whole notebook on our 2-core CI
-# machine (the training loop 124 s; `-p arch resnetrs101`: 3 min 41 s, loop 204 s). Every parameter below can be set from the command line of papermill, with the same names as the
-# training chapter's `TrainConfig`, the `pixpro-train` command and the `params.yaml` files:
+# with PixPro on the embedded SyntheticScenes: no download, 2 min 21 s for the whole notebook on a 2-core machine
+# like our CI's (the training loop 124 s; `-p arch resnetrs101`: 3 min 41 s, loop 204 s). Every parameter below can
+# be set from papermill's command line, with the same names as the training chapter's `TrainConfig`, the
+# `pixpro-train` command and the `params.yaml` files:
 #
 # ```bash
 # papermill nbs/train.ipynb runs/train-rs101.ipynb -p arch resnetrs101         # the demo with ResNet-RS-101
@@ -31,13 +32,14 @@
 # ```
 #
 # **Expected cost.** A user of the reference code reported 58 hours for 100 epochs of ResNet-50 on 8 V100-32GB
-# (about 77 images per second per GPU). The supervised training step of ResNet-RS-50 at 160 pixels ran at 5067 images
-# per second on one H200 in the ResNet-RS chapter (bf16, channels_last); a PixPro step costs about 2.7 supervised
-# steps at the same size (two views, a target forward for each) and 224 pixels cost about 2x 160 pixels, so expect
-# on the order of 900 images per second per H200 for RS-50: 100 epochs of ImageNet (128M images) in about 40
-# GPU-hours, 400 epochs in about 160. These are estimates from a supervised measurement; the performance chapter
-# measures the PixPro step itself. Interrupting is safe: start the same command again and it resumes from the last
-# checkpoint in `output_dir`, exactly.
+# (about 77 images per second per GPU). The supervised training step of ResNet-RS-50 at 160 pixels ran at 3014
+# images per second on one H200 in the ResNet-RS chapter (bf16; 5067 with channels_last, which this engine does not
+# use yet); a PixPro step costs about 2.7 supervised steps at the same size (two views, a target forward for each) and
+# 224 pixels cost about 2x 160 pixels, so expect on the order of 550 images per second per H200 for RS-50 (900 with
+# channels_last): 100 epochs of ImageNet (128M images) in about 65 GPU-hours (40), 400 epochs in about 260 (160).
+# These are estimates from a supervised measurement, not a measured PixPro step; the performance chapter is where
+# the PixPro step gets measured and made fast. Interrupting is safe: start the same command again and it resumes
+# from the last checkpoint in `output_dir`, exactly.
 
 # %% tags=["parameters"]
 # Parameters: papermill -p NAME VALUE, or -f params.yaml. None takes the recipe's value.
