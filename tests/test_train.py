@@ -176,3 +176,12 @@ def test_papermill_reads_every_parameter():
     r = run(['papermill', '--help-notebook', str(ROOT/'nbs'/'train.ipynb')])
     assert r.returncode == 0 and 'Unable to parse' not in r.stdout + r.stderr, r.stdout + r.stderr
     for name in PARAMETERS: assert f'  {name}:' in r.stdout, name
+
+
+def test_diverging_run_exits_1_with_the_step(tmp_path):
+    "An absurd lr makes the weights overflow: the command stops at the first non-finite loss with exit code 1."
+    r = run([sys.executable, '-m', 'pixpro_rs.train', *TINY, '--lr', '1e30', '--save_every', '1',
+             '--output_dir', str(tmp_path/'run')])
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert 'non-finite loss in step' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert list_checkpoints(tmp_path/'run') == []  # it diverged before the first checkpoint; nothing half-written
