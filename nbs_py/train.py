@@ -72,17 +72,14 @@ keep_checkpoints = 1  # newest checkpoints kept (RS-50 + PixPro: about 520 MB ea
 progress = True  # progress bar
 
 # %%
-import math
-
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from pixpro_rs.augment import IMAGENET_MEAN, IMAGENET_STD
 from pixpro_rs.data import SyntheticScenes
+from pixpro_rs.evaluate import normalize_images
 from pixpro_rs.pixpro import PixPro
-from pixpro_rs.resnet_rs import create_model
-from pixpro_rs.train import TrainConfig, train
+from pixpro_rs.train import TrainConfig, build_model, train
 
 # %% [markdown]
 # ## Train
@@ -147,7 +144,7 @@ print(f"{c['arch']} at {c['image_size']} px, batch {c['global_batch']}, {c['worl
 
 # %%
 scene_img, labels, _ = SyntheticScenes(8, image_size=256, seed=1).scene(3)
-x = ((scene_img.float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))[None]
+x = normalize_images(scene_img[None])  # [1, 3, 256, 256]
 
 def pixel_features(model:PixPro, x):
     "The online pixel features used by the PPM: projector output (encoder output for method='instance')."
@@ -156,9 +153,7 @@ def pixel_features(model:PixPro, x):
         f = model.encoder.forward_features(x)
         return model.projector(f) if hasattr(model, 'projector') else f  # [1, D, h, w]
 
-torch.manual_seed(c['seed'])
-initial = PixPro(create_model(c['arch'], num_classes=0), method=c['method'], ppm_layers=c['ppm_layers'],
-                 instance_weight=c['instance_weight'])
+initial = build_model(c, total_steps=1)  # the run's initialisation, rebuilt from its seed
 h = w = 8
 small = F.interpolate(labels[None, None].float(), size=(h, w), mode='nearest')[0, 0].long()  # [8, 8] labels
 obj = max(range(1, int(labels.max()) + 1), key=lambda k: int((small == k).sum()))
