@@ -118,20 +118,25 @@ def batch_hue(x:Tensor,  # [B, 3, H, W] float RGB in [0, 1]
     return mx.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 # %% ../nbs/12_gpu_augment.ipynb #aa24cbad
+def _blend_at(y:Tensor, order:Tensor, factors:Tensor, k:int, apply:Tensor) -> Tensor:
+    "The blend at position `k` of each sample's order (0 brightness, 1 contrast, 2 saturation), where `apply`."
+    op = order[:, k]  # [B]
+    f = factors.gather(1, op[:, None]).squeeze(1)  # [B] this op's factor
+    gray, o = batch_gray(y), op.view(-1, 1, 1, 1)  # [B, 1, H, W]
+    target = torch.where(o == 0, 0.0, torch.where(o == 1, gray.mean((1, 2, 3), keepdim=True), gray))
+    return torch.where(apply.view(-1, 1, 1, 1), batch_blend(y, target, f), y)
+
 def batch_color_jitter(x:Tensor,  # [B, 3, H, W] float in [0, 1]
                        params:Tensor,  # [B, 13] in the order of `PARAM_NAMES`
                       ) -> Tensor:  # [B, 3, H, W]
     "`augment.color_jitter` per sample (order and factors from `params`), for the samples whose jitter is on."
     on = params[:, 0].bool().view(-1, 1, 1, 1)
     order, factors = params[:, 1:5].long(), params[:, 5:9]  # [B, 4] op ids; [B, 4] b, c, s, h
+    k_h = (order == 3).long().argmax(1)  # [B] position of the hue rotation
     y = x
-    for k in range(4):
-        op = order[:, k]  # [B]
-        f = factors.gather(1, op[:, None]).squeeze(1)  # [B] this op's factor
-        gray = batch_gray(y)  # [B, 1, H, W]
-        o = op.view(-1, 1, 1, 1)
-        target = torch.where(o == 0, 0.0, torch.where(o == 1, gray.mean((1, 2, 3), keepdim=True), gray))
-        y = torch.where(o == 3, batch_hue(y, factors[:, 3]), batch_blend(y, target, f))
+    for k in range(3): y = _blend_at(y, order, factors, k, k < k_h)  # the blends before the rotation
+    y = batch_hue(y, factors[:, 3])
+    for k in range(1, 4): y = _blend_at(y, order, factors, k, k > k_h)  # and after it
     return torch.where(on, y, x)
 
 # %% ../nbs/12_gpu_augment.ipynb #cd30c9b9
@@ -160,13 +165,15 @@ def batch_blur(x:Tensor,  # [B, C, H, W] float
                kernels:Tensor,  # [B, 2R+1] one symmetric kernel per sample
               ) -> Tensor:  # [B, C, H, W]
     "Separable filter with a kernel per sample and repeated edges: rows, then columns (as `gaussian_blur`)."
-    B, C, H, W = x.shape
     K = kernels.shape[1]; R = (K - 1) // 2
-    w = kernels.to(x.dtype).view(B, 1, 1, 1, K).unbind(-1)  # K taps, each [B, 1, 1, 1]
-    p = nnF.pad(x, (R, R, 0, 0), mode='replicate')  # [B, C, H, W+2R]
-    y = sum(w[t] * p[..., t:t + W] for t in range(K))
-    p = nnF.pad(y, (0, 0, R, R), mode='replicate')  # [B, C, H+2R, W]
-    return sum(w[t] * p[..., t:t + H, :] for t in range(K))
+    w = kernels.to(x.dtype).view(-1, 1, 1, 1, K).unbind(-1)  # K taps, each [B, 1, 1, 1]
+    for dim in (-1, -2):
+        n = x.shape[dim]
+        p = nnF.pad(x, (R, R, 0, 0) if dim == -1 else (0, 0, R, R), mode='replicate')  # R more on each side of dim
+        tap = lambda t: p.narrow(dim, t, n)
+        x = tap(R) * w[R]
+        for t in range(R): x.addcmul_(tap(t) + tap(K - 1 - t), w[t])  # symmetric: pair the taps
+    return x
 
 # %% ../nbs/12_gpu_augment.ipynb #b769c505
 class BatchAugment(nn.Module):
