@@ -112,6 +112,11 @@ GLOSSARY: dict[str, str] = {
     'synthetic_size': "side in pixels of the SyntheticScenes images when data='synthetic'",
     'keep_checkpoints': "how many of the newest checkpoints to keep in output_dir",
     'progress': "show a progress bar on the main process",
+    # speed (they change how fast a run goes, not what it computes, beyond rounding)
+    'channels_last': "NHWC memory format for the model and the views (faster convolutions on GPUs)",
+    'compile': "compile the online and target networks with torch.compile",
+    'gpu_augment': "colour jitter, grayscale, blur, solarize and normalisation as batched ops on the training device; workers only crop and flip",
+    'prefetch_factor': "batches each DataLoader worker loads ahead",
 }
 
 # %%

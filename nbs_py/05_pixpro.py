@@ -271,9 +271,16 @@ def ema_update_(target:nn.Module,  # the momentum copy, updated in place
                 m:float,  # momentum: target <- m * target + (1 - m) * online
                ):
     "In-place EMA of the parameters of `target` towards `online`; buffers (BN statistics) are left alone."
-    for pt, po in zip(target.parameters(), online.parameters(), strict=True):
-        pt.mul_(m).add_(po.detach(), alpha=1. - m)
+    pt, po = list(target.parameters()), [p.detach() for p in online.parameters()]
+    if len(pt) != len(po): raise ConfigError('online', f'{len(po)} parameters', f'the same architecture as the target ({len(pt)})')
+    torch._foreach_mul_(pt, m)  # one kernel launch per group of tensors, not two per parameter
+    torch._foreach_add_(pt, po, alpha=1. - m)
 
+
+# %% [markdown]
+# The update is two `torch._foreach_*` calls over all parameters: the arithmetic of the textbook loop
+# `for pt, po: pt.mul_(m).add_(po, alpha=1-m)` (bit for bit, the test below checks it), without its ~320 Python
+# iterations and ~640 kernel launches per step for a ResNet-50, which on a GPU cost more than the arithmetic.
 
 # %%
 torch.manual_seed(0)
@@ -282,8 +289,11 @@ a0 = [p.detach().clone() for p in a.parameters()]; rm = a[1].running_mean.clone(
 ema_update_(a, b, .9)
 for p, p0, q in zip(a.parameters(), a0, b.parameters()): test_close(p.detach(), .9*p0 + .1*q.detach(), eps=1e-6)
 test_eq(a[1].running_mean, rm)  # buffers untouched
+loop = [p0.mul(.9).add_(q.detach(), alpha=.1) for p0, q in zip(a0, b.parameters())]  # the per-parameter loop
+for p, l in zip(a.parameters(), loop): assert torch.equal(p.detach(), l)  # bit for bit
 ema_update_(a, b, 0.)
 for p, q in zip(a.parameters(), b.parameters()): test_eq(p.detach(), q.detach())
+test_fail(lambda: ema_update_(a, nn.Linear(2, 2), .9), contains='online')  # refused before any change
 
 
 # %% [markdown]

@@ -25,16 +25,18 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 from tqdm.std import tqdm
 
 from pixpro_rs.core import GLOSSARY, ConfigError, atomic_write, check_choice, check_positive, check_range
+from pixpro_rs.augment import PixProAugment
 from pixpro_rs.data import ImageFiles, SyntheticScenes, make_loader
+from pixpro_rs.gpu_augment import BatchAugment, ViewLoader, make_crop_loader
 from pixpro_rs.pixpro import METHODS, OnlineNet, PixPro
 from pixpro_rs.recipes import LARS, RECIPES, PixProRecipe, get_recipe, lars_param_groups, lr_at, scaled_lr, set_lr
 from pixpro_rs.resnet_rs import MODEL_NAMES, CheckpointError, build_meta, create_model
@@ -119,6 +121,10 @@ class TrainConfig:
     synthetic_size: int = 128  # side of the synthetic scenes
     keep_checkpoints: int = 1  # newest checkpoints kept in output_dir (each is complete: written atomically)
     progress: bool = True  # a progress bar on the main process
+    channels_last: bool = False  # NHWC memory format for the model and the views
+    compile: bool = False  # torch.compile the online and target networks
+    gpu_augment: bool = False  # workers crop and flip; colour, blur, solarize, normalise run batched on the device
+    prefetch_factor: int = 2  # batches each DataLoader worker loads ahead
 
 RECIPE_FIELDS = ('arch', 'epochs', 'batch_size', 'image_size', 'lr', 'weight_decay', 'momentum', 'threshold', 'gamma',
                  'ppm_layers', 'instance_weight', 'method')
@@ -145,7 +151,8 @@ assert all(hasattr(get_recipe('pixpro_r50_100ep'), f) for f in RECIPE_FIELDS)
 #| export
 _INTS = {'epochs': 1, 'batch_size': 1, 'image_size': 1, 'ppm_layers': 0, 'seed': 0, 'num_workers': 0,
          'max_steps': 0, 'save_every': 1, 'grad_accum': 1, 'synthetic_length': 1, 'synthetic_size': 32,
-         'keep_checkpoints': 1}  # integer parameters and their least value
+         'keep_checkpoints': 1, 'prefetch_factor': 1}  # integer parameters and their least value
+BOOLS = ('overwrite', 'progress', 'channels_last', 'compile', 'gpu_augment')  # boolean parameters
 
 def _int(name:str, value:Any, low:int) -> int:
     if isinstance(value, float) and value.is_integer(): value = int(value)
@@ -194,7 +201,7 @@ def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: a
     check_choice('mixed_precision', p['mixed_precision'], ['no', 'bf16', 'fp16'])
     if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
         raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
-    for k in ('overwrite', 'progress'): p[k] = _bool(k, p[k])
+    for k in BOOLS: p[k] = _bool(k, p[k])
     if not isinstance(p['data'], (str, Path)) or (p['data'] != 'synthetic' and not Path(p['data']).is_dir()):
         raise ConfigError('data', p['data'], "'synthetic' or an existing folder of images")
     p['data'] = str(p['data'])
@@ -280,13 +287,16 @@ def save_checkpoint(path:str|Path, state:dict) -> Path:
     "Write `state` atomically (temporary file + rename)."
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
-def load_checkpoint(path:str|Path) -> dict:
-    "Load a training checkpoint with `weights_only=True`; a file that is not one raises `CheckpointError` naming it."
+def load_checkpoint(path:str|Path,
+                    format:str=CHECKPOINT_FORMAT,  # the engine's format tag (fine-tuning has its own)
+                   ) -> dict:
+    "Load a checkpoint with `weights_only=True`; a file that is not one of `format` raises `CheckpointError` naming it."
     path = Path(path)
     try: state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e: raise CheckpointError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from None
-    if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
-        raise CheckpointError(f'{path}: not a pixpro_rs training checkpoint (no format {CHECKPOINT_FORMAT!r})')
+    if not isinstance(state, dict) or state.get('format') != format:
+        kind = {CHECKPOINT_FORMAT: 'training'}.get(format, format.split('/')[0].split('.')[-1])
+        raise CheckpointError(f'{path}: not a pixpro_rs {kind} checkpoint (no format {format!r})')
     return state
 
 
@@ -318,7 +328,8 @@ test_eq(sorted(p.name for p in (d/'checkpoints').iterdir()), ['step-00000007.pt'
 
 # %%
 #| export
-RUN_ONLY = ('output_dir', 'resume', 'overwrite', 'max_steps', 'num_workers', 'save_every', 'keep_checkpoints', 'progress')
+RUN_ONLY = ('output_dir', 'resume', 'overwrite', 'max_steps', 'num_workers', 'save_every', 'keep_checkpoints', 'progress',
+            'channels_last', 'compile', 'prefetch_factor', 'gpu_augment')  # speed switches: rounding, not the run
 
 def run_differences(old:dict, new:dict) -> list[str]:
     "The parameters in which two resolved configs describe different runs."
@@ -339,12 +350,13 @@ test_eq(run_differences(a, resolve_config(lr=2.)), ['global_lr: 1.0 -> 0.125', '
 # %%
 #| export
 def prepare_output_dir(c:dict,  # resolved config
+                       format:str=CHECKPOINT_FORMAT,  # format tag of the engine's checkpoints
                       ) -> Path|None:  # checkpoint to resume from (None: start fresh)
     "Decide between a fresh start, a resume and a refusal; raises `ConfigError` for a folder holding a different run."
     out = Path(c['output_dir'])
     if out.exists() and not out.is_dir(): raise ConfigError('output_dir', str(out), 'a folder (this is a file)')
     if c['resume'] not in ('auto', 'never'):
-        old = load_checkpoint(c['resume'])['config']
+        old = load_checkpoint(c['resume'], format)['config']
         diff = run_differences(old, c)
         if diff: raise ConfigError('resume', c['resume'], 'a checkpoint of this same run; it differs in ' + '; '.join(diff))
         return Path(c['resume'])
@@ -352,7 +364,7 @@ def prepare_output_dir(c:dict,  # resolved config
     if c['overwrite'] or not (cfg_file.exists() or ckpts): return None
     if c['resume'] == 'never':
         raise ConfigError('output_dir', str(out), 'an empty folder (it holds a run and resume=never), or overwrite=True')
-    old = json.loads(cfg_file.read_text()) if cfg_file.exists() else load_checkpoint(ckpts[-1])['config']
+    old = json.loads(cfg_file.read_text()) if cfg_file.exists() else load_checkpoint(ckpts[-1], format)['config']
     diff = run_differences(old, c)
     if diff: raise ConfigError('output_dir', str(out), 'a new folder, the folder of this same run, or overwrite=True; '
                                'it holds a different run: ' + '; '.join(diff))
@@ -394,12 +406,12 @@ class TrainResult(NamedTuple):
 
 METRIC_COLUMNS = ('step', 'epoch', 'loss', 'pixel', 'instance', 'lr', 'momentum', 'images_per_s', 'data_s', 'time_s')
 
-def _write_metrics(out:Path, metrics:list[dict]):
-    "metrics.jsonl and metrics.csv from the full list, atomically."
+def _write_metrics(out:Path, metrics:list[dict], columns:tuple=METRIC_COLUMNS):
+    "metrics.jsonl and metrics.csv (of `columns`) from the full list, atomically."
     atomic_write(out/'metrics.jsonl', lambda t: Path(t).write_text(''.join(json.dumps(m) + '\n' for m in metrics)))
     def csv_(t):
         with open(t, 'w', newline='') as f:
-            w = csv.DictWriter(f, METRIC_COLUMNS, extrasaction='ignore'); w.writeheader(); w.writerows(metrics)
+            w = csv.DictWriter(f, columns, extrasaction='ignore'); w.writeheader(); w.writerows(metrics)
     atomic_write(out/'metrics.csv', csv_)
 
 def build_dataset(c:dict):
@@ -413,11 +425,56 @@ def build_model(c:dict, total_steps:int) -> PixPro:
                   ppm_layers=c['ppm_layers'], instance_weight=c['instance_weight'], momentum=c['momentum'],
                   total_steps=total_steps)
 
+def speed_up(model:PixPro,  # on its training device
+             channels_last:bool=False,  # NHWC weights (the views must be NHWC too: `to_memory_format`)
+             compile:bool=False,  # torch.compile each network, in place
+            ) -> PixPro:
+    "Switch a PixPro model to channels_last and/or compile its networks in place; names and state dict are unchanged."
+    if channels_last: model.to(memory_format=torch.channels_last)
+    if compile:  # in place: no `_orig_mod.` prefix in the state dict, DDP wraps the modules as before
+        for m in [model.encoder, model.projector if model.method != 'instance' else None, model.ppm,
+                  getattr(model, 'instance_projector', None), getattr(model, 'predictor', None), *model.target.values()]:
+            if m is None: continue
+            if hasattr(m, 'forward_features'): m.forward_features = torch.compile(m.forward_features)  # what PixPro calls
+            else: m.compile()
+    return model
+
+def to_memory_format(x:Tensor, channels_last:bool) -> Tensor:
+    "A batch of views in the memory format of the model (`channels_last` or contiguous NCHW)."
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
 def _make_accelerator(c:dict):
     from accelerate import Accelerator
     from accelerate.utils import is_tensorboard_available
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c['mixed_precision'],
                        log_with='tensorboard' if is_tensorboard_available() else None, project_dir=c['output_dir'])
+
+
+# %% [markdown]
+# `speed_up` holds the two switches that change how fast a step runs but not what it computes (beyond rounding):
+# `channels_last` stores weights and views as NHWC, the layout GPU convolution kernels prefer, and `compile` hands
+# each network to `torch.compile`. Compilation happens in place (`nn.Module.compile`, or the backbone's
+# `forward_features`, the method PixPro calls), so parameter names, checkpoints and DDP stay as they were. The third
+# switch, `gpu_augment`, is in `train` below: it swaps the loader for the GPU augmentation chapter's crop loader
+# (a forward reference: that chapter comes later in the book). Their effects are measured in the performance
+# chapter; the tests check that they leave the numbers alone.
+
+# %%
+cfg = resolve_config(arch='resnetrs_tiny', image_size=64, batch_size=4)
+g = torch.Generator().manual_seed(0)
+x1, x2 = torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 3, 64, 64, generator=g)
+k1, k2 = torch.tensor([[0., 0., .6, .6]] * 4), torch.tensor([[.2, .2, .9, .9]] * 4)
+plain, fast = build_model(cfg, 10), speed_up(build_model(cfg, 10), channels_last=True)
+test_eq(list(fast.state_dict()), list(plain.state_dict()))
+assert fast.encoder.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+assert to_memory_format(x1, True).is_contiguous(memory_format=torch.channels_last)
+test_close(fast(to_memory_format(x1, True), to_memory_format(x2, True), k1, k2).loss, plain(x1, x2, k1, k2).loss, eps=1e-4)
+
+# %%
+#| slow
+compiled = speed_up(build_model(cfg, 10), compile=True)  # compiling takes a minute or two on a CPU
+test_eq(list(compiled.state_dict()), list(plain.state_dict()))
+test_close(compiled(x1, x2, k1, k2).loss, build_model(cfg, 10)(x1, x2, k1, k2).loss, eps=1e-4)
 
 
 # %% [markdown]
@@ -445,9 +502,14 @@ def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the 
     # 2./3. data: this process's shard; the order and augmentations derive from (seed, epoch, index)
     dataset = build_dataset(c)
     workers = c['num_workers']
-    loader = make_loader(dataset, c['batch_size'], image_size=c['image_size'], num_workers=workers, seed=c['seed'],
-                         rank=accelerator.process_index, world_size=accelerator.num_processes, labels=False,
-                         pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
+    kw = dict(image_size=c['image_size'], num_workers=workers, seed=c['seed'], rank=accelerator.process_index,
+              world_size=accelerator.num_processes, labels=False, pin_memory=device.type == 'cuda',
+              persistent_workers=workers > 0, prefetch_factor=c['prefetch_factor'] if workers > 0 else None)
+    if c['gpu_augment']:  # the same crops and decisions (same seeds), the pixel work batched on the device
+        batch_augment = BatchAugment(PixProAugment(c['image_size'])).to(device)
+        if c['compile']: batch_augment.compile()
+        loader = ViewLoader(make_crop_loader(dataset, c['batch_size'], **kw), batch_augment, device)
+    else: loader = make_loader(dataset, c['batch_size'], **kw)
     steps_per_epoch = len(loader) // c['grad_accum']
     if steps_per_epoch == 0:
         raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(dataset)} images for '
@@ -458,7 +520,7 @@ def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the 
     # 4. model: the same initialisation on every process; SyncBN only across GPUs
     model = build_model(c, total_steps)
     if accelerator.num_processes > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
+    speed_up(model.to(device), c['channels_last'], c['compile'])
     online = OnlineNet(model)  # what DDP wraps; the target stays outside
     # 5. optimiser and schedules
     optimizer = LARS(lars_param_groups(online, c['weight_decay']), lr=c['global_lr'], momentum=c['optimizer_momentum'],
@@ -507,6 +569,7 @@ def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the 
             if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
             data_s += time.perf_counter() - t0
             v1, v2, c1, c2 = (t.to(device, non_blocking=True) for t in batch[:4])
+            v1, v2 = to_memory_format(v1, c['channels_last']), to_memory_format(v2, c['channels_last'])
             last = micro == c['grad_accum'] - 1
             with accelerator.no_sync(online) if not last else nullcontext():
                 with accelerator.autocast():
@@ -622,6 +685,21 @@ test_eq(int(ref.step), 1)
 for (k, a), b in zip(ref.named_parameters(), acc.model.parameters()): test_close(a.detach(), b.detach(), eps=1e-6)
 
 # %% [markdown]
+# ### The speed switches change rounding, not the run
+#
+# With `gpu_augment` the workers only crop and flip, and the colour operations run batched on the training device
+# (the GPU augmentation chapter); with `channels_last` the model and views are NHWC. The crops and every random
+# decision come from the same per-sample seeds, so a run with both switches sees the same views up to float
+# rounding and its losses follow the plain run's. Being speed switches, they may change between a run and its resume.
+
+# %%
+fast = train(tiny, output_dir=str(tmp/'fast'), max_steps=4, gpu_augment=True, channels_last=True)
+plain = train(tiny, output_dir=str(tmp/'plain'), max_steps=4)
+test_close([m['loss'] for m in fast.metrics], [m['loss'] for m in plain.metrics], eps=1e-3)
+assert 'gpu_augment' in RUN_ONLY and fast.config['gpu_augment'] and not plain.config['gpu_augment']
+test_eq(len(train(tiny, output_dir=str(tmp/'fast'), max_steps=6).metrics), 6)  # resumed without the switches
+
+# %% [markdown]
 # ### A folder holding another run, a NaN
 #
 # Starting with another learning rate in the folder of run `a` is refused, naming the difference; `overwrite=True`
@@ -661,7 +739,7 @@ test_eq(good['step'], 8)
 
 # %%
 #| export
-_TYPES = {f.name: (bool if f.name in ('overwrite', 'progress') else int if f.name in _INTS else
+_TYPES = {f.name: (bool if f.name in BOOLS else int if f.name in _INTS else
                    float if f.name in ('lr', 'weight_decay', 'momentum', 'threshold', 'gamma', 'instance_weight') else str)
           for f in dataclasses.fields(TrainConfig)}
 
@@ -670,41 +748,60 @@ def _flag_bool(s:str) -> bool:
     if s.lower() in ('0', 'false', 'no'): return False
     raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}')
 
-def cli_parser() -> argparse.ArgumentParser:
-    "The command line's parser: one flag per `TrainConfig` field, with the glossary as help."
-    p = argparse.ArgumentParser(prog='pixpro-train', description='PixPro pretraining (pixpro_rs). Parameters left '
-                                'out take the recipe\'s values; see the training chapter of the docs.')
+def config_parser(cls:type,  # the config dataclass: one flag per field
+                  prog:str, description:str,
+                  types:dict,  # field -> type (bool, int, float or str)
+                  glossary:dict=GLOSSARY,  # field -> help text
+                  recipe_fields:tuple=RECIPE_FIELDS,  # fields whose default is the recipe's value
+                 ) -> argparse.ArgumentParser:
+    "A command line parser with one flag per field of `cls` and a `--config PARAMS.yaml`."
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument('--config', metavar='PARAMS.yaml', help='a YAML file of parameters (the same names); flags override it')
-    for f in dataclasses.fields(TrainConfig):
-        t = _TYPES[f.name]
+    for f in dataclasses.fields(cls):
+        t = types[f.name]
         p.add_argument(f'--{f.name}', type=_flag_bool if t is bool else t, default=None, metavar=t.__name__.upper(),
-                       help=f'{GLOSSARY[f.name]} (default: {"the recipe" if f.default is None and f.name in RECIPE_FIELDS else f.default})')
+                       help=f'{glossary[f.name]} (default: {"the recipe" if f.name in recipe_fields else f.default})')
     return p
 
-def read_params(path:str|Path) -> dict:
+def cli_parser() -> argparse.ArgumentParser:
+    "The command line's parser: one flag per `TrainConfig` field, with the glossary as help."
+    return config_parser(TrainConfig, 'pixpro-train', 'PixPro pretraining (pixpro_rs). Parameters left out take the '
+                         'recipe\'s values; see the training chapter of the docs.', _TYPES)
+
+def read_params(path:str|Path,
+                names:tuple=PARAMETERS,  # the parameters a file may set
+               ) -> dict:
     "Parameters from a YAML file of `TrainConfig` names; errors name the file."
     path = Path(path)
     try: params = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e: raise ConfigError('config', str(path), f'a readable YAML file ({e})') from None
     if params is None: return {}
     if not isinstance(params, dict): raise ConfigError('config', str(path), 'a YAML mapping of parameter names to values')
-    for k in params: check_choice(f'parameter in {path}', k, PARAMETERS)
+    for k in params: check_choice(f'parameter in {path}', k, names)
     return params
+
+def run_command(argv:list[str]|None,
+                parser:argparse.ArgumentParser,  # from `config_parser`
+                run:Callable[[dict], Any],  # runs the job from the parameters
+                names:tuple=PARAMETERS,  # the parameters a `--config` file may set
+               ) -> int:
+    "Parse, run, and turn bad input into one clear line and an exit code: 2 bad input, 1 non-finite loss, 130 Ctrl-C."
+    args = parser.parse_args(argv)
+    try:
+        params = read_params(args.config, names) if args.config else {}
+        params.update({k: v for k, v in vars(args).items() if k != 'config' and v is not None})
+        run(params)
+    except (ConfigError, CheckpointError) as e:
+        print(f'{parser.prog}: error: {e}', file=sys.stderr); return 2
+    except NonFiniteLossError as e:
+        print(f'{parser.prog}: stopped: {e}', file=sys.stderr); return 1
+    except KeyboardInterrupt:
+        print(f'{parser.prog}: interrupted; the last checkpoint is intact', file=sys.stderr); return 130
+    return 0
 
 def main(argv:list[str]|None=None) -> int:
     "The command line: parse, train, and turn bad input into one clear line and an exit code."
-    args = cli_parser().parse_args(argv)
-    try:
-        params = read_params(args.config) if args.config else {}
-        params.update({k: v for k, v in vars(args).items() if k != 'config' and v is not None})
-        train(TrainConfig(**params))
-    except (ConfigError, CheckpointError) as e:
-        print(f'pixpro-train: error: {e}', file=sys.stderr); return 2
-    except NonFiniteLossError as e:
-        print(f'pixpro-train: stopped: {e}', file=sys.stderr); return 1
-    except KeyboardInterrupt:
-        print('pixpro-train: interrupted; the last checkpoint is intact', file=sys.stderr); return 130
-    return 0
+    return run_command(argv, cli_parser(), lambda params: train(TrainConfig(**params)))
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # a script or `-m`, not a notebook
 

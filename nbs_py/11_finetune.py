@@ -16,7 +16,6 @@ if __name__ == '__main__' and not __package__ and '__file__' in globals():  # ru
 import argparse
 import contextlib
 import copy
-import csv
 import dataclasses
 import json
 import math
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import yaml
 from torch import nn, Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
@@ -42,9 +40,9 @@ from pixpro_rs.data import ClassFolders, PairLoader, PairSampler, SyntheticScene
 from pixpro_rs.evaluate import load_backbone
 from pixpro_rs.recipes import RESNETRS_SUPERVISED, SupervisedRecipe, lr_at, scaled_lr, set_lr, supervised_recipe
 from pixpro_rs.resnet_rs import RS_CONFIGS, CheckpointError, create_model
-from pixpro_rs.train import (NonFiniteLossError, RUN_ONLY, _bool, _flag_bool, _int, c5_size, checkpoint_path,
-                             default_output_dir, list_checkpoints, rng_state, run_differences, save_checkpoint,
-                             set_rng_state)
+from pixpro_rs.train import (NonFiniteLossError, RUN_ONLY, _bool, _int, _write_metrics, c5_size, checkpoint_path,
+                             config_parser, default_output_dir, list_checkpoints, load_checkpoint, prepare_output_dir,
+                             read_params, rng_state, run_command, run_differences, save_checkpoint, set_rng_state)
 
 # %%
 #| hide
@@ -822,40 +820,17 @@ FT_CHECKPOINT_FORMAT = 'pixpro_rs.finetune/1'
 
 def load_finetune_checkpoint(path:str|Path) -> dict:
     "Load a fine-tuning checkpoint (`weights_only=True`); a file that is not one raises `CheckpointError` naming it."
-    path = Path(path)
-    try: state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise CheckpointError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from None
-    if not isinstance(state, dict) or state.get('format') != FT_CHECKPOINT_FORMAT:
-        raise CheckpointError(f'{path}: not a pixpro_rs fine-tuning checkpoint (no format {FT_CHECKPOINT_FORMAT!r})')
-    return state
+    return load_checkpoint(path, FT_CHECKPOINT_FORMAT)
 
 def prepare_finetune_dir(c:dict) -> Path|None:
     "Fresh start (None), the checkpoint to resume from, or a `ConfigError` for a folder holding a different run."
-    out = Path(c['output_dir'])
-    if out.exists() and not out.is_dir(): raise ConfigError('output_dir', str(out), 'a folder (this is a file)')
-    if c['resume'] not in ('auto', 'never'):
-        diff = run_differences(load_finetune_checkpoint(c['resume'])['config'], c)
-        if diff: raise ConfigError('resume', c['resume'], 'a checkpoint of this same run; it differs in ' + '; '.join(diff))
-        return Path(c['resume'])
-    cfg_file, ckpts = out/'config.json', list_checkpoints(out)
-    if c['overwrite'] or not (cfg_file.exists() or ckpts): return None
-    if c['resume'] == 'never':
-        raise ConfigError('output_dir', str(out), 'an empty folder (it holds a run and resume=never), or overwrite=True')
-    old = json.loads(cfg_file.read_text()) if cfg_file.exists() else load_finetune_checkpoint(ckpts[-1])['config']
-    diff = run_differences(old, c)
-    if diff: raise ConfigError('output_dir', str(out), 'a new folder, the folder of this same run, or overwrite=True; '
-                               'it holds a different run: ' + '; '.join(diff))
-    return ckpts[-1] if ckpts else None
+    return prepare_output_dir(c, FT_CHECKPOINT_FORMAT)  # the training engine's rule, for this format
 
 FT_METRIC_COLUMNS = ('step', 'epoch', 'loss', 'lr', 'ema_decay', 'top1', 'top1_ema', 'images_per_s', 'data_s', 'time_s')
 
 def _write_ft_metrics(out:Path, metrics:list[dict]):
     "metrics.jsonl and metrics.csv from the full list, atomically."
-    atomic_write(out/'metrics.jsonl', lambda t: Path(t).write_text(''.join(json.dumps(m) + '\n' for m in metrics)))
-    def csv_(t):
-        with open(t, 'w', newline='') as f:
-            w = csv.DictWriter(f, FT_METRIC_COLUMNS, extrasaction='ignore'); w.writeheader(); w.writerows(metrics)
-    atomic_write(out/'metrics.csv', csv_)
+    _write_metrics(out, metrics, FT_METRIC_COLUMNS)
 
 
 # %% [markdown]
@@ -1052,7 +1027,7 @@ for a, b in ((r.model, rest.model), (r.ema, rest.ema)):
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()): test_eq(va, vb)
 test_eq([(m.get('top1'), m.get('top1_ema')) for m in rest.metrics][-1], (r.metrics[-1]['top1'], r.metrics[-1]['top1_ema']))
 test_fail(lambda: finetune(tiny, output_dir=str(tmp/'ft-a'), lr=2.0), contains='lr: 1.0 -> 2.0')
-test_fail(lambda: load_finetune_checkpoint(pre.checkpoint), contains='not a pixpro_rs fine-tuning checkpoint')
+test_fail(lambda: load_finetune_checkpoint(pre.checkpoint), contains='not a pixpro_rs finetune checkpoint')
 
 # %% [markdown]
 # Fine-tuning from the PixPro checkpoint pretrained above: the run starts from its online encoder (the first step's
@@ -1097,8 +1072,7 @@ assert last < first and evals[-1]['top1'] > chance + 0.1 and evals[-1]['top1_ema
 # On our shared 2-core machine the loss fell from 1.40 (mean of the first epoch) to 0.69 (last epoch) and the models
 # ended at 0.69 (raw) and 0.66 (EMA) top-1 against a chance of 0.34, in 42 s (the printed line above is this
 # execution's measurement). In so short a run
-# the EMA and the raw model are close: with the warm-up $
-# rac{1+t}{10+t}$ the EMA after 192 steps averages roughly
+# the EMA and the raw model are close: with the warm-up $\frac{1+t}{10+t}$ the EMA after 192 steps averages roughly
 # the last 20 steps. Its benefit in the paper's runs comes at the end of a 110,000-step schedule, where 0.9999 is
 # an average over the last ~10,000 steps.
 
@@ -1121,45 +1095,23 @@ assert last < first and evals[-1]['top1'] > chance + 0.1 and evals[-1]['top1_ema
 # %%
 #| export
 _FT_FLOATS = ('lr', 'weight_decay', 'label_smoothing', 'ema_decay', 'randaugment_magnitude', 'dropout', 'stochastic_depth')
-_FT_TYPES = {f.name: (_flag_bool if f.name in ('overwrite', 'progress') else
+_FT_TYPES = {f.name: (bool if f.name in ('overwrite', 'progress') else
                       int if f.name in _FT_INTS or f.name == 'num_classes' else float if f.name in _FT_FLOATS else str)
              for f in dataclasses.fields(FinetuneConfig)}
 
 def finetune_parser() -> argparse.ArgumentParser:
     "The command line's parser: one flag per `FinetuneConfig` field, with the glossary as help."
-    p = argparse.ArgumentParser(prog='pixpro-finetune', description='Supervised fine-tuning with the ResNet-RS recipe '
-                                '(pixpro_rs). Parameters left out take the recipe\'s values; see the fine-tuning chapter.')
-    p.add_argument('--config', metavar='PARAMS.yaml', help='a YAML file of parameters (the same names); flags override it')
-    for f in dataclasses.fields(FinetuneConfig):
-        t = _FT_TYPES[f.name]
-        p.add_argument(f'--{f.name}', type=t, default=None, metavar='BOOL' if t is _flag_bool else t.__name__.upper(),
-                       help=f'{FINETUNE_GLOSSARY[f.name]} (default: {"the recipe" if f.name in FT_RECIPE_FIELDS else f.default})')
-    return p
+    return config_parser(FinetuneConfig, 'pixpro-finetune', 'Supervised fine-tuning with the ResNet-RS recipe '
+                         '(pixpro_rs). Parameters left out take the recipe\'s values; see the fine-tuning chapter.',
+                         _FT_TYPES, FINETUNE_GLOSSARY, FT_RECIPE_FIELDS)
 
 def read_finetune_params(path:str|Path) -> dict:
     "Parameters from a YAML file of `FinetuneConfig` names; errors name the file."
-    path = Path(path)
-    try: params = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e: raise ConfigError('config', str(path), f'a readable YAML file ({e})') from None
-    if params is None: return {}
-    if not isinstance(params, dict): raise ConfigError('config', str(path), 'a YAML mapping of parameter names to values')
-    for k in params: check_choice(f'parameter in {path}', k, FT_PARAMETERS)
-    return params
+    return read_params(path, FT_PARAMETERS)
 
 def main(argv:list[str]|None=None) -> int:
     "The command line: parse, fine-tune, and turn bad input into one clear line and an exit code."
-    args = finetune_parser().parse_args(argv)
-    try:
-        params = read_finetune_params(args.config) if args.config else {}
-        params.update({k: v for k, v in vars(args).items() if k != 'config' and v is not None})
-        finetune(FinetuneConfig(**params))
-    except (ConfigError, CheckpointError) as e:
-        print(f'pixpro-finetune: error: {e}', file=sys.stderr); return 2
-    except NonFiniteLossError as e:
-        print(f'pixpro-finetune: stopped: {e}', file=sys.stderr); return 1
-    except KeyboardInterrupt:
-        print('pixpro-finetune: interrupted; the last checkpoint is intact', file=sys.stderr); return 130
-    return 0
+    return run_command(argv, finetune_parser(), lambda params: finetune(FinetuneConfig(**params)), FT_PARAMETERS)
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # a script or `-m`, not a notebook
 

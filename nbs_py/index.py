@@ -48,9 +48,12 @@
 # | [Evaluation and transfer](08_evaluate.ipynb) | linear and dense probes on frozen features (top-1, mIoU), segmentation folders, exports for timm, torchvision and detectron2 | `pixpro_rs.evaluate` |
 # | [Detection transfer](09_detection.ipynb) | Faster R-CNN with our backbone + FPN in torchvision, boxes from SyntheticScenes, VOC AP, the Pascal VOC command | `pixpro_rs.detection` |
 # | [The paper's claims at CPU scale](10_claims.ipynb) | PixPro, PixContrast, instance, PixPro + instance and random init under the same probes, three seeds; T and gamma | (an experiment) |
+# | [Supervised fine-tuning](11_finetune.ipynb) | the ResNet-RS recipe: RandAugment on TF's scale, label smoothing, EMA with BN statistics, per-model dropout and stochastic depth, the `pixpro-finetune` command | `pixpro_rs.finetune` |
+# | [Fine-tune](finetune.ipynb) | the papermill notebook: fine-tune from a PixPro checkpoint or from scratch | (runs `pixpro_rs.finetune`) |
+# | [Augmentation on the GPU](12_gpu_augment.ipynb) | crops in the workers, colour, blur and solarize batched on the device, exact to the CPU path | `pixpro_rs.gpu_augment` |
+# | [Performance](13_bench.ipynb) | the benchmark (`python -m pixpro_rs.bench`), the speed switches, H200 and CPU figures, the recipes' cost | `pixpro_rs.bench` |
 #
-# The supervised fine-tuning recipe and the performance chapter come next. Each chapter is a notebook in `nbs/` that runs top to
-# bottom in CI.
+# Each chapter is a notebook in `nbs/` that runs top to bottom in CI.
 
 # %% [markdown]
 # ## Getting started

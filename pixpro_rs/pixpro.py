@@ -74,8 +74,10 @@ def ema_update_(target:nn.Module,  # the momentum copy, updated in place
                 m:float,  # momentum: target <- m * target + (1 - m) * online
                ):
     "In-place EMA of the parameters of `target` towards `online`; buffers (BN statistics) are left alone."
-    for pt, po in zip(target.parameters(), online.parameters(), strict=True):
-        pt.mul_(m).add_(po.detach(), alpha=1. - m)
+    pt, po = list(target.parameters()), [p.detach() for p in online.parameters()]
+    if len(pt) != len(po): raise ConfigError('online', f'{len(po)} parameters', f'the same architecture as the target ({len(pt)})')
+    torch._foreach_mul_(pt, m)  # one kernel launch per group of tensors, not two per parameter
+    torch._foreach_add_(pt, po, alpha=1. - m)
 
 # %% ../nbs/05_pixpro.ipynb #68c77bff
 def backbone_features(backbone:nn.Module, x:Tensor) -> Tensor:  # [N, C, H, W]
