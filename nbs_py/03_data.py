@@ -522,6 +522,7 @@ def make_loader(dataset:Dataset,  # images or (image, label) pairs: ImageFiles, 
                 pin_memory:bool=False,  # page-locked batches for faster host-to-GPU copies
                 persistent_workers:bool=False,  # keep workers alive across epochs
                 prefetch_factor:int|None=None,  # batches loaded ahead per worker (None: PyTorch's default)
+                pairs:type=TwoViews,  # what a sample is, from (dataset, augment, labels): `TwoViews`, or `TwoCrops` for the GPU path
                ) -> PairLoader:
     "A reproducible loader of PixPro view pairs: the same seed gives the same batches with any number of workers."
     check_positive('batch_size', batch_size)
@@ -530,7 +531,7 @@ def make_loader(dataset:Dataset,  # images or (image, label) pairs: ImageFiles, 
     augment = augment or PixProAugment(image_size=image_size)
     sampler = PairSampler(len(dataset), shuffle, seed, epoch, rank, world_size, drop_last)
     extra = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor) if num_workers else {}
-    loader = DataLoader(TwoViews(dataset, augment, labels), batch_size=batch_size, sampler=sampler,
+    loader = DataLoader(pairs(dataset, augment, labels), batch_size=batch_size, sampler=sampler,
                         num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
                         worker_init_fn=_seed_worker, generator=torch.Generator(), **extra)
     return PairLoader(loader, sampler, dataset, seed, rank)

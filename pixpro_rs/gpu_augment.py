@@ -10,12 +10,12 @@ import math
 import torch
 import torch.nn.functional as nnF
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, PixProAugment, ViewParams, to_rgb_tensor
-from .core import ConfigError, check_positive
-from .data import PairLoader, PairSampler, _seed_worker, derive_seed
+from .core import ConfigError
+from .data import PairLoader, derive_seed, make_loader
 
 # %% auto #0
 __all__ = ['PARAM_NAMES', 'view_params_tensor', 'crop_view', 'TwoCrops', 'make_crop_loader', 'batch_gray', 'batch_blend',
@@ -62,31 +62,10 @@ class TwoCrops(Dataset):
 # %% ../nbs/12_gpu_augment.ipynb #603138e1
 def make_crop_loader(dataset:Dataset,  # images or (image, label) pairs: ImageFiles, ClassFolders, SyntheticScenes...
                      batch_size:int,  # pairs per batch on this process
-                     *,
-                     image_size:int=224,  # side of each view (used when `augment` is None)
-                     augment:PixProAugment|None=None,  # the augmentation (None: PixProAugment(image_size))
-                     num_workers:int=0,  # DataLoader worker processes
-                     seed:int=0,  # order, augmentations and worker seeds derive from (seed, epoch, rank)
-                     epoch:int=0,  # first epoch (then `set_epoch`)
-                     rank:int=0, world_size:int=1,  # this process's share of the data
-                     shuffle:bool=True,  # a new order every epoch
-                     drop_last:bool=True,  # drop incomplete batches (and the tail that does not divide among ranks)
-                     labels:bool=True,  # keep labels when the dataset has them
-                     pin_memory:bool=False,  # page-locked batches for faster host-to-GPU copies
-                     persistent_workers:bool=False,  # keep workers alive across epochs
-                     prefetch_factor:int|None=None,  # batches loaded ahead per worker (None: PyTorch's default)
+                     **kwargs,  # every keyword of `make_loader` (image_size, augment, num_workers, seed, epoch, rank...)
                     ) -> PairLoader:  # batches (crop1, crop2 [B,3,S,S] uint8, coord1, coord2 [B,4], params1, params2 [B,13][, label])
     "`make_loader` for the GPU path: the same batches of decisions and coordinates, with uint8 crops instead of views."
-    check_positive('batch_size', batch_size)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ConfigError('num_workers', num_workers, 'an integer >= 0')
-    augment = augment or PixProAugment(image_size=image_size)
-    sampler = PairSampler(len(dataset), shuffle, seed, epoch, rank, world_size, drop_last)
-    extra = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor) if num_workers else {}
-    loader = DataLoader(TwoCrops(dataset, augment, labels), batch_size=batch_size, sampler=sampler,
-                        num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
-                        worker_init_fn=_seed_worker, generator=torch.Generator(), **extra)
-    return PairLoader(loader, sampler, dataset, seed, rank)
+    return make_loader(dataset, batch_size, pairs=TwoCrops, **kwargs)
 
 # %% ../nbs/12_gpu_augment.ipynb #90a1ac0c
 def batch_gray(x:Tensor,  # [B, 3, H, W] float

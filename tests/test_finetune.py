@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,20 +16,10 @@ from pixpro_rs.finetune import FT_PARAMETERS, FinetuneConfig, load_finetune_chec
 from pixpro_rs.resnet_rs import create_model, load_pretrained
 from pixpro_rs.train import list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ACCELERATE, ROOT, rows, run
+
 TINY = ['--data', 'synthetic', '--image_size', '32', '--batch_size', '8', '--synthetic_length', '48',
         '--synthetic_size', '48', '--num_workers', '0', '--progress', 'false']
-ACCELERATE = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
-              '--mixed_precision', 'no', '--dynamo_backend', 'no']
-
-
-def run(args, cwd=ROOT, timeout=600, **kw):
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
-
-
-def rows(run_dir):
-    return [json.loads(l) for l in (Path(run_dir)/'metrics.jsonl').read_text().splitlines()]
 
 
 def test_help_everywhere():

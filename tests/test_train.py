@@ -6,30 +6,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from pixpro_rs.pixpro import momentum_at
 from pixpro_rs.recipes import LARS, lars_param_groups, lr_at
-from pixpro_rs.train import PARAMETERS, build_dataset, build_model, load_checkpoint, list_checkpoints, resolve_config
+from pixpro_rs.train import PARAMETERS, build_dataset, build_model, load_checkpoint, list_checkpoints
 from pixpro_rs.data import make_loader
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ACCELERATE, ROOT, rows, run
+
 TINY = ['--arch', 'resnetrs_tiny', '--image_size', '64', '--batch_size', '4', '--synthetic_length', '32',
         '--synthetic_size', '64', '--num_workers', '0', '--progress', 'false']
-ACCELERATE = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
-              '--mixed_precision', 'no', '--dynamo_backend', 'no']
-
-
-def run(args, cwd=ROOT, timeout=600, **kw):
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
 
 def losses(run_dir):
-    return [json.loads(l)['loss'] for l in (Path(run_dir)/'metrics.jsonl').read_text().splitlines()]
+    return [r['loss'] for r in rows(run_dir)]
 
 
 def test_help_everywhere():
