@@ -229,7 +229,7 @@ def bench_step(case:BenchCase,  # what to measure
         row.update(images_per_s=case.batch_size * steps / dt, step_s=dt / steps, first_step_s=first if warmup else None,
                    **{f'{k}_s': v for k, v in phases.items()}, peak_memory_gib=_peak_memory_gib(device),
                    loss=float(loss.detach()), error=None)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in recent releases; this name works since 1.13
         row.update(images_per_s=None, error='out of memory')
     finally:
         del model
