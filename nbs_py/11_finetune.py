@@ -62,6 +62,11 @@ from pixpro_rs.pixpro import PixPro
 from pixpro_rs.resnet_rs import load_pretrained
 from pixpro_rs.train import train as pretrain
 
+# %%
+#| hide
+_threads = torch.get_num_threads()  # restored at the end
+if os.environ.get('IN_TEST'): torch.set_num_threads(1)  # under nbdev_test, beside another notebook on 2 cores: 2 threads each crawl
+
 # %% [markdown]
 # PixPro's pretraining (chapters 05-07) produces an encoder; someone then has to *train with it*. The ResNet-RS
 # paper (Bello et al., "Revisiting ResNets: Improved Training and Scaling Strategies", NeurIPS 2021) showed that
@@ -1135,6 +1140,10 @@ code, err = run_main('--config', str(yml), '--output_dir', str(tmp/'cli'), '--ep
 test_eq(code, 0); test_eq(json.loads((tmp/'cli'/'config.json').read_text())['epochs'], 2)
 test_eq(len((tmp/'cli'/'metrics.csv').read_text().splitlines()), 1 + 4)
 print(help_text[:900])
+
+# %%
+#| hide
+torch.set_num_threads(_threads)
 
 # %% [markdown]
 # ## Summary

@@ -46,6 +46,13 @@ from fastcore.test import test_eq, test_fail
 from nbdev.showdoc import show_doc
 
 
+
+# %%
+#| hide
+_threads = torch.get_num_threads()  # restored at the end
+if os.environ.get('IN_TEST'): torch.set_num_threads(1)  # under nbdev_test, beside another notebook on 2 cores: 2 threads each crawl
+
+
 # %% [markdown]
 # Pretraining is expensive: the paper's 400-epoch ResNet-50 run sees 512 million view pairs, and a user of the
 # reference code reported 58 hours for 100 epochs on 8 V100s, about 77 images per second per GPU, with data loading
@@ -761,6 +768,10 @@ for arch, r in best.items():
 # The linear scaling rule sets the learning rate for the global batch (4096: 16.0 for LARS's 1.0 per 256); the
 # paper's recipe is 1024 on 8 GPUs, and batches this large with LARS are what LARS was made for, but we have not
 # measured whether PixPro's results hold at 4096.
+
+# %%
+#| hide
+torch.set_num_threads(_threads)
 
 # %% [markdown]
 # ## Summary
