@@ -465,11 +465,14 @@ class TwoViews(Dataset):
     def __init__(self, dataset:Dataset, augment:PixProAugment, labels:bool=True):
         self.dataset, self.augment, self.labels = dataset, augment, labels
     def __len__(self): return len(self.dataset)
+    def views(self, img, g:torch.Generator) -> tuple:
+        "What one sample holds before its label: `(view1, view2, coord1, coord2)`, drawn with `g`."
+        return self.augment(img, g)
     def __getitem__(self, key:tuple[int, int]|int):  # (index, sample_seed) from PairSampler, or a plain index
         i, s = key if isinstance(key, tuple) else (key, derive_seed(0, 0, key))
         item = self.dataset[i]
         img, label = item if isinstance(item, tuple) else (item, None)
-        out = self.augment(img, torch.Generator().manual_seed(s))
+        out = self.views(img, torch.Generator().manual_seed(s))
         return out + (label,) if (label is not None and self.labels) else out
 
 

@@ -166,6 +166,13 @@ def _bool(name:str, value:Any) -> bool:
     if not isinstance(value, bool): raise ConfigError(name, value, 'True or False')
     return value
 
+def _merged(config, cls:type, names, overrides:dict) -> dict:
+    "The defaults of the dataclass `cls`, then `config` (a `cls`, a dict or None), then `overrides`; unknown names refused."
+    params = dataclasses.asdict(config) if isinstance(config, cls) else dict(config or {})
+    params.update(overrides)
+    for k in params: check_choice('parameter', k, names)
+    return {**dataclasses.asdict(cls()), **params}
+
 def c5_size(arch:str, image_size:int) -> int:
     "Side of the C5 map of `arch` for `image_size` views, from a forward pass on the meta device."
     with torch.device('meta'):
@@ -182,10 +189,7 @@ def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: a
                    **overrides,  # parameters overriding `config`'s
                   ) -> dict:
     "Every parameter concrete and checked, plus the derived values (global batch, scaled lr...). Raises `ConfigError`."
-    params = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
-    params.update(overrides)
-    for k in params: check_choice('parameter', k, PARAMETERS)
-    p = {**dataclasses.asdict(TrainConfig()), **params}
+    p = _merged(config, TrainConfig, PARAMETERS, overrides)
     pixpro = [k for k, v in RECIPES.items() if isinstance(v, PixProRecipe)]
     recipe = RECIPES[check_choice('recipe', p['recipe'], pixpro)]
     for k in RECIPE_FIELDS:
@@ -744,9 +748,8 @@ _TYPES = {f.name: (bool if f.name in BOOLS else int if f.name in _INTS else
           for f in dataclasses.fields(TrainConfig)}
 
 def _flag_bool(s:str) -> bool:
-    if s.lower() in ('1', 'true', 'yes'): return True
-    if s.lower() in ('0', 'false', 'no'): return False
-    raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}')
+    try: return _bool('flag', s)
+    except ConfigError: raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}') from None
 
 def config_parser(cls:type,  # the config dataclass: one flag per field
                   prog:str, description:str,

@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 from pixpro_rs.augment import IMAGENET_MEAN, IMAGENET_STD
 from pixpro_rs.core import ConfigError, atomic_write, check_choice, check_positive
 from pixpro_rs.data import BadImageError, SyntheticScenes, find_images, load_image
+from pixpro_rs.pixpro import PixPro
 from pixpro_rs.resnet_rs import MODEL_NAMES, RS_CONFIGS, CheckpointError, create_model, load_pretrained
 
 # %%
@@ -45,7 +46,6 @@ from nbdev.showdoc import show_doc
 from safetensors.torch import save_file
 
 from pixpro_rs.data import ClassFolders
-from pixpro_rs.pixpro import PixPro
 
 # %%
 #| hide
@@ -135,7 +135,11 @@ def load_backbone(checkpoint_or_model:str|Path|nn.Module,  # PixPro checkpoint, 
 # dict needs `arch`; a wrong `arch` is refused with the saved one in the message.
 
 # %%
-def tiny_pixpro_checkpoint(path, seed=0):
+#| export
+def tiny_pixpro_checkpoint(path:str|Path,  # where to write it
+                           seed:int=0,
+                          ) -> nn.Module:  # the PixPro model saved
+    "A random `PixPro` on `resnetrs_tiny` saved in the training chapter's format, online encoder moved off the target."
     torch.manual_seed(seed)
     model = PixPro(create_model('resnetrs_tiny', num_classes=0))
     with torch.no_grad():
@@ -143,6 +147,8 @@ def tiny_pixpro_checkpoint(path, seed=0):
     torch.save({'model': model.state_dict(), 'config': {'arch': 'resnetrs_tiny', 'image_size': 64}}, path)
     return model
 
+
+# %%
 tmp = Path(tempfile.mkdtemp())
 pixpro = tiny_pixpro_checkpoint(tmp/'ckpt.pth')
 bb = load_backbone(tmp/'ckpt.pth')

@@ -47,7 +47,7 @@ from fastcore.test import test_close, test_eq, test_fail
 from matplotlib.patches import Rectangle
 from nbdev.showdoc import show_doc
 
-from pixpro_rs.pixpro import PixPro
+from pixpro_rs.evaluate import tiny_pixpro_checkpoint
 
 # %%
 #| hide
@@ -385,14 +385,6 @@ def build_detector(arch:str|None=None,  # backbone name; None: the one saved in 
 # losses of Faster R-CNN and evaluation mode gives boxes in the input image's coordinates.
 
 # %%
-def tiny_pixpro_checkpoint(path, seed=0):
-    torch.manual_seed(seed)
-    model = PixPro(create_model('resnetrs_tiny', num_classes=0))
-    with torch.no_grad():
-        for p in model.encoder.parameters(): p.add_(0.1 * torch.randn_like(p))  # online != target
-    torch.save({'model': model.state_dict(), 'config': {'arch': 'resnetrs_tiny', 'image_size': 64}}, path)
-    return model
-
 tmp = Path(tempfile.mkdtemp())
 pixpro = tiny_pixpro_checkpoint(tmp/'ckpt.pth')
 det = build_detector(num_classes=4, weights=tmp/'ckpt.pth', out_channels=32, min_size=64, max_size=64,

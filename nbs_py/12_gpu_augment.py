@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pixpro_rs.augment import IMAGENET_MEAN, IMAGENET_STD, PixProAugment, ViewParams, to_rgb_tensor
 from pixpro_rs.core import ConfigError
-from pixpro_rs.data import PairLoader, derive_seed, make_loader
+from pixpro_rs.data import PairLoader, TwoViews, derive_seed, make_loader
 
 # %%
 #| hide
@@ -34,7 +34,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 from torch.utils.data import default_collate
 from pixpro_rs.augment import adjust_hue, apply_view, color_jitter, gaussian_blur, pil_blur_kernel, sample_jitter
-from pixpro_rs.data import SyntheticScenes, TwoViews
+from pixpro_rs.data import SyntheticScenes
 
 # %% [markdown]
 # The augmentation chapter makes both views of a pair on the CPU, in the DataLoader workers. Most of that time is not
@@ -115,21 +115,14 @@ def crop_view(img:Tensor,  # [3, H, W] uint8 source image
     v = F.resized_crop(img, p.top, p.left, p.height, p.width, [size, size], antialias=True)
     return v.flip(-1) if p.flip else v
 
-class TwoCrops(Dataset):
+class TwoCrops(TwoViews):
     "`(crop1, crop2, coord1, coord2, params1, params2[, label])`: `TwoViews` with the colour work left for `BatchAugment`."
-    def __init__(self, dataset:Dataset, augment:PixProAugment, labels:bool=True):
-        self.dataset, self.augment, self.labels = dataset, augment, labels
-    def __len__(self): return len(self.dataset)
-    def __getitem__(self, key:tuple[int, int]|int):  # (index, sample_seed) from PairSampler, or a plain index
-        i, s = key if isinstance(key, tuple) else (key, derive_seed(0, 0, key))
-        item = self.dataset[i]
-        img, label = item if isinstance(item, tuple) else (item, None)
+    def views(self, img, g:torch.Generator) -> tuple:
         x = to_rgb_tensor(img)
-        p1, p2 = self.augment.draw(x.shape[-2], x.shape[-1], torch.Generator().manual_seed(s))
+        p1, p2 = self.augment.draw(x.shape[-2], x.shape[-1], g)
         size = self.augment.image_size
-        out = (crop_view(x, p1, size), crop_view(x, p2, size), p1.coord, p2.coord,
-               view_params_tensor(p1), view_params_tensor(p2))
-        return out + (label,) if (label is not None and self.labels) else out
+        return (crop_view(x, p1, size), crop_view(x, p2, size), p1.coord, p2.coord,
+                view_params_tensor(p1), view_params_tensor(p2))
 
 
 # %% [markdown]

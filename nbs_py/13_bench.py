@@ -34,7 +34,7 @@ from pixpro_rs.data import ImageFiles, SyntheticScenes, make_loader
 from pixpro_rs.pixpro import METHODS, OnlineNet, PixPro
 from pixpro_rs.recipes import LARS, lars_param_groups
 from pixpro_rs.resnet_rs import MODEL_NAMES, create_model
-from pixpro_rs.train import speed_up, to_memory_format
+from pixpro_rs.train import _bool, speed_up, to_memory_format
 
 # %%
 #| hide
@@ -514,12 +514,9 @@ assert format_table(rows).count('\n') == 3
 
 # %%
 #| export
-def _bools(s:str) -> list[bool]:
-    out = []
-    for x in s.split(','):
-        if x.lower() not in ('0', '1', 'true', 'false', 'no', 'yes'): raise ConfigError('flag', s, 'true/false values, comma-separated')
-        out.append(x.lower() in ('1', 'true', 'yes'))
-    return out
+def _bools(name:str, s:str) -> list[bool]:
+    "A comma-separated list of true/false values (`--compile 0,1`)."
+    return [_bool(name, x) for x in s.split(',')]
 
 def cli_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m pixpro_rs.bench', description='Benchmark the PixPro training step '
@@ -548,7 +545,7 @@ def run(args:argparse.Namespace) -> dict:
     for k, t in types.items():
         if getattr(args, k): cfg[k] = [t(x) for x in getattr(args, k).split(',')]
     for k in ('channels_last', 'compile'):
-        if getattr(args, k): cfg[k] = _bools(getattr(args, k))
+        if getattr(args, k): cfg[k] = _bools(k, getattr(args, k))
     for k in ('steps', 'warmup'):
         if getattr(args, k) is not None: cfg[k] = getattr(args, k)
     steps, warmup = cfg.pop('steps'), cfg.pop('warmup')

@@ -29,7 +29,7 @@ from .data import ImageFiles, SyntheticScenes, make_loader
 from .pixpro import METHODS, OnlineNet, PixPro
 from .recipes import LARS, lars_param_groups
 from .resnet_rs import MODEL_NAMES, create_model
-from .train import speed_up, to_memory_format
+from .train import _bool, speed_up, to_memory_format
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'PEAK_BF16_TFLOPS', 'PRESETS', 'COLUMNS', 'machine_info', 'BenchCase', 'grid', 'sample_batch',
@@ -314,12 +314,9 @@ def format_table(rows:list[dict], columns:tuple=COLUMNS) -> str:
     return '\n'.join(lines + ['| ' + ' | '.join(cell(r.get(c)) for c in columns) + ' |' for r in rows])
 
 # %% ../nbs/13_bench.ipynb #7f098adb
-def _bools(s:str) -> list[bool]:
-    out = []
-    for x in s.split(','):
-        if x.lower() not in ('0', '1', 'true', 'false', 'no', 'yes'): raise ConfigError('flag', s, 'true/false values, comma-separated')
-        out.append(x.lower() in ('1', 'true', 'yes'))
-    return out
+def _bools(name:str, s:str) -> list[bool]:
+    "A comma-separated list of true/false values (`--compile 0,1`)."
+    return [_bool(name, x) for x in s.split(',')]
 
 def cli_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m pixpro_rs.bench', description='Benchmark the PixPro training step '
@@ -348,7 +345,7 @@ def run(args:argparse.Namespace) -> dict:
     for k, t in types.items():
         if getattr(args, k): cfg[k] = [t(x) for x in getattr(args, k).split(',')]
     for k in ('channels_last', 'compile'):
-        if getattr(args, k): cfg[k] = _bools(getattr(args, k))
+        if getattr(args, k): cfg[k] = _bools(k, getattr(args, k))
     for k in ('steps', 'warmup'):
         if getattr(args, k) is not None: cfg[k] = getattr(args, k)
     steps, warmup = cfg.pop('steps'), cfg.pop('warmup')

@@ -23,13 +23,15 @@ from torchvision.transforms.v2 import functional as TF
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .core import ConfigError, atomic_write, check_choice, check_positive
 from .data import BadImageError, SyntheticScenes, find_images, load_image
+from .pixpro import PixPro
 from .resnet_rs import MODEL_NAMES, RS_CONFIGS, CheckpointError, create_model, load_pretrained
 
 # %% auto #0
-__all__ = ['FEATURES', 'VOC_CLASSES', 'EXPORT_FORMATS', 'TIMM_ARCHS', 'load_backbone', 'resize_crop', 'normalize_images',
-           'extract_features', 'confusion_matrix', 'iou_per_class', 'miou', 'pixel_accuracy', 'ProbeHead', 'fit_probe',
-           'LinearProbeResult', 'linear_probe', 'MaskError', 'load_mask', 'SegmentationFolders', 'DenseProbeResult',
-           'dense_probe', 'dense_predict', 'to_detectron2', 'from_detectron2', 'export_backbone']
+__all__ = ['FEATURES', 'VOC_CLASSES', 'EXPORT_FORMATS', 'TIMM_ARCHS', 'load_backbone', 'tiny_pixpro_checkpoint', 'resize_crop',
+           'normalize_images', 'extract_features', 'confusion_matrix', 'iou_per_class', 'miou', 'pixel_accuracy',
+           'ProbeHead', 'fit_probe', 'LinearProbeResult', 'linear_probe', 'MaskError', 'load_mask',
+           'SegmentationFolders', 'DenseProbeResult', 'dense_probe', 'dense_predict', 'to_detectron2',
+           'from_detectron2', 'export_backbone']
 
 # %% ../nbs/08_evaluate.ipynb #c5bd4883
 def _peek(path:Path) -> tuple[list[str], dict|None]:
@@ -70,6 +72,18 @@ def load_backbone(checkpoint_or_model:str|Path|nn.Module,  # PixPro checkpoint, 
         raise ConfigError('arch', arch, f'{backbone.arch!r}, the arch of the given model')
     backbone.pretrain_config = config  # the run's config (image_size ...) when the checkpoint has one
     return backbone.eval().requires_grad_(False)
+
+# %% ../nbs/08_evaluate.ipynb #545de827
+def tiny_pixpro_checkpoint(path:str|Path,  # where to write it
+                           seed:int=0,
+                          ) -> nn.Module:  # the PixPro model saved
+    "A random `PixPro` on `resnetrs_tiny` saved in the training chapter's format, online encoder moved off the target."
+    torch.manual_seed(seed)
+    model = PixPro(create_model('resnetrs_tiny', num_classes=0))
+    with torch.no_grad():
+        for p in model.encoder.parameters(): p.add_(0.1 * torch.randn_like(p))  # online != target
+    torch.save({'model': model.state_dict(), 'config': {'arch': 'resnetrs_tiny', 'image_size': 64}}, path)
+    return model
 
 # %% ../nbs/08_evaluate.ipynb #7944e7e5
 def resize_crop(x:Tensor,  # image [3, H, W] uint8, or label map [H, W]

@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as F
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, PixProAugment, ViewParams, to_rgb_tensor
 from .core import ConfigError
-from .data import PairLoader, derive_seed, make_loader
+from .data import PairLoader, TwoViews, derive_seed, make_loader
 
 # %% auto #0
 __all__ = ['PARAM_NAMES', 'view_params_tensor', 'crop_view', 'TwoCrops', 'make_crop_loader', 'batch_gray', 'batch_blend',
@@ -43,21 +43,14 @@ def crop_view(img:Tensor,  # [3, H, W] uint8 source image
     v = F.resized_crop(img, p.top, p.left, p.height, p.width, [size, size], antialias=True)
     return v.flip(-1) if p.flip else v
 
-class TwoCrops(Dataset):
+class TwoCrops(TwoViews):
     "`(crop1, crop2, coord1, coord2, params1, params2[, label])`: `TwoViews` with the colour work left for `BatchAugment`."
-    def __init__(self, dataset:Dataset, augment:PixProAugment, labels:bool=True):
-        self.dataset, self.augment, self.labels = dataset, augment, labels
-    def __len__(self): return len(self.dataset)
-    def __getitem__(self, key:tuple[int, int]|int):  # (index, sample_seed) from PairSampler, or a plain index
-        i, s = key if isinstance(key, tuple) else (key, derive_seed(0, 0, key))
-        item = self.dataset[i]
-        img, label = item if isinstance(item, tuple) else (item, None)
+    def views(self, img, g:torch.Generator) -> tuple:
         x = to_rgb_tensor(img)
-        p1, p2 = self.augment.draw(x.shape[-2], x.shape[-1], torch.Generator().manual_seed(s))
+        p1, p2 = self.augment.draw(x.shape[-2], x.shape[-1], g)
         size = self.augment.image_size
-        out = (crop_view(x, p1, size), crop_view(x, p2, size), p1.coord, p2.coord,
-               view_params_tensor(p1), view_params_tensor(p2))
-        return out + (label,) if (label is not None and self.labels) else out
+        return (crop_view(x, p1, size), crop_view(x, p2, size), p1.coord, p2.coord,
+                view_params_tensor(p1), view_params_tensor(p2))
 
 # %% ../nbs/12_gpu_augment.ipynb #603138e1
 def make_crop_loader(dataset:Dataset,  # images or (image, label) pairs: ImageFiles, ClassFolders, SyntheticScenes...

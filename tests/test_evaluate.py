@@ -13,28 +13,17 @@ from pixpro_rs.evaluate import (MaskError, SegmentationFolders, export_backbone,
 from pixpro_rs.pixpro import PixPro
 from pixpro_rs.resnet_rs import create_model
 
+from helpers import randomise_bn
+
 timm = pytest.importorskip('timm')
 torchvision = pytest.importorskip('torchvision')
-
-
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    "Random BN affine parameters and statistics, so that every residual branch counts in the comparisons."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.25)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
 
 
 def _pixpro_checkpoint(path, arch, seed=0, **kw):
     "A training checkpoint in the training chapter's format; the online encoder differs from the target."
     torch.manual_seed(seed)
     model = PixPro(create_model(arch, num_classes=0), **kw)
-    _randomise(model.encoder, seed)
+    randomise_bn(model.encoder, seed)
     torch.save({'model': model.state_dict(), 'config': {'arch': arch, 'image_size': 64}}, path)
     return model.encoder.eval()
 

@@ -3,11 +3,7 @@ SIGKILL that resumes to the weights of an uninterrupted one, and two gloo proces
 import ast
 import dataclasses
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +12,7 @@ from pixpro_rs.finetune import FT_PARAMETERS, FinetuneConfig, load_finetune_chec
 from pixpro_rs.resnet_rs import create_model, load_pretrained
 from pixpro_rs.train import list_checkpoints
 
-from helpers import ACCELERATE, ROOT, rows, run
+from helpers import ACCELERATE, ROOT, kill_after, rows, run
 
 TINY = ['--data', 'synthetic', '--image_size', '32', '--batch_size', '8', '--synthetic_length', '48',
         '--synthetic_size', '48', '--num_workers', '0', '--progress', 'false']
@@ -96,16 +92,7 @@ def test_sigkill_resume_same_weights(tmp_path):
             '--stochastic_depth', '0.1']
     a, b = tmp_path/'a', tmp_path/'b'
     assert run(args + ['--output_dir', str(a)]).returncode == 0
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    proc = subprocess.Popen(args + ['--output_dir', str(b)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # wait until step 9 of 24 (epoch 1 of 4, mid-epoch)
-        f = b/'metrics.jsonl'
-        if f.exists() and len(f.read_text().splitlines()) >= 9: break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL); proc.wait()
-    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    kill_after(args + ['--output_dir', str(b)], b, 9)  # step 9 of 24: epoch 1 of 4, mid-epoch
     ckpts = [int(p.stem.split('-')[1]) for p in list_checkpoints(b)]
     assert ckpts and max(ckpts) < 24, ckpts
     r = run(args + ['--output_dir', str(b)])

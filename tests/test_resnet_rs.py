@@ -1,30 +1,18 @@
 "Cross-checks of pixpro_rs.resnet_rs against timm (a dev dependency) and the checkpoint loader's errors."
 import pytest
 import torch
-import torch.nn as nn
 
 from pixpro_rs.resnet_rs import CheckpointError, DropPath, create_model, load_pretrained
 
+from helpers import randomise_bn
+
 timm = pytest.importorskip('timm')
-
-
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    "Random BN affine parameters and running statistics, so that every residual branch (bn3 gamma != 0) counts."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.25)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
 
 
 @pytest.mark.parametrize('arch', ['resnetrs50', 'resnetrs101'])
 def test_timm_state_dict_loads_strictly_and_logits_match(arch, tmp_path):
     torch.manual_seed(0)
-    ref = _randomise(timm.create_model(arch, pretrained=False)).eval()
+    ref = randomise_bn(timm.create_model(arch, pretrained=False)).eval()
     sd = ref.state_dict()
     ours = create_model(arch).eval()
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in sd.items()}

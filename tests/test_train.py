@@ -1,11 +1,7 @@
 """The training engine across processes: the command line, papermill, two gloo processes under `accelerate launch`,
 and a run killed with SIGKILL that resumes to the same weights as an uninterrupted one."""
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +10,7 @@ from pixpro_rs.recipes import LARS, lars_param_groups, lr_at
 from pixpro_rs.train import PARAMETERS, build_dataset, build_model, load_checkpoint, list_checkpoints
 from pixpro_rs.data import make_loader
 
-from helpers import ACCELERATE, ROOT, rows, run
+from helpers import ACCELERATE, ROOT, kill_after, rows, run
 
 TINY = ['--arch', 'resnetrs_tiny', '--image_size', '64', '--batch_size', '4', '--synthetic_length', '32',
         '--synthetic_size', '64', '--num_workers', '0', '--progress', 'false']
@@ -81,16 +77,7 @@ def test_sigkill_resume_same_weights(tmp_path):
     args = [sys.executable, '-m', 'pixpro_rs.train', *TINY, '--epochs', '4', '--save_every', '1']
     a, b = tmp_path/'a', tmp_path/'b'
     assert run(args + ['--output_dir', str(a)]).returncode == 0
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    proc = subprocess.Popen(args + ['--output_dir', str(b)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # wait until step 11 of 32 (epoch 1 of 4, mid-epoch)
-        f = b/'metrics.jsonl'
-        if f.exists() and len(f.read_text().splitlines()) >= 11: break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL); proc.wait()
-    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    kill_after(args + ['--output_dir', str(b)], b, 11)  # step 11 of 32: epoch 1 of 4, mid-epoch
     ckpts = [int(p.stem.split('-')[1]) for p in list_checkpoints(b)]
     assert ckpts and max(ckpts) < 32, ckpts  # killed before the end, after the first epoch's checkpoint
     r = run(args + ['--output_dir', str(b)])
