@@ -323,11 +323,17 @@ class SyntheticScenes(Dataset):
 # %% [markdown]
 # `scene` draws everything from one generator seeded by `(seed, index)`: the background (two colours mixed by a few
 # low-frequency waves, plus a faint fine grain of random orientation, a distractor with no class meaning), then the
-# objects in painting order, then the noise.
+# objects in painting order, then the noise. `scene(i, instances=True)` also returns the **instance map**: 0 on the
+# background and `j` where the `j`-th object painted is visible (1-based, in painting order). The label map alone
+# cannot tell two touching objects of the same class apart, nor see that two pieces on either side of a nearer object
+# are one object; the detection chapter's boxes need that. The map is built while painting and draws nothing from
+# the generator, so the image, labels and label of every scene are the same with or without it.
 
 # %%
 #| exports
-def _scene(self:SyntheticScenes, i:int) -> tuple[Tensor, Tensor, int]:  # image [3,H,W] uint8, labels [H,W] int64, label
+def _scene(self:SyntheticScenes, i:int,  # scene index, 0 <= i < len(self)
+           instances:bool=False,  # also return the instance map [H, W] int64 (0 background, j: the j-th object painted)
+          ) -> tuple:  # image [3,H,W] uint8, labels [H,W] int64, label (, instances [H,W] int64)
     if not 0 <= i < self.length: raise IndexError(f'scene {i} of {self.length}')
     g = torch.Generator().manual_seed(derive_seed(self.seed, i))
     U = lambda lo=0.0, hi=1.0, n=1: torch.empty(n).uniform_(lo, hi, generator=g)
@@ -339,7 +345,7 @@ def _scene(self:SyntheticScenes, i:int) -> tuple[Tensor, Tensor, int]:  # image 
     a, per = U(0, math.pi).item(), U(0.01, 0.03).item()
     grain = ((x * math.cos(a) + y * math.sin(a)) / per).frac() < 0.5
     img = c0 * (1 - t) + c1 * t + 0.06 * (grain.float() - 0.5)  # [3, H, W]
-    labels = torch.zeros(H, W, dtype=torch.int64)
+    labels, inst, j = torch.zeros(H, W, dtype=torch.int64), torch.zeros(H, W, dtype=torch.int64), 0
     n_obj = int(torch.randint(self.objects[0], self.objects[1] + 1, (1,), generator=g))
     for _ in range(n_obj):
         k = int(torch.randint(0, self.num_classes, (1,), generator=g))
@@ -359,10 +365,12 @@ def _scene(self:SyntheticScenes, i:int) -> tuple[Tensor, Tensor, int]:  # image 
         obj = (ca.view(3, 1, 1) * tx + cb.view(3, 1, 1) * (1 - tx)) * shade  # [3, h, w]
         img[:, y0:y1, x0:x1] = torch.where(m, obj, img[:, y0:y1, x0:x1])
         labels[y0:y1, x0:x1][m] = k + 1
+        j += 1; inst[y0:y1, x0:x1][m] = j
     img = img + self.noise * torch.randn(img.shape, generator=g)
     counts = torch.bincount(labels.flatten(), minlength=self.num_classes + 1)[1:]
     label = int(counts.argmax()) if counts.sum() > 0 else 0
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels, label
+    img = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return (img, labels, label, inst) if instances else (img, labels, label)
 
 SyntheticScenes.scene = _scene
 SyntheticScenes.__getitem__ = lambda self, i: (lambda s: (s[0], s[2]))(self.scene(i))
@@ -382,6 +390,19 @@ big = SyntheticScenes(200, image_size=64, num_classes=8)
 labs = torch.stack([big.scene(i)[1] for i in range(200)])
 cover = torch.bincount(labs.flatten(), minlength=9).float() / labs.numel()
 assert (cover[1:] > 0.015).all() and 0.2 < cover[1:].sum() < 0.8, cover
+
+# %%
+# the instance map: the same image, labels and label; an instance wherever there is a class, one class per instance
+shared = 0  # scenes with two visible objects of one class
+for i in range(200):
+    three, (im, lm, lb, inst) = big.scene(i), big.scene(i, instances=True)
+    test_eq(three, (im, lm, lb)); test_eq(inst.dtype, torch.int64); test_eq(inst > 0, lm > 0)
+    ids = inst.unique()[1:]  # the visible objects (an object wholly hidden by later ones has no pixel)
+    assert 1 <= len(ids) and ids.max() <= big.objects[1]
+    for j in ids.tolist(): test_eq(len(lm[inst == j].unique()), 1)  # one class per object
+    shared += len(ids) > len(lm.unique()) - 1
+test_eq(ss.scene(7, instances=True)[:3], ss.scene(7))
+assert shared > 0, shared
 
 # %% [markdown]
 # Figure 1 shows eight scenes and their label maps.
@@ -638,7 +659,8 @@ torch.set_num_threads(os.cpu_count() or 1)
 # - `ImageFiles` (recursive, unlabelled) and `ClassFolders` (ImageNet layout, labelled) fail at construction on a
 #   missing or empty folder, and skip unreadable files with one warning each, a shared count and an end-of-epoch
 #   summary (or raise with `strict=True`).
-# - `SyntheticScenes` is a deterministic, downloadable-free dataset of textured shapes with per-pixel labels.
+# - `SyntheticScenes` is a deterministic, downloadable-free dataset of textured shapes with per-pixel labels (and, on
+#   request, an instance map of the objects).
 # - `make_loader(dataset, batch_size, ...)` returns a `PairLoader` of `(view1, view2, coord1, coord2[, label])`
 #   batches; every sample's augmentation derives from `(seed, epoch, index)`, so batches do not depend on the number
 #   of workers or processes.

@@ -18,6 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torchvision
@@ -33,8 +34,9 @@ from .train import _bool, speed_up, to_memory_format
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'PEAK_BF16_TFLOPS', 'PRESETS', 'COLUMNS', 'machine_info', 'BenchCase', 'grid', 'sample_batch',
-           'bench_step', 'step_flops', 'supervised_flops', 'datasheet_peak', 'matmul_tflops', 'max_batch',
-           'make_jpeg_folder', 'bench_data', 'bench_train', 'add_derived', 'format_table', 'cli_parser', 'run', 'main']
+           'bench_step', 'step_flops', 'supervised_flops', 'datasheet_peak', 'matmul_tflops', 'search_largest',
+           'max_batch', 'estimate_max_batch', 'make_jpeg_folder', 'bench_data', 'bench_train', 'add_derived',
+           'format_table', 'cli_parser', 'run', 'main']
 
 # %% ../nbs/13_bench.ipynb #e6b1ab1f
 def _cpu_model() -> str:
@@ -195,18 +197,40 @@ def matmul_tflops(n:int=8192, reps:int=10, device:str='cuda') -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 # %% ../nbs/13_bench.ipynb #22cd974b
-def max_batch(case:BenchCase, start:int=64, limit:int=8192, device:str|None=None) -> int:
-    "The largest batch (within 1/16 of the true one) of `case` for which a training step fits in device memory."
+def search_largest(fits:Callable[[int], bool],  # does this batch size fit?
+                   start:int=64, limit:int=8192,
+                  ) -> tuple[int, int|None]:  # (largest size seen to fit (0: none), smallest seen not to (None: none))
+    "Double from `start` until `fits` fails, then bisect until the gap is at most 1/16 of the size that fits."
     ok, bad, b = 0, None, start
     while b <= limit:
-        if bench_step(dataclasses.replace(case, batch_size=b), steps=1, warmup=1, device=device)['error'] is None: ok, b = b, 2 * b
+        if fits(b): ok, b = b, 2 * b
         else: bad = b; break
-    if bad is None: return ok
-    while bad - ok > max(ok // 16, 1):
+    while bad is not None and bad - ok > max(ok // 16, 1):
         mid = (ok + bad) // 2
-        if bench_step(dataclasses.replace(case, batch_size=mid), steps=1, warmup=1, device=device)['error'] is None: ok = mid
+        if fits(mid): ok = mid
         else: bad = mid
-    return ok
+    return ok, bad
+
+def max_batch(case:BenchCase, start:int=64, limit:int=8192, device:str|None=None) -> int:
+    "The largest batch (within 1/16 of the true one) of `case` for which a training step fits in device memory."
+    fits = lambda b: bench_step(dataclasses.replace(case, batch_size=b), steps=1, warmup=1, device=device)['error'] is None
+    return search_largest(fits, start, limit)[0]
+
+# %% ../nbs/13_bench.ipynb #4fd081fa
+def estimate_max_batch(arch:str,  # the backbone
+                       batch_size:int,  # the batch of the measured step
+                       peak_gib:float,  # its peak device memory (`bench_step`'s peak_memory_gib)
+                       memory_gib:float,  # the device's memory
+                       method:str='pixpro',
+                      ) -> int:
+    "Largest batch predicted from one measured step: memory = 16 bytes x parameters + batch x activations per pair."
+    with torch.device('meta'):  # parameter counts only
+        model = PixPro(create_model(arch, num_classes=0), method=method, total_steps=1)
+    target = sum(p.numel() for p in model.target.parameters())
+    online = sum(p.numel() for p in model.parameters()) - target
+    fixed = (12 * online + 4 * target) / 2**30
+    if not fixed < peak_gib: raise ConfigError('peak_gib', peak_gib, f'more than the {fixed:.2f} GiB of weights and optimiser state')
+    return int((memory_gib - fixed) / ((peak_gib - fixed) / batch_size))
 
 # %% ../nbs/13_bench.ipynb #53b91c83
 def make_jpeg_folder(root:str|Path,

@@ -180,7 +180,9 @@ class SyntheticScenes(Dataset):
     def __repr__(self): return f'SyntheticScenes({self.length}, image_size={self.size}, num_classes={self.num_classes}, seed={self.seed})'
 
 # %% ../nbs/03_data.ipynb #3964ec25
-def _scene(self:SyntheticScenes, i:int) -> tuple[Tensor, Tensor, int]:  # image [3,H,W] uint8, labels [H,W] int64, label
+def _scene(self:SyntheticScenes, i:int,  # scene index, 0 <= i < len(self)
+           instances:bool=False,  # also return the instance map [H, W] int64 (0 background, j: the j-th object painted)
+          ) -> tuple:  # image [3,H,W] uint8, labels [H,W] int64, label (, instances [H,W] int64)
     if not 0 <= i < self.length: raise IndexError(f'scene {i} of {self.length}')
     g = torch.Generator().manual_seed(derive_seed(self.seed, i))
     U = lambda lo=0.0, hi=1.0, n=1: torch.empty(n).uniform_(lo, hi, generator=g)
@@ -192,7 +194,7 @@ def _scene(self:SyntheticScenes, i:int) -> tuple[Tensor, Tensor, int]:  # image 
     a, per = U(0, math.pi).item(), U(0.01, 0.03).item()
     grain = ((x * math.cos(a) + y * math.sin(a)) / per).frac() < 0.5
     img = c0 * (1 - t) + c1 * t + 0.06 * (grain.float() - 0.5)  # [3, H, W]
-    labels = torch.zeros(H, W, dtype=torch.int64)
+    labels, inst, j = torch.zeros(H, W, dtype=torch.int64), torch.zeros(H, W, dtype=torch.int64), 0
     n_obj = int(torch.randint(self.objects[0], self.objects[1] + 1, (1,), generator=g))
     for _ in range(n_obj):
         k = int(torch.randint(0, self.num_classes, (1,), generator=g))
@@ -212,10 +214,12 @@ def _scene(self:SyntheticScenes, i:int) -> tuple[Tensor, Tensor, int]:  # image 
         obj = (ca.view(3, 1, 1) * tx + cb.view(3, 1, 1) * (1 - tx)) * shade  # [3, h, w]
         img[:, y0:y1, x0:x1] = torch.where(m, obj, img[:, y0:y1, x0:x1])
         labels[y0:y1, x0:x1][m] = k + 1
+        j += 1; inst[y0:y1, x0:x1][m] = j
     img = img + self.noise * torch.randn(img.shape, generator=g)
     counts = torch.bincount(labels.flatten(), minlength=self.num_classes + 1)[1:]
     label = int(counts.argmax()) if counts.sum() > 0 else 0
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels, label
+    img = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return (img, labels, label, inst) if instances else (img, labels, label)
 
 SyntheticScenes.scene = _scene
 SyntheticScenes.__getitem__ = lambda self, i: (lambda s: (s[0], s[2]))(self.scene(i))

@@ -56,11 +56,14 @@ def connected_components(labels:Tensor,  # [H, W] integer class map, 0 = backgro
 
 # %% ../nbs/09_detection.ipynb #5720844e
 def instance_boxes(labels:Tensor,  # [H, W] class map, 0 = background, 1..K classes
-                   min_area:float=0.004,  # drop components smaller than this fraction of the image's pixels
+                   min_area:float=0.004,  # drop instances smaller than this fraction of the image's pixels
+                   instances:Tensor|None=None,  # [H, W] instance ids, 0 = background; None: `labels`' components
                   ) -> tuple[Tensor, Tensor]:  # boxes [n, 4] float32 (x0, y0, x1, y1), classes [n] int64
-    "One box per connected component of each class; pixel (row i, col j) covers [j, j+1) x [i, i+1)."
+    "One box per instance id (or connected component of each class); pixel (row i, col j) covers [j, j+1) x [i, i+1)."
     check_range('min_area', min_area, 0, 1)
-    ids = connected_components(labels)
+    if instances is not None and instances.shape != labels.shape:
+        raise ConfigError('instances', tuple(instances.shape), f'a map of the label map\'s shape {tuple(labels.shape)}')
+    ids = connected_components(labels) if instances is None else instances
     H, W = labels.shape
     boxes, classes = [], []
     for c in ids.unique():
@@ -71,16 +74,16 @@ def instance_boxes(labels:Tensor,  # [H, W] class map, 0 = background, 1..K clas
         classes.append(int(labels[ys[0], xs[0]]))
     return torch.tensor(boxes, dtype=torch.float32).view(-1, 4), torch.tensor(classes, dtype=torch.int64)
 
-# %% ../nbs/09_detection.ipynb #bfb797d0
+# %% ../nbs/09_detection.ipynb #624190bf
 class SceneBoxes(Dataset):
-    "SyntheticScenes as a detection dataset: (uint8 image [3, H, W], {'boxes', 'labels'}) from `instance_boxes`."
+    "SyntheticScenes as a detection dataset: (uint8 image [3, H, W], {'boxes', 'labels'}), one box per visible object."
     def __init__(self, scenes:SyntheticScenes, min_area:float=0.004):
         self.scenes, self.min_area = scenes, check_range('min_area', min_area, 0, 1)
         self.classes, self.num_classes = scenes.classes, scenes.num_classes
     def __len__(self): return len(self.scenes)
     def __getitem__(self, i:int) -> tuple[Tensor, dict]:
-        image, labels, _ = self.scenes.scene(i)
-        boxes, classes = instance_boxes(labels, self.min_area)
+        image, labels, _, instances = self.scenes.scene(i, instances=True)
+        boxes, classes = instance_boxes(labels, self.min_area, instances)
         return image, {'boxes': boxes, 'labels': classes}
 
 # %% ../nbs/09_detection.ipynb #83f706de
