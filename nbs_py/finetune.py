@@ -17,9 +17,11 @@
 # ```
 #
 # `data` is `'looks'`, `'synthetic'` (SyntheticScenes' dominant-object labels, a much harder task) or an
-# ImageNet-style root holding `train/<class>/...` and `val/<class>/...`. A notebook runs one process; for the recipe's
-# global batch of 4096 use `accelerate launch -m pixpro_rs.finetune` with the same parameters as flags. Interrupting
-# is safe: run the same command again and it resumes exactly from the last checkpoint in `output_dir`.
+# ImageNet-style root holding `train/<class>/...` and `val/<class>/...`. A notebook runs one process; the recipe's
+# global batch of 4096 is `batch_size x grad_accum x processes`, so either accumulate (`-p grad_accum 32` with the
+# recipe's 128 images per micro-batch) or, faster, use `accelerate launch -m pixpro_rs.finetune` on several GPUs with
+# the same parameters as flags. Interrupting is safe: run the same command again and it resumes exactly from the last
+# checkpoint in `output_dir`.
 
 # %% tags=["parameters"]
 # Parameters: papermill -p NAME VALUE, or -f params.yaml. None takes the recipe's value.
@@ -29,7 +31,7 @@ data = 'looks'  # 'looks', 'synthetic' or a root with train/ and val/ class fold
 init = 'scratch'  # 'scratch' or a PixPro checkpoint / encoder.safetensors
 num_classes = None  # 'synthetic': its classes (4); 'looks': 3; class folders: counted
 epochs = None  # passes over the data (demo: 12; the paper: 350)
-batch_size = None  # images per device per step (demo: 32; the paper: 4096 in all)
+batch_size = None  # images per device per micro-batch (demo: 32; the paper: 4096 in all)
 image_size = None  # training crop and evaluation size (demo: 64; RS-50: 160)
 lr = None  # base lr per 256 images, scaled linearly to the global batch (the paper: 0.1)
 weight_decay = None  # on conv and linear weights only (4e-5)
@@ -48,10 +50,13 @@ max_steps = 0  # stop after this many steps (0: all epochs)
 save_every = 1  # checkpoint and evaluate every this many epochs (and at the end)
 resume = 'auto'  # 'auto' (continue the run found in output_dir), 'never', or a checkpoint file
 overwrite = False  # start afresh in an output_dir that holds a different run
+grad_accum = 1  # micro-batches per optimiser step; the global batch is batch_size x grad_accum x processes
 synthetic_length = 512  # training images of 'looks' / 'synthetic'
 synthetic_size = 96  # side of the synthetic scenes
 keep_checkpoints = 1  # newest checkpoints kept
 progress = True  # progress bar
+channels_last = False  # NHWC memory format for the model and the images (faster convolutions on GPUs)
+compile = False  # compile the classifier and its EMA in place (nn.Module.compile)
 
 # %%
 import matplotlib.pyplot as plt
@@ -69,8 +74,9 @@ result = finetune(FinetuneConfig(
     label_smoothing=label_smoothing, ema_decay=ema_decay, randaugment_ops=randaugment_ops,
     randaugment_magnitude=randaugment_magnitude, dropout=dropout, stochastic_depth=stochastic_depth,
     output_dir=output_dir, seed=seed, num_workers=num_workers, mixed_precision=mixed_precision, max_steps=max_steps,
-    save_every=save_every, resume=resume, overwrite=overwrite, synthetic_length=synthetic_length,
-    synthetic_size=synthetic_size, keep_checkpoints=keep_checkpoints, progress=progress))
+    save_every=save_every, resume=resume, overwrite=overwrite, grad_accum=grad_accum, synthetic_length=synthetic_length,
+    synthetic_size=synthetic_size, keep_checkpoints=keep_checkpoints, progress=progress, channels_last=channels_last,
+    compile=compile))
 c, metrics = result.config, result.metrics
 print(f'{len(metrics)} steps in {result.output_dir}; final checkpoint {result.checkpoint}')
 

@@ -35,17 +35,18 @@ from .data import ClassFolders, PairLoader, PairSampler, SyntheticScenes, _seed_
 from .evaluate import load_backbone
 from .recipes import RESNETRS_SUPERVISED, SupervisedRecipe, lr_at, scaled_lr, set_lr, supervised_recipe
 from .resnet_rs import RS_CONFIGS, CheckpointError, create_model
-from .train import (NonFiniteLossError, RUN_ONLY, _bool, _int, _write_metrics, c5_size, checkpoint_path,
-                             config_parser, default_output_dir, list_checkpoints, load_checkpoint, prepare_output_dir,
-                             read_params, rng_state, run_command, run_differences, save_checkpoint, set_rng_state)
+from .train import (NonFiniteLossError, RUN_ONLY, _bool, _int, _merged, _write_metrics, c5_size,
+                             checkpoint_path, config_parser, default_output_dir, list_checkpoints, load_checkpoint,
+                             prepare_output_dir, read_params, rng_state, run_command, run_differences, save_checkpoint,
+                             set_rng_state, to_memory_format)
 
 # %% auto #0
-__all__ = ['FINETUNE_RECIPES', 'LOOKS', 'FINETUNE_GLOSSARY', 'FT_RECIPE_FIELDS', 'FT_PARAMETERS', 'RS_ARCHS',
+__all__ = ['FINETUNE_RECIPES', 'LOOKS', 'FINETUNE_GLOSSARY', 'FT_RECIPE_FIELDS', 'FT_PARAMETERS', 'FT_BOOLS', 'RS_ARCHS',
            'FT_CHECKPOINT_FORMAT', 'FT_METRIC_COLUMNS', 'get_finetune_recipe', 'TFRandAugment', 'eval_crop_size',
            'EvalTransform', 'train_transform', 'Augmented', 'train_loader', 'eval_loader', 'SceneLooks',
            'build_classifier', 'param_groups', 'ModelEMA', 'evaluate', 'FinetuneConfig', 'resolve_finetune_config',
-           'load_finetune_checkpoint', 'prepare_finetune_dir', 'FinetuneResult', 'build_datasets', 'finetune',
-           'finetune_parser', 'read_finetune_params', 'main']
+           'load_finetune_checkpoint', 'prepare_finetune_dir', 'FinetuneResult', 'build_datasets',
+           'speed_up_classifier', 'finetune', 'finetune_parser', 'read_finetune_params', 'main']
 
 # %% ../nbs/11_finetune.ipynb #454934e0
 _DEMO_FT = SupervisedRecipe(
@@ -259,13 +260,14 @@ def evaluate(model:nn.Module,  # a classifier (or `ModelEMA`)
              loader,  # batches (images [B, 3, s, s] float, labels [B])
              device:torch.device|str='cpu',
              autocast=None,  # a context manager factory, e.g. `accelerator.autocast`
+             channels_last:bool=False,  # the images in NHWC, as a `channels_last` model wants them
             ) -> Tensor:  # [2] float64: correct, count
     "Top-1 counts of `model` in eval mode (BN statistics used, never updated); the model's mode is restored."
     was, out = model.training, torch.zeros(2, dtype=torch.float64, device=device)
     model.eval()
     try:
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
+            x, y = to_memory_format(x.to(device), channels_last), y.to(device)
             with (autocast() if autocast else contextlib.nullcontext()):
                 logits = model(x)  # [B, K]
             out += torch.stack([(logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=device)])
@@ -273,8 +275,11 @@ def evaluate(model:nn.Module,  # a classifier (or `ModelEMA`)
     return out
 
 # %% ../nbs/11_finetune.ipynb #60e7a00d
-FINETUNE_GLOSSARY = {**GLOSSARY, 'init': "'scratch' or a checkpoint: a PixPro training checkpoint (its online encoder), "
-                                         "an encoder.safetensors or a backbone file"}
+FINETUNE_GLOSSARY = {**GLOSSARY,
+    'init': "'scratch' or a checkpoint: a PixPro training checkpoint (its online encoder), an encoder.safetensors or a "
+            "backbone file",
+    'channels_last': "NHWC memory format for the classifier, its EMA and the images (faster convolutions on GPUs)",
+    'compile': "compile the classifier and its EMA in place with nn.Module.compile (torch.compile)"}
 
 @dataclass
 class FinetuneConfig:
@@ -285,7 +290,7 @@ class FinetuneConfig:
     init: str = 'scratch'  # 'scratch' or a pretrained checkpoint (PixPro checkpoint, encoder.safetensors)
     num_classes: int|None = None  # 'synthetic': SyntheticScenes classes (4); 'looks': 3; folders: counted
     epochs: int|None = None  # passes over the data
-    batch_size: int|None = None  # images per device per step
+    batch_size: int|None = None  # images per device per micro-batch
     image_size: int|None = None  # training crop = evaluation size
     lr: float|None = None  # base lr per 256 images (0.1), scaled linearly to the global batch
     weight_decay: float|None = None  # on conv / linear weights (4e-5)
@@ -304,21 +309,25 @@ class FinetuneConfig:
     save_every: int = 1  # checkpoint (and evaluate) every this many epochs, and at the end
     resume: str = 'auto'  # 'auto', 'never' or a checkpoint file
     overwrite: bool = False  # replace a different run found in output_dir
+    grad_accum: int = 1  # micro-batches per optimiser step
     synthetic_length: int = 512  # training images of 'looks' / 'synthetic' (validation: a quarter as many, other scenes)
     synthetic_size: int = 96  # side of the synthetic scenes
     keep_checkpoints: int = 1  # newest checkpoints kept in output_dir
     progress: bool = True  # a progress bar on the main process
+    channels_last: bool = False  # NHWC memory format for the classifier, its EMA and the images
+    compile: bool = False  # compile the classifier and its EMA in place
 
 FT_RECIPE_FIELDS = ('arch', 'epochs', 'batch_size', 'image_size', 'lr', 'weight_decay', 'warmup_epochs',
                     'label_smoothing', 'ema_decay', 'randaugment_ops', 'randaugment_magnitude', 'dropout',
                     'stochastic_depth')
 FT_PARAMETERS = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
+FT_BOOLS = ('overwrite', 'progress', 'channels_last', 'compile')  # boolean parameters
 RS_ARCHS = tuple(RS_CONFIGS)  # create_model's dropout / drop-path overrides exist for ResNet-RS only
 
 # %% ../nbs/11_finetune.ipynb #f8ec3d3f
 _FT_INTS = {'epochs': 1, 'batch_size': 1, 'image_size': 32, 'warmup_epochs': 0, 'randaugment_ops': 0, 'seed': 0,
-            'num_workers': 0, 'max_steps': 0, 'save_every': 1, 'synthetic_length': 4, 'synthetic_size': 32,
-            'keep_checkpoints': 1}
+            'num_workers': 0, 'max_steps': 0, 'save_every': 1, 'grad_accum': 1, 'synthetic_length': 4,
+            'synthetic_size': 32, 'keep_checkpoints': 1}
 
 def _class_folders(root:Path) -> tuple[ClassFolders, ClassFolders]:
     tr, va = root/'train', root/'val'
@@ -333,10 +342,7 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
                             **overrides,  # parameters overriding `config`'s
                            ) -> dict:
     "Every parameter concrete and checked, plus the derived values. Raises `ConfigError` naming the parameter."
-    params = dataclasses.asdict(config) if isinstance(config, FinetuneConfig) else dict(config or {})
-    params.update(overrides)
-    for k in params: check_choice('parameter', k, FT_PARAMETERS)
-    p = {**dataclasses.asdict(FinetuneConfig()), **params}
+    p = _merged(config, FinetuneConfig, FT_PARAMETERS, overrides)
     recipe = get_finetune_recipe(p['recipe'])
     for k in FT_RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
@@ -351,7 +357,7 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
     check_choice('mixed_precision', p['mixed_precision'], ['no', 'bf16', 'fp16'])
     if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
         raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
-    for k in ('overwrite', 'progress'): p[k] = _bool(k, p[k])
+    for k in FT_BOOLS: p[k] = _bool(k, p[k])
     if not isinstance(p['data'], (str, Path)): raise ConfigError('data', p['data'], "'looks', 'synthetic' or a folder")
     p['data'] = str(p['data'])
     if p['data'] == 'looks':
@@ -375,7 +381,7 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
     p['output_dir'] = str(p['output_dir'] or default_output_dir(p['recipe'], p['arch'], p['seed']))
     p.update(warmup_start_factor=recipe.warmup_start_factor, final_lr=recipe.final_lr, optimizer=recipe.optimizer,
              optimizer_momentum=recipe.optimizer_momentum, world_size=int(world_size),
-             global_batch=p['batch_size'] * int(world_size))
+             global_batch=p['batch_size'] * p['grad_accum'] * int(world_size))
     p['global_lr'] = scaled_lr(p['lr'], p['global_batch'])
     return p
 
@@ -419,7 +425,16 @@ def _make_ft_accelerator(c:dict):
     from accelerate import Accelerator
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c['mixed_precision'])
 
-# %% ../nbs/11_finetune.ipynb #54bc7e2b
+def speed_up_classifier(model:nn.Module,  # on its training device; never a copy of a compiled module
+                        channels_last:bool=False,  # NHWC weights (the images must be NHWC too: `to_memory_format`)
+                        compile:bool=False,  # `nn.Module.compile()`: in place, the state dict's names unchanged
+                       ) -> nn.Module:
+    "Switch a classifier to channels_last and/or compile it in place; names and state dict are unchanged."
+    if channels_last: model.to(memory_format=torch.channels_last)
+    if compile: model.compile()
+    return model
+
+# %% ../nbs/11_finetune.ipynb #6af691d7
 def finetune(config:FinetuneConfig|dict|None=None,  # the run's parameters (None: the CPU demo)
              **overrides,  # parameters overriding `config`'s, e.g. `finetune(init='runs/x/encoder.safetensors')`
             ) -> FinetuneResult:
@@ -443,10 +458,10 @@ def finetune(config:FinetuneConfig|dict|None=None,  # the run's parameters (None
                           c['batch_size'], num_workers=c['num_workers'], seed=c['seed'], rank=rank, world_size=world,
                           pin_memory=device.type == 'cuda')
     val_loader = eval_loader(val_ds, c['image_size'], c['batch_size'], num_workers=c['num_workers'], rank=rank, world_size=world)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) // c['grad_accum']
     if steps_per_epoch == 0:
         raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(train_ds)} images for '
-                          f'{c["global_batch"]} per step ({world} processes)')
+                          f'{c["global_batch"]} per step (batch_size x grad_accum x {world} processes)')
     total_steps = c['epochs'] * steps_per_epoch
     schedule = dict(base_lr=c['global_lr'], total_steps=total_steps, warmup_steps=c['warmup_epochs'] * steps_per_epoch,
                     start_factor=c['warmup_start_factor'], final_lr=c['final_lr'])
@@ -454,7 +469,8 @@ def finetune(config:FinetuneConfig|dict|None=None,  # the run's parameters (None
     model = build_classifier(c['arch'], c['num_classes'], c['init'], c['dropout'], c['stochastic_depth'], c['seed'])
     if world > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device).train()
-    ema = ModelEMA(model, c['ema_decay']).to(device)
+    ema = ModelEMA(model, c['ema_decay']).to(device)  # before compiling: a compiled module's copy runs the original
+    for m in (model, ema.module): speed_up_classifier(m, c['channels_last'], c['compile'])
     # 5. optimiser: SGD Nesterov, weight decay on conv / linear weights only
     optimizer = torch.optim.SGD(param_groups(model, c['weight_decay']), lr=c['global_lr'],
                                 momentum=c['optimizer_momentum'], nesterov=c['optimizer'] == 'sgd_nesterov')
@@ -470,12 +486,13 @@ def finetune(config:FinetuneConfig|dict|None=None,  # the run's parameters (None
     if main:
         _write_ft_metrics(out, metrics)
         print(f"{c['arch']} ({c['init']}) on {c['data']}, {c['num_classes']} classes: {world} process(es) on {device.type}, "
-              f"global batch {c['global_batch']}, lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
+              f"global batch {c['global_batch']} = {c['batch_size']} x {c['grad_accum']} x {world}, "
+              f"lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
               + (f', resuming at step {step} from {resume_from}' if resume_from else ''), flush=True)
 
     def evaluation() -> dict:
-        raw = accelerator.reduce(evaluate(model, val_loader, device, accelerator.autocast), 'sum')
-        avg = accelerator.reduce(evaluate(ema.module, val_loader, device, accelerator.autocast), 'sum')
+        raw = accelerator.reduce(evaluate(model, val_loader, device, accelerator.autocast, c['channels_last']), 'sum')
+        avg = accelerator.reduce(evaluate(ema.module, val_loader, device, accelerator.autocast, c['channels_last']), 'sum')
         return dict(top1=float(raw[0] / raw[1]), top1_ema=float(avg[0] / avg[1]))
 
     def save(step:int) -> Path:
@@ -498,30 +515,38 @@ def finetune(config:FinetuneConfig|dict|None=None,  # the run's parameters (None
     t_start = time.perf_counter()
     while step < end:
         epoch, skip = divmod(step, steps_per_epoch)
-        loader.set_epoch(epoch, skip=skip)
-        t0 = time.perf_counter()
-        for (x, y), _ in zip(loader, range(steps_per_epoch - skip)):
-            set_lr(optimizer, lr := lr_at(step, **schedule))
-            data_s = time.perf_counter() - t0
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with accelerator.autocast():
-                loss = criterion(wrapped(x).float(), y)  # BN in training mode
-            accelerator.backward(loss)
-            losses = accelerator.gather(loss.detach()[None])  # [processes]
+        loader.set_epoch(epoch, skip=skip * c['grad_accum'])  # the loader counts micro-batches
+        n_micro = (steps_per_epoch - skip) * c['grad_accum']
+        step_loss, micro, data_s = torch.zeros((), device=device), 0, 0.0
+        t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
+        for (x, y), _ in zip(loader, range(n_micro)):
+            if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
+            data_s += time.perf_counter() - t0
+            x, y = to_memory_format(x.to(device, non_blocking=True), c['channels_last']), y.to(device, non_blocking=True)
+            last = micro == c['grad_accum'] - 1
+            with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():  # all-reduce on the last only
+                with accelerator.autocast():
+                    loss = criterion(wrapped(x).float(), y)  # BN in training mode
+                accelerator.backward(loss / c['grad_accum'])
+            step_loss += loss.detach().float() / c['grad_accum']
+            micro += 1
+            if not last: t0 = time.perf_counter(); continue
+            losses = accelerator.gather(step_loss[None])  # [processes]
             if not torch.isfinite(losses).all():
                 raise NonFiniteLossError(f'non-finite loss in step {step + 1} (epoch {epoch}), per process '
                                          f'{losses.tolist()}; the last good checkpoint is {last_ckpt or "none (no checkpoint yet)"}.')
             optimizer.step(); optimizer.zero_grad(set_to_none=True)
             d = ema.update(model)
             step += 1
-            dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t_step
             row = dict(step=step, epoch=step / steps_per_epoch, loss=float(losses.mean()), lr=lr, ema_decay=d,
                        images_per_s=c['global_batch'] / dt, data_s=data_s, time_s=time.perf_counter() - t_start)
             metrics.append(row)
             if main:
                 with open(out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f'{lr:.3g}', refresh=False); bar.update()
-            t0 = time.perf_counter()
+            step_loss.zero_(); micro, data_s = 0, 0.0
+            t_step = t0 = time.perf_counter()
             if step >= end: break
         done_epoch = step % steps_per_epoch == 0
         if step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0):
@@ -544,7 +569,7 @@ def finetune(config:FinetuneConfig|dict|None=None,  # the run's parameters (None
 
 # %% ../nbs/11_finetune.ipynb #6ea0be09
 _FT_FLOATS = ('lr', 'weight_decay', 'label_smoothing', 'ema_decay', 'randaugment_magnitude', 'dropout', 'stochastic_depth')
-_FT_TYPES = {f.name: (bool if f.name in ('overwrite', 'progress') else
+_FT_TYPES = {f.name: (bool if f.name in FT_BOOLS else
                       int if f.name in _FT_INTS or f.name == 'num_classes' else float if f.name in _FT_FLOATS else str)
              for f in dataclasses.fields(FinetuneConfig)}
 

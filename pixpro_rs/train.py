@@ -364,7 +364,8 @@ def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the 
         epoch, skip = divmod(step, steps_per_epoch)
         loader.set_epoch(epoch, skip=skip * c['grad_accum'])
         n_micro = (steps_per_epoch - skip) * c['grad_accum']
-        parts, micro, t0 = torch.zeros(3, device=device), 0, time.perf_counter()
+        parts, micro = torch.zeros(3, device=device), 0
+        t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
         data_s = 0.0
         for batch, _ in zip(loader, range(n_micro)):
             if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
@@ -388,7 +389,7 @@ def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the 
                                          f'check the data, or try mixed_precision="no".')
             optimizer.step(); optimizer.zero_grad(set_to_none=True)
             step += 1
-            dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t_step  # all the step's micro-batches
             loss, pixel, instance = ranks.mean(0).tolist()
             row = dict(step=step, epoch=step / steps_per_epoch, loss=loss, pixel=pixel, instance=instance, lr=lr,
                        momentum=m, images_per_s=c['global_batch'] / dt, data_s=data_s, time_s=time.perf_counter() - t_start,
@@ -399,7 +400,8 @@ def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the 
                 accelerator.log({k: row[k] for k in METRIC_COLUMNS[2:-2]}, step=step)
                 bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.3g}', m=f'{m:.4f}', img_s=f"{row['images_per_s']:.1f}", refresh=False)
                 bar.update()
-            parts.zero_(); micro, data_s, t0 = 0, 0.0, time.perf_counter()
+            parts.zero_(); micro, data_s = 0, 0.0
+            t_step = t0 = time.perf_counter()
             if step >= end: break
         done_epoch = step % steps_per_epoch == 0
         if step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0): last_ckpt, saved = save(step), step
