@@ -697,11 +697,11 @@ print(format_table(cpu['steps']))
 
 # %% [markdown]
 # On this machine bf16 is the switch that pays (oneDNN's bf16 convolutions move half the bytes); channels_last alone
-# changes little. Two runs of this cell, each on a quiet machine, gave for the plain fp32 NCHW step 5.9 and 7.4
-# images/s; for bf16 NCHW 2.08x and 1.49x that; for bf16 + channels_last 1.76x and 1.68x; for fp32 channels_last
-# 1.12x and 0.99x. The optimised step (bf16 + channels_last, the same switches as on the GPU) is thus 1.7-1.8x the
-# plain step, over the 1.2x target; the spread between runs of this 2-core virtual machine is as large as the
-# difference between the two bf16 variants, so we do not rank them. `mixed_precision='bf16'` turns bf16 on in the
+# changes little. Three runs of this cell, each on a quiet machine (the last is the output above), gave for the plain
+# fp32 NCHW step 5.9, 7.4 and 5.9 images/s; for bf16 NCHW 2.08x, 1.49x and 1.41x that; for bf16 + channels_last
+# 1.76x, 1.68x and 1.58x; for fp32 channels_last 1.12x, 0.99x and 0.93x. The optimised step (bf16 + channels_last,
+# the same switches as on the GPU) is thus 1.6-1.8x the plain step, over the 1.2x target; the spread between runs of
+# this 2-core virtual machine is as large as the difference between the two bf16 variants, so we do not rank them. `mixed_precision='bf16'` turns bf16 on in the
 # engine.
 
 # %% [markdown]
