@@ -328,15 +328,19 @@ test_eq(sorted(p.name for p in (d/'checkpoints').iterdir()), ['step-00000007.pt'
 # Starting again into the same folder resumes when the config describes the same run (only parameters that do not
 # change the result may differ: workers, checkpoint frequency, `max_steps`...) and refuses otherwise, naming the
 # differences, unless `overwrite=True`. A run with a different number of processes is a different run (its global
-# batch differs).
+# batch differs). A parameter the saved config lacks was added to the engine after that run was written, which
+# therefore ran with the parameter's default: that is the value it is compared with.
 
 # %%
 #| export
 RUN_ONLY = ('output_dir', 'resume', 'overwrite', 'max_steps', 'num_workers', 'save_every', 'keep_checkpoints', 'progress',
             'channels_last', 'compile', 'prefetch_factor', 'gpu_augment')  # speed switches: rounding, not the run
 
-def run_differences(old:dict, new:dict) -> list[str]:
+def run_differences(old:dict, new:dict,
+                    defaults:dict|None=None,  # the config class's defaults: a parameter `old` lacks counts as its default
+                   ) -> list[str]:
     "The parameters in which two resolved configs describe different runs."
+    old = {**(defaults or {}), **old}  # a run written before a parameter existed ran with its default
     keys = sorted((set(old) | set(new)) - set(RUN_ONLY))
     return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in keys if old.get(k) != new.get(k)]
 
@@ -345,6 +349,10 @@ def run_differences(old:dict, new:dict) -> list[str]:
 a = resolve_config(); b = resolve_config(max_steps=3, num_workers=0, output_dir='elsewhere')
 test_eq(run_differences(a, b), [])
 test_eq(run_differences(a, resolve_config(lr=2.)), ['global_lr: 1.0 -> 0.125', 'lr: 16.0 -> 2.0'])
+older = {k: v for k, v in a.items() if k != 'grad_accum'}  # a run written before `grad_accum` existed
+test_eq(run_differences(older, a), ['grad_accum: None -> 1'])
+test_eq(run_differences(older, a, dataclasses.asdict(TrainConfig())), [])
+test_eq(run_differences(older, resolve_config(grad_accum=2), dataclasses.asdict(TrainConfig()))[-1], 'grad_accum: 1 -> 2')
 
 
 # %% [markdown]
@@ -355,13 +363,14 @@ test_eq(run_differences(a, resolve_config(lr=2.)), ['global_lr: 1.0 -> 0.125', '
 #| export
 def prepare_output_dir(c:dict,  # resolved config
                        format:str=CHECKPOINT_FORMAT,  # format tag of the engine's checkpoints
+                       defaults:dict|None=None,  # the config class's defaults (None: `TrainConfig`'s), see `run_differences`
                       ) -> Path|None:  # checkpoint to resume from (None: start fresh)
     "Decide between a fresh start, a resume and a refusal; raises `ConfigError` for a folder holding a different run."
-    out = Path(c['output_dir'])
+    out, defaults = Path(c['output_dir']), dataclasses.asdict(TrainConfig()) if defaults is None else defaults
     if out.exists() and not out.is_dir(): raise ConfigError('output_dir', str(out), 'a folder (this is a file)')
     if c['resume'] not in ('auto', 'never'):
         old = load_checkpoint(c['resume'], format)['config']
-        diff = run_differences(old, c)
+        diff = run_differences(old, c, defaults)
         if diff: raise ConfigError('resume', c['resume'], 'a checkpoint of this same run; it differs in ' + '; '.join(diff))
         return Path(c['resume'])
     cfg_file, ckpts = out/'config.json', list_checkpoints(out)
@@ -369,7 +378,7 @@ def prepare_output_dir(c:dict,  # resolved config
     if c['resume'] == 'never':
         raise ConfigError('output_dir', str(out), 'an empty folder (it holds a run and resume=never), or overwrite=True')
     old = json.loads(cfg_file.read_text()) if cfg_file.exists() else load_checkpoint(ckpts[-1], format)['config']
-    diff = run_differences(old, c)
+    diff = run_differences(old, c, defaults)
     if diff: raise ConfigError('output_dir', str(out), 'a new folder, the folder of this same run, or overwrite=True; '
                                'it holds a different run: ' + '; '.join(diff))
     return ckpts[-1] if ckpts else None

@@ -839,7 +839,7 @@ def load_finetune_checkpoint(path:str|Path) -> dict:
 
 def prepare_finetune_dir(c:dict) -> Path|None:
     "Fresh start (None), the checkpoint to resume from, or a `ConfigError` for a folder holding a different run."
-    return prepare_output_dir(c, FT_CHECKPOINT_FORMAT)  # the training engine's rule, for this format
+    return prepare_output_dir(c, FT_CHECKPOINT_FORMAT, dataclasses.asdict(FinetuneConfig()))  # the training engine's rule
 
 FT_METRIC_COLUMNS = ('step', 'epoch', 'loss', 'lr', 'ema_decay', 'top1', 'top1_ema', 'images_per_s', 'data_s', 'time_s')
 

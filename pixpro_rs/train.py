@@ -199,21 +199,25 @@ def load_checkpoint(path:str|Path,
 RUN_ONLY = ('output_dir', 'resume', 'overwrite', 'max_steps', 'num_workers', 'save_every', 'keep_checkpoints', 'progress',
             'channels_last', 'compile', 'prefetch_factor', 'gpu_augment')  # speed switches: rounding, not the run
 
-def run_differences(old:dict, new:dict) -> list[str]:
+def run_differences(old:dict, new:dict,
+                    defaults:dict|None=None,  # the config class's defaults: a parameter `old` lacks counts as its default
+                   ) -> list[str]:
     "The parameters in which two resolved configs describe different runs."
+    old = {**(defaults or {}), **old}  # a run written before a parameter existed ran with its default
     keys = sorted((set(old) | set(new)) - set(RUN_ONLY))
     return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in keys if old.get(k) != new.get(k)]
 
 # %% ../nbs/07_train.ipynb #2f5b0630
 def prepare_output_dir(c:dict,  # resolved config
                        format:str=CHECKPOINT_FORMAT,  # format tag of the engine's checkpoints
+                       defaults:dict|None=None,  # the config class's defaults (None: `TrainConfig`'s), see `run_differences`
                       ) -> Path|None:  # checkpoint to resume from (None: start fresh)
     "Decide between a fresh start, a resume and a refusal; raises `ConfigError` for a folder holding a different run."
-    out = Path(c['output_dir'])
+    out, defaults = Path(c['output_dir']), dataclasses.asdict(TrainConfig()) if defaults is None else defaults
     if out.exists() and not out.is_dir(): raise ConfigError('output_dir', str(out), 'a folder (this is a file)')
     if c['resume'] not in ('auto', 'never'):
         old = load_checkpoint(c['resume'], format)['config']
-        diff = run_differences(old, c)
+        diff = run_differences(old, c, defaults)
         if diff: raise ConfigError('resume', c['resume'], 'a checkpoint of this same run; it differs in ' + '; '.join(diff))
         return Path(c['resume'])
     cfg_file, ckpts = out/'config.json', list_checkpoints(out)
@@ -221,7 +225,7 @@ def prepare_output_dir(c:dict,  # resolved config
     if c['resume'] == 'never':
         raise ConfigError('output_dir', str(out), 'an empty folder (it holds a run and resume=never), or overwrite=True')
     old = json.loads(cfg_file.read_text()) if cfg_file.exists() else load_checkpoint(ckpts[-1], format)['config']
-    diff = run_differences(old, c)
+    diff = run_differences(old, c, defaults)
     if diff: raise ConfigError('output_dir', str(out), 'a new folder, the folder of this same run, or overwrite=True; '
                                'it holds a different run: ' + '; '.join(diff))
     return ckpts[-1] if ckpts else None
