@@ -116,7 +116,7 @@ _DEMO_FT = SupervisedRecipe(
     source=("ours: a CPU demonstration on the embedded SyntheticScenes; label smoothing, EMA decay, RandAugment ops, "
             "optimiser, weight decay and schedule shape are ResNet-RS's"),
     ours={'arch': "resnetrs_tiny, our 1-block-per-stage CPU variant: a step of 32 images takes ~0.1 s on 2 cores",
-          'image_size': "64 px crops of 96 px scenes", 'epochs': "a demonstration of about half a minute",
+          'image_size': "64 px crops of 96 px scenes", 'epochs': "a demonstration of under a minute (192 steps)",
           'batch_size': "small data (512 images): 16 steps per epoch", 'devices': "one CPU process",
           'warmup_epochs': "1 of 12 (the paper: 5 of 350)",
           'lr': ("1.0 per 256 = 0.125 at batch 32: a run of 200 steps needs larger steps than the paper's 110k (0.1 "
