@@ -12,7 +12,7 @@ echo "== 2/3 nbdev_test over all notebooks"
 flags=${NBDEV_FLAGS:-slow}
 if [ -n "${FAST:-}" ]; then flags=""; fi
 # The claims chapter (the longest, two torch threads) runs alone after the others: beside them on a small machine
-# it took three times as long as alone (58 against 18 min on 2 cores).
+# it took almost three times as long as alone (58 against 21 min on 2 cores).
 nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing ${flags:+--flags "$flags"} --skip_file_re '^[_.]|^10_claims'
 nbdev_test --path nbs/10_claims.ipynb --timing ${flags:+--flags "$flags"}
 echo "== 3/3 pytest tests/"
