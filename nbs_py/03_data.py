@@ -15,6 +15,7 @@ import io
 import math
 import os
 import random
+import signal
 import warnings
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from fastcore.test import test_eq, test_close, test_fail, test_ne
 from nbdev.showdoc import show_doc
 
 # %%
+import shutil
 import tempfile
 import time
 import matplotlib.pyplot as plt
@@ -133,27 +135,135 @@ test_fail(lambda: load_image(tmp/'missing.jpg'), contains='missing.jpg')
 # Both folder datasets list their files once, sorted, at construction, so a missing or empty folder fails
 # immediately with the path and the extensions looked for, not an hour later inside a worker.
 #
-# A bad file is handled in `_read`: it is marked in a small shared-memory table (one byte per file, shared with the
-# DataLoader workers), a warning names it once, and the next readable file takes its place. The substitute depends
-# only on the index, so the batches stay deterministic. With `strict=True` the error is raised instead.
+# The listing follows symlinked folders (datasets are often assembled from links into a shared store), which raises
+# two ways a folder on disk can quietly go wrong:
+#
+# - **a link loop**: `root/again -> root` makes a walk that follows links list every image again at each level,
+#   until the system refuses to resolve 40 links in one path: a folder of 4 images gave 164 (41 x 4). Each *real* folder, known by its device and inode
+#   (`st_dev`, `st_ino`), is visited once, at the first path that reaches it in the sorted walk; so images reached twice
+#   through links to the same folder count once.
+# - **a file that is not a file**: a named pipe (FIFO) called `x.jpg` blocks the worker that opens it forever, and
+#   training hangs without a message. Only regular files are listed (a symlink to one is fine); anything else with
+#   an image suffix (pipe, socket, device, broken link), and any folder that cannot be read, is left out with one
+#   warning that names the first few.
+#
+# The order stays sorted and deterministic (a folder's files, then its subfolders, each by name), and hidden files
+# and folders (`.name`) are skipped.
 
 # %%
 #| exports
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif', '.ppm', '.pgm')
 
-def find_images(root:str|Path,  # folder to search recursively
+def find_images(root:str|Path,  # folder to search recursively, following symlinked folders
                 extensions:tuple=IMAGE_EXTENSIONS,  # lower-case file suffixes to accept
                ) -> list[Path]:
-    "All image files under `root`, sorted; hidden files and folders are skipped. Fails if there are none."
+    "All regular image files under `root`, sorted; each real folder visited once, hidden entries skipped. Fails if none."
     root, exts = Path(root), tuple(e.lower() for e in extensions)
     if not root.is_dir(): raise ConfigError('data', str(root), f'a folder of images ({", ".join(exts)}); it does not exist')
-    files = []
-    for d, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = sorted(x for x in dirs if not x.startswith('.'))
-        files += [Path(d)/n for n in sorted(names) if not n.startswith('.') and n.lower().endswith(exts)]
+    files, seen, left_out, todo = [], set(), [], [root]
+    while todo:  # depth first, in sorted order: the order of os.walk with sorted names
+        d = todo.pop()
+        try:
+            st = d.stat()
+            if (st.st_dev, st.st_ino) in seen: continue  # a link back to a folder already listed (or a loop)
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(d) as it: entries = sorted((e for e in it if not e.name.startswith('.')), key=lambda e: e.name)
+        except OSError as e: left_out.append(f'{d} ({type(e).__name__})'); continue
+        dirs = [Path(e.path) for e in entries if e.is_dir()]  # follows symlinks
+        for e in entries:
+            if e.name.lower().endswith(exts) and not e.is_dir():
+                if e.is_file(): files.append(Path(e.path))  # a regular file, or a symlink to one
+                else: left_out.append(e.path)  # FIFO, socket, device, broken link: never opened
+        todo += reversed(dirs)
+    if left_out:
+        warnings.warn(f'left out under {root}, not a regular file or unreadable ({len(left_out)}): '
+                      + ', '.join(map(str, left_out[:5])) + (' ...' if len(left_out) > 5 else ''), stacklevel=2)
     if not files: raise ConfigError('data', str(root), f'a folder of images ({", ".join(exts)}); none found')
     return files
 
+
+# %% [markdown]
+# The test builds a folder of 4 images with a link back to itself and a link to a subfolder (both would multiply the
+# images), a symlink to an image (kept), a broken link and a named pipe with image names (left out, one warning), and
+# checks the order against the plain sorted walk.
+
+# %%
+loop = tmp/'loop'; (loop/'sub').mkdir(parents=True)
+for name in ('b.jpg', 'a.png', 'sub/c.jpg', 'sub/d.jpg'): rgb.save(loop/name)
+os.symlink(loop, loop/'again'); os.symlink(loop/'sub', loop/'sub'/'deeper'); os.symlink(loop/'sub', loop/'zz_sub')
+test_eq([f.relative_to(loop).as_posix() for f in find_images(loop)], ['a.png', 'b.jpg', 'sub/c.jpg', 'sub/d.jpg'])  # not 164 files
+os.symlink(loop/'a.png', loop/'link.png'); os.symlink(loop/'nowhere.jpg', loop/'broken.jpg')
+if hasattr(os, 'mkfifo'): os.mkfifo(loop/'pipe.jpg')
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    found = find_images(loop)
+test_eq([f.name for f in found], ['a.png', 'b.jpg', 'link.png', 'c.jpg', 'd.jpg'])
+test_eq(len(w), 1)
+assert 'broken.jpg' in str(w[0].message) and ('pipe.jpg' in str(w[0].message)) == hasattr(os, 'mkfifo'), str(w[0].message)
+
+
+# %% [markdown]
+# ### A fingerprint of the data
+#
+# A run that resumes must read the data it started with: if images were added, removed or replaced in between, the
+# sampler's shuffled order (a permutation of `range(n)`) and every index after the first change point to other files,
+# and the resumed run is silently a different run. `data_fingerprint` summarises a file list in two values that the
+# training engine stores in the run's config and compares when it resumes: the number of files and a digest,
+#
+# $$\mathrm{data\_digest} = \mathrm{sha256}\Big(\textstyle\bigoplus_{\text{sorted}} \texttt{relative\_path}\ \texttt{\textbackslash t}\ \texttt{size\_in\_bytes}\ \texttt{\textbackslash n}\Big)\ \text{(first 16 hex digits)}.$$
+#
+# Paths are relative to the dataset's root, in POSIX form, so the same dataset copied or mounted elsewhere has the
+# same fingerprint. The contents are not read: ImageNet's 1.28M files cost one `stat` each (seconds on a local
+# disk), not 140 GB of reading. So the digest notices an added, removed, renamed or resized file, but not a file
+# rewritten in place with exactly the same size; that is the price of being cheap enough to compute at every start.
+
+# %%
+#| exports
+def data_fingerprint(files:list[Path],  # the dataset's files (e.g. `ImageFiles(...).files`)
+                     root:str|Path,  # paths in the digest are relative to this folder
+                    ) -> dict:  # {'data_files': n, 'data_digest': 16 hex digits}
+    "Count and digest of `relative_path\\tsize\\n` lines: changes when a file is added, removed, renamed or resized."
+    lines = sorted(f'{Path(os.path.relpath(f, root)).as_posix()}\t{os.stat(f).st_size}\n' for f in files)  # one stat per file
+    h = hashlib.sha256()
+    for line in lines: h.update(line.encode('utf-8', 'surrogateescape'))  # any byte in a Linux file name
+    return {'data_files': len(files), 'data_digest': h.hexdigest()[:16]}
+
+
+# %% [markdown]
+# A known answer on three files of known sizes, then each change the digest must notice, and one it ignores by
+# design (the order of the list).
+
+# %%
+fp_dir = tmp/'fingerprint'; (fp_dir/'sub').mkdir(parents=True)
+for name, size in (('a.jpg', 3), ('b.png', 5), ('sub/c.jpg', 7)): (fp_dir/name).write_bytes(b'x' * size)
+fs = find_images(fp_dir)
+fp = data_fingerprint(fs, fp_dir)
+test_eq(fp, {'data_files': 3, 'data_digest': hashlib.sha256(b'a.jpg\t3\nb.png\t5\nsub/c.jpg\t7\n').hexdigest()[:16]})
+test_eq(fp['data_digest'], 'c3207ca4129b4144')  # pinned: a change would refuse to resume every existing run
+test_eq(data_fingerprint(fs[::-1], str(fp_dir)), fp)  # stable: any order, str or Path root
+(fp_dir/'d.jpg').write_bytes(b'x')
+added = data_fingerprint(find_images(fp_dir), fp_dir)
+test_eq(added['data_files'], 4); test_ne(added['data_digest'], fp['data_digest'])
+(fp_dir/'d.jpg').unlink(); test_eq(data_fingerprint(find_images(fp_dir), fp_dir), fp)  # removed again: as before
+(fp_dir/'a.jpg').write_bytes(b'x' * 4)
+test_ne(data_fingerprint(fs, fp_dir)['data_digest'], fp['data_digest'])  # resized
+(fp_dir/'a.jpg').write_bytes(b'x' * 3); (fp_dir/'a.jpg').rename(fp_dir/'z.jpg')
+renamed = data_fingerprint(find_images(fp_dir), fp_dir)
+test_eq(renamed['data_files'], 3); test_ne(renamed['data_digest'], fp['data_digest'])
+(fp_dir/'z.jpg').rename(fp_dir/'a.jpg')
+test_eq(data_fingerprint(find_images(fp_dir), fp_dir), fp)  # all undone: as before
+moved = shutil.copytree(fp_dir, tmp/'elsewhere'/'copy')
+test_eq(data_fingerprint(find_images(moved), moved), fp)  # the same data in another place: the same fingerprint
+
+
+# %% [markdown]
+# A bad file is handled in `_read`: it is marked in a small shared-memory table (one byte per file, shared with the
+# DataLoader workers), a warning names it once, and the next readable file takes its place. The substitute depends
+# only on the index, so the batches stay deterministic. With `strict=True` the error is raised instead. Every folder
+# dataset has `.files` and `.root`, and `fingerprint()` gives the `data_fingerprint` of the two.
+
+# %%
+#| exports
 class _Files(Dataset):
     "Shared machinery: a sorted file list, a shared table of bad files, skip-and-substitute reading."
     def __init__(self, files:list[Path], strict:bool=False):
@@ -176,6 +286,9 @@ class _Files(Dataset):
     def bad_files(self) -> list[Path]:
         "Files found unreadable so far (by any worker)."
         return [self.files[j] for j in self._bad.nonzero().flatten().tolist()]
+    def fingerprint(self) -> dict:
+        "`data_fingerprint(self.files, self.root)`: `{'data_files': n, 'data_digest': hex}`, one stat per file."
+        return data_fingerprint(self.files, self.root)
 
 
 # %%
@@ -195,7 +308,8 @@ class ClassFolders(_Files):
     "ImageNet-style `root/<class>/**/<image>`: images with the index of their class folder as label."
     def __init__(self, root:str|Path, extensions:tuple=IMAGE_EXTENSIONS, strict:bool=False):
         self.root = Path(root)
-        find_images(root, extensions)  # the errors for a missing or empty folder
+        with warnings.catch_warnings():  # the class folders' own listings below warn about odd files, once
+            warnings.simplefilter('ignore'); find_images(root, extensions)  # the errors for a missing or empty folder
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith('.'))
         files, labels = [], []
         for c, name in enumerate(self.classes):
@@ -225,6 +339,14 @@ test_fail(lambda: ImageFiles(tmp/'nowhere'), contains="invalid data='" + str(tmp
 test_fail(lambda: ImageFiles(tmp/'nowhere'), contains='.jpg, .jpeg, .png')
 (tmp/'empty').mkdir(); (tmp/'empty'/'readme.txt').write_text('')
 test_fail(lambda: ClassFolders(tmp/'empty'), contains='none found')
+test_eq(ImageFiles(fp_dir).fingerprint(), fp)
+test_eq(cf.fingerprint(), data_fingerprint(cf.files, d)); test_eq(cf.fingerprint()['data_files'], 6)
+if hasattr(os, 'mkfifo'):  # a pipe in a class folder: left out, one warning (not one per listing)
+    os.mkfifo(d/'dog'/'pipe.jpg')
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); test_eq(len(ClassFolders(d)), 6)
+    test_eq([str(x.message).count('pipe.jpg') for x in w], [1])
+    (d/'dog'/'pipe.jpg').unlink()
 
 # %% [markdown]
 # A truncated JPEG among good ones: the dataset warns once with the file name, hands out the next image instead,
@@ -504,13 +626,19 @@ class TwoViews(Dataset):
 # before each epoch (the order, the sample seeds and the workers' seeds change with it; persistent workers are fine,
 # because the seeds travel with the indices). At the end of each epoch it warns with the number of unreadable files
 # skipped so far and names the first few.
+#
+# A batch system ends a job by sending SIGTERM to all its processes, the DataLoader workers included. PyTorch's
+# workers die on it, and their parent then fails at its next batch, before the training engine could save the
+# checkpoint it owes a preempted run. So a worker ignores SIGTERM: its parent ends it (through the loader's shutdown,
+# or the worker notices that its parent is gone) once the checkpoint is written.
 
 # %%
 #| exports
 def _seed_worker(worker_id:int):
-    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed (itself from seed, epoch, rank, worker)."
+    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; leave SIGTERM to the parent."
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a job's SIGTERM reaches the workers too: the parent saves, then ends them
 
 class PairLoader:
     "Batches of `(view1 [B,3,S,S], view2, coord1 [B,4], coord2[, label [B]])`; `set_epoch` before each epoch."
@@ -658,7 +786,10 @@ torch.set_num_threads(os.cpu_count() or 1)
 #   rescaled); unreadable files raise `BadImageError` naming the file.
 # - `ImageFiles` (recursive, unlabelled) and `ClassFolders` (ImageNet layout, labelled) fail at construction on a
 #   missing or empty folder, and skip unreadable files with one warning each, a shared count and an end-of-epoch
-#   summary (or raise with `strict=True`).
+#   summary (or raise with `strict=True`). Their listing, `find_images`, visits each real folder once (a symlink loop
+#   cannot multiply the images) and lists only regular files (a named pipe called `x.jpg` cannot hang training).
+# - `data_fingerprint(files, root)` (or `dataset.fingerprint()`) gives `{'data_files', 'data_digest'}` from one `stat`
+#   per file: the training engine stores it in the run's config and refuses to resume on different data.
 # - `SyntheticScenes` is a deterministic, downloadable-free dataset of textured shapes with per-pixel labels (and, on
 #   request, an instance map of the objects).
 # - `make_loader(dataset, batch_size, ...)` returns a `PairLoader` of `(view1, view2, coord1, coord2[, label])`

@@ -260,6 +260,56 @@ ax.set(xlabel='epoch', ylabel='momentum m', title='Figure 2: the EMA momentum ov
 
 
 # %% [markdown]
+# ### The horizon $K$
+#
+# How long is "the run" for the momentum? The reference does not count optimiser steps: it divides the number of
+# images by the images per step, `self.K = int(args.num_instances * 1. / get_world_size() / args.batch_size *
+# args.epochs)` (`contrast/models/PixPro.py` line 133 at commit e390d6b), a fraction of a step per epoch more than
+# its data loader gives. Its loader drops the last incomplete batch (`drop_last=True` in `contrast/data/__init__.py`),
+# so an epoch of ImageNet on 8 GPUs x 128 is $\lfloor \lceil 1{,}281{,}167 / 8 \rceil / 128 \rfloor = 1251$ steps, and
+# the learning-rate schedule (`get_scheduler(optimizer, len(train_loader), args)`, `T_max = (epochs -
+# warmup_epoch) * n_iter_per_epoch` in `contrast/lr_scheduler.py`) counts exactly these whole epochs of steps:
+#
+# | ImageNet, 8 x 128 | momentum horizon $K$ (reference) | steps run = lr schedule's length | momentum at the last step |
+# |---|---|---|---|
+# | 100 epochs | 125,113 | 1251 x 100 = 125,100 | $1 - 3.1 \times 10^{-10}$ |
+# | 400 epochs | 500,455 | 1251 x 400 = 500,400 | $1 - 3.1 \times 10^{-10}$ |
+#
+# So in the reference the momentum never quite reaches 1: the run stops 13 (55) steps short of $K$. The difference
+# is tiny, but a faithful reproduction should have it, so `momentum_horizon` computes the reference's expression in
+# the same floating-point order (which matters: `int(1000 * 1. / 6 / 10 * 30)` is 499, not 500), and the training
+# engine passes it to `PixPro` as `total_steps`. `batch_size` there is the images per process per optimiser step,
+# `batch_size x grad_accum` with gradient accumulation. The lr schedule keeps counting whole epochs of steps, as
+# the reference's scheduler does; `momentum_at` holds $m = 1$ for steps beyond $K$ if a run ever has more.
+
+# %%
+#| exports
+def momentum_horizon(num_images:int,  # images in the training set (the reference's num_instances)
+                     world_size:int,  # processes (GPUs)
+                     batch_size:int,  # images per process per optimiser step (batch_size x grad_accum)
+                     epochs:int,  # epochs of the run
+                    ) -> int:  # K, the `total_steps` of the momentum schedule
+    "The reference's momentum horizon K = int(num_images / world_size / batch_size x epochs), in its floating-point order."
+    for name, v in (('num_images', num_images), ('world_size', world_size), ('batch_size', batch_size), ('epochs', epochs)):
+        check_positive(name, v)
+    return int(num_images * 1. / world_size / batch_size * epochs)
+
+
+# %%
+test_eq(momentum_horizon(1281167, 8, 128, 100), 125113)
+test_eq(momentum_horizon(1281167, 8, 128, 400), 500455)
+steps_per_epoch = -(-1281167 // 8) // 128  # DistributedSampler pads to ceil(n / world), the loader drops the last batch
+test_eq(steps_per_epoch, 1251); test_eq(steps_per_epoch * 100, 125100)
+test_eq(momentum_horizon(1000, 6, 10, 30), 499)  # the float order, not the exact 1000 * 30 // 60 = 500
+test_eq(momentum_horizon(1281167, 4, 2 * 128, 100), momentum_horizon(1281167, 8, 128, 100))  # 4 GPUs x 2 accumulated
+for e, K in ((100, 125113), (400, 500455)):
+    last = momentum_at(steps_per_epoch * e - 1, K)
+    print(f'{e} epochs: K = {K:,}, {steps_per_epoch * e:,} steps, momentum at the last step 1 - {1 - last:.1e}')
+    assert 0 < 1 - last < 1e-9
+test_fail(lambda: momentum_horizon(1281167, 0, 128, 100), contains='world_size')
+
+
+# %% [markdown]
 # The update itself touches the **parameters** (weights and biases, including BN's affine ones) and nothing else:
 # the target's BN running statistics are its own, accumulated from the batches it sees in train mode.
 
@@ -357,7 +407,8 @@ test_fail(lambda: backbone_features(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten
 # With `instance_weight` $\alpha > 0$ the pixel methods add $\alpha\,\mathcal{L}_{inst}$.
 #
 # `total_steps` ($K$) must be known before the first training step: pass it to the constructor, or call
-# `set_total_steps(K)` once the data loader's length is known ($K$ = epochs x optimiser steps per epoch). With
+# `set_total_steps(K)` once the data loader's length is known (the reference's $K$ is `momentum_horizon(...)`,
+# a few steps more than epochs x optimiser steps per epoch). With
 # gradient accumulation, call the forward of the extra micro-batches with `update_target=False`, so that the EMA
 # moves once per optimiser step.
 #
@@ -366,6 +417,12 @@ test_fail(lambda: backbone_features(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten
 # > resumed run's momentum is not the planned one; here loading a checkpoint restores the schedule exactly (tested
 # > below). The reference also hard-codes a 7x7 average pool in the instance branch, which breaks for any other
 # > image size; we pool adaptively.
+# >
+# > **Ours.** `instance_loss` is the reference's `regression_loss` method (`contrast/models/PixPro.py` lines
+# > 204-205 at commit e390d6b: `-2. * torch.einsum('nc, nc->n', [x, y]).mean()`), which computes in whatever dtype
+# > its inputs have. Ours computes like the pixel losses of the previous chapter: autocast off, never below float32
+# > (bf16/fp16 features give a float32 loss), and in float64 for float64 inputs (an earlier version of ours cast
+# > everything to float32, so a float64 check against a hand computation could not be exact).
 
 # %%
 #| exports
@@ -379,10 +436,28 @@ class PixProOutput(NamedTuple):
 def instance_loss(p:Tensor,  # [N, D] online predictions, L2-normalised
                   z:Tensor,  # [N, D] target projections, L2-normalised
                  ) -> Tensor:  # scalar in [-2, 2]
-    "One direction of the instance (BYOL-style) loss: -2 x the mean cosine, computed in float32."
+    "One direction of the instance (BYOL-style) loss: -2 x the mean cosine, in the inputs' precision and at least float32."
+    dt = torch.promote_types(torch.promote_types(p.dtype, z.dtype), torch.float32)  # bf16 -> float32, float64 stays
     with torch.autocast(p.device.type, enabled=False):
-        return -2 * (p.float() * z.float()).sum(1).mean()
+        return -2 * (p.to(dt) * z.to(dt)).sum(1).mean()  # [N, D] -> [N] -> scalar
 
+
+# %% [markdown]
+# The test checks the known answers (identical vectors give -2, opposite ones +2), a float64 hand computation to
+# 1e-12 with a float64 result, and float32 for bf16 inputs, with and without autocast.
+
+# %%
+g = torch.Generator().manual_seed(0)
+p64, z64 = (F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=1) for _ in range(2))  # [5, 8] each
+hand = -2 * sum(sum(a * b for a, b in zip(pr, zr)) for pr, zr in zip(p64.tolist(), z64.tolist())) / 5  # Python floats
+l64 = instance_loss(p64, z64)
+test_eq(l64.dtype, torch.float64); assert abs(float(l64) - hand) < 1e-12, (float(l64), hand)
+test_close(float(instance_loss(p64, p64)), -2., eps=1e-12); test_close(float(instance_loss(p64, -p64)), 2., eps=1e-12)
+test_eq(instance_loss(p64.float(), z64.float()).dtype, torch.float32)
+pb, zb = p64.bfloat16(), z64.bfloat16()
+test_eq(instance_loss(pb, zb).dtype, torch.float32)
+with torch.autocast('cpu', dtype=torch.bfloat16): lb = instance_loss(pb, zb)
+test_eq(lb.dtype, torch.float32); test_close(float(lb), hand, eps=0.05)
 
 # %%
 #| exports
@@ -687,7 +762,9 @@ test_eq(float(a), float(b))
 # - `PPM(dim, gamma, n_layers)` propagates features within a view: $y_i = \sum_j \max(\cos(x_i, x_j), 0)^\gamma\,
 #   \mathrm{normalize}(g(x_j))$, self term included, weights not normalised; `transform` is $g$.
 # - `momentum_at(step, total_steps, base)` is the cosine EMA schedule from 0.99 to 1 (held at 1 past the end);
-#   `ema_update_` moves parameters only.
+#   `momentum_horizon(num_images, world_size, batch_size, epochs)` is the reference's $K$ (125,113 for ImageNet on
+#   8 x 128 over 100 epochs, 13 more than the 125,100 steps run); `ema_update_` moves parameters only.
+# - `instance_loss` computes in the inputs' precision, at least float32, with autocast off, like the pixel losses.
 # - `PixPro(backbone, method=...)` runs each view through the online networks, updates the target once per training
 #   forward (after the online pass, before the target pass), and returns `PixProOutput(loss, pixel, instance,
 #   momentum)`. Its `step` and `total_steps` are buffers, so checkpoints resume the schedule exactly, which the

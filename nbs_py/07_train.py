@@ -18,10 +18,14 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +37,11 @@ import yaml
 from torch import Tensor, nn
 from tqdm.std import tqdm
 
-from pixpro_rs.core import GLOSSARY, ConfigError, atomic_write, check_choice, check_positive, check_range
+from pixpro_rs.core import GLOSSARY, ConfigError, RunLock, atomic_write, check_choice, check_positive, check_range, sweep_temporary
 from pixpro_rs.augment import PixProAugment
-from pixpro_rs.data import ImageFiles, SyntheticScenes, make_loader
+from pixpro_rs.data import ImageFiles, SyntheticScenes, data_fingerprint, make_loader
 from pixpro_rs.gpu_augment import BatchAugment, ViewLoader, make_crop_loader
-from pixpro_rs.pixpro import METHODS, OnlineNet, PixPro
+from pixpro_rs.pixpro import METHODS, OnlineNet, PixPro, momentum_horizon
 from pixpro_rs.recipes import LARS, RECIPES, PixProRecipe, get_recipe, lars_param_groups, lr_at, scaled_lr, set_lr
 from pixpro_rs.resnet_rs import MODEL_NAMES, CheckpointError, build_meta, create_model
 
@@ -45,10 +49,10 @@ from pixpro_rs.resnet_rs import MODEL_NAMES, CheckpointError, build_meta, create
 #| hide
 import contextlib
 import io
-import os
 import subprocess
 import tempfile
-import warnings
+
+import torchvision
 
 import matplotlib.pyplot as plt
 from fastcore.test import test_close, test_eq, test_fail
@@ -171,6 +175,7 @@ def _merged(config, cls:type, names, overrides:dict) -> dict:
     params = dataclasses.asdict(config) if isinstance(config, cls) else dict(config or {})
     params.update(overrides)
     for k in params: check_choice('parameter', k, names)
+    if params.get('mixed_precision') is False: params['mixed_precision'] = 'no'  # YAML 1.1 reads `no` as False
     return {**dataclasses.asdict(cls()), **params}
 
 def c5_size(arch:str, image_size:int) -> int:
@@ -195,6 +200,7 @@ def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: a
     for k in RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
     for k, low in _INTS.items(): p[k] = _int(k, p[k], low)
+    if p['seed'] >= 2**64: raise ConfigError('seed', p['seed'], 'an integer in [0, 2**64)')
     check_choice('arch', p['arch'], MODEL_NAMES)
     check_choice('method', p['method'], METHODS)
     for k in ('lr', 'gamma'): check_positive(k, p[k])
@@ -206,8 +212,8 @@ def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: a
     if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
         raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
     for k in BOOLS: p[k] = _bool(k, p[k])
-    if not isinstance(p['data'], (str, Path)) or (p['data'] != 'synthetic' and not Path(p['data']).is_dir()):
-        raise ConfigError('data', p['data'], "'synthetic' or an existing folder of images")
+    if not isinstance(p['data'], (str, Path)) or not str(p['data']) or (p['data'] != 'synthetic' and not Path(p['data']).is_dir()):
+        raise ConfigError('data', p['data'], "'synthetic' or an existing folder of images")  # '' would be the current folder
     p['data'] = str(p['data'])
     side = c5_size(p['arch'], p['image_size'])
     if side < 2: raise ConfigError('image_size', p['image_size'], f'a size giving a C5 map of at least 2x2 ({side}x{side} here): 64 or more')
@@ -237,13 +243,15 @@ test_eq(resolve_config(TrainConfig(arch='resnetrs101'), lr=2, grad_accum=2)['glo
 bad = [dict(arch='resnet51'), dict(recipe='pixpro_r50_200ep'), dict(recipe='resnetrs_supervised_350ep'),
        dict(method='byol'), dict(lr=0), dict(lr=-1.), dict(batch_size=0), dict(batch_size=2.5), dict(threshold=0),
        dict(threshold=10.5), dict(data='/no/such/folder'), dict(image_size=32), dict(mixed_precision='fp8'),
-       dict(resume='/no/such.pt'), dict(epochs=0), dict(ppm_layers=3), dict(momentum=1.5), dict(gammma=2.)]
+       dict(resume='/no/such.pt'), dict(epochs=0), dict(ppm_layers=3), dict(momentum=1.5), dict(gammma=2.), dict(data=''),
+       dict(seed=2**64), dict(seed=-1)]
 for kw in bad:
     name = next(iter(kw))
     try: resolve_config(**kw); raise AssertionError(f'accepted {kw}')
     except ConfigError as e:
         test_eq(e.name, 'parameter' if name == 'gammma' else name)
         print(e)
+test_eq(resolve_config(mixed_precision=False)['mixed_precision'], 'no')  # `mixed_precision: no` in a YAML file
 
 # %% [markdown]
 # ## Checkpoints
@@ -283,9 +291,16 @@ def set_rng_state(state:dict):
 def checkpoint_path(output_dir:str|Path, step:int) -> Path:
     return Path(output_dir)/'checkpoints'/f'step-{step:08d}.pt'
 
+def checkpoint_step(path:str|Path) -> int|None:
+    "The step in a checkpoint's name `step-<step>.pt` (None for any other name)."
+    name = Path(path).name
+    digits = name[len('step-'):-len('.pt')] if name.startswith('step-') and name.endswith('.pt') else ''
+    return int(digits) if digits.isdigit() else None
+
 def list_checkpoints(output_dir:str|Path) -> list[Path]:
-    "The run's checkpoints, oldest first."
-    return sorted((Path(output_dir)/'checkpoints').glob('step-*.pt'))
+    "The run's checkpoints, oldest first: ordered by their step, not by their names' spelling."
+    found = [p for p in (Path(output_dir)/'checkpoints').glob('step-*.pt') if checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 def save_checkpoint(path:str|Path, state:dict) -> Path:
     "Write `state` atomically (temporary file + rename)."
@@ -322,14 +337,46 @@ try: atomic_write(checkpoint_path(d, 7), boom)
 except KeyboardInterrupt: pass
 test_eq(load_checkpoint(checkpoint_path(d, 7))['config'], {'lr': 1.0})  # the killed write left the old file intact
 test_eq(sorted(p.name for p in (d/'checkpoints').iterdir()), ['step-00000007.pt'])  # and no temporary file
+save_checkpoint(d/'checkpoints'/'step-123456789.pt', st)  # past 10^8 steps the names grow a digit
+test_eq([checkpoint_step(p) for p in list_checkpoints(d)], [7, 123456789])
+test_eq(checkpoint_step('step-00000007.pt.unreadable'), None)
 
 # %% [markdown]
-# **Which run is in the folder?** The resolved config is written to `output_dir/config.json` when a run starts.
-# Starting again into the same folder resumes when the config describes the same run (only parameters that do not
-# change the result may differ: workers, checkpoint frequency, `max_steps`...) and refuses otherwise, naming the
-# differences, unless `overwrite=True`. A run with a different number of processes is a different run (its global
-# batch differs). A parameter the saved config lacks was added to the engine after that run was written, which
-# therefore ran with the parameter's default: that is the value it is compared with.
+# ## The run folder
+#
+# A run folder is what a multi-day run leaves behind, and the engine treats it as the user's most valuable file.
+# Five rules keep it trustworthy; each has a test below or in `tests/test_train.py`.
+#
+# 1. **One run per folder.** The main process holds an exclusive lock on `output_dir` (`RunLock`, the conventions
+#    chapter) for the run's whole life. A second run started into a live run's folder exits with code 2 and names
+#    the holder (pid, host, start time). A lock left by a process that died is taken over with a warning.
+# 2. **The folder's run is the run of its checkpoints.** Starting again resumes when the command describes the same
+#    run as the folder's `config.json` *and* as the checkpoint it would resume from (two files that can only disagree
+#    after an accident, which is then refused rather than resumed under the wrong config). The identity includes the
+#    images: the number of files and a digest of their relative paths and sizes (`data_files`, `data_digest`), so a
+#    folder that grew or shrank is refused by name instead of silently changing the step count.
+# 3. **Check everything, then write.** Every check that can fail (the config, the data, the batch against the data,
+#    the folder's run, the checkpoint, the model) runs before the first byte is written into `output_dir`; a corrected
+#    command is never refused because of a failed start. A folder whose run never saved a checkpoint holds nothing
+#    to lose, so a different config simply replaces it.
+# 4. **Keep the right checkpoints.** After writing a checkpoint the engine deletes the older ones beyond
+#    `keep_checkpoints`, ordered by step, and never the one it just wrote. `resume='auto'` takes the newest checkpoint
+#    that *loads*; a newer one that does not (a disk error, a truncated copy) is named in a warning and set aside as
+#    `<name>.unreadable`, never deleted. Checkpoints newer than an explicitly resumed one belong to the abandoned
+#    continuation and are set aside as `<name>.superseded`. Temporary files of writes killed half-way are swept
+#    when a run starts.
+# 5. **Preemption is a checkpoint, not a loss.** SLURM and Kubernetes announce the end of a job with SIGTERM. The
+#    engine finishes the current step, saves a checkpoint at it, and stops with `Preempted` (exit code 143 on the
+#    command line, 128 + the signal's number, as a shell reports it); the same command resumes exactly. All
+#    processes stop at the same step: the request travels with the losses every step gathers anyway.
+#
+# > **Ours.** The reference code writes one checkpoint file in place, has no lock and no run identity, and ends on
+# > SIGTERM wherever it is.
+#
+# `run_differences` compares two resolved configs. Only parameters that do not change the result may differ
+# (workers, checkpoint frequency, `max_steps`, the speed switches). A run with a different number of processes is
+# a different run (its global batch differs). A parameter the saved config lacks was added to the engine after that
+# run was written, which therefore ran with the parameter's default: that is the value it is compared with.
 
 # %%
 #| export
@@ -356,32 +403,139 @@ test_eq(run_differences(older, resolve_config(grad_accum=2), dataclasses.asdict(
 
 
 # %% [markdown]
-# `prepare_output_dir` applies that rule (on every process, before anything is written) and returns the checkpoint
-# to resume from, if any.
+# The images' identity: for folders, the file count and digest of all of them together (the data chapter's
+# `data_fingerprint`, relative to their common folder); for generated data such as `SyntheticScenes`, which the
+# config's parameters already describe, just the count.
 
 # %%
 #| export
-def prepare_output_dir(c:dict,  # resolved config
+def data_identity(*datasets) -> dict:
+    "`data_files` and `data_digest` of a run's datasets: their folders' fingerprint, or the size of generated data."
+    if not all(hasattr(d, 'files') for d in datasets): return dict(data_files=sum(map(len, datasets)), data_digest=None)
+    root = os.path.commonpath([str(d.root) for d in datasets])
+    return data_fingerprint([f for d in datasets for f in d.files], root)
+
+
+# %% [markdown]
+# `prepare_output_dir` applies rules 2-4 *reading only*, on every process: it returns a `RunPlan` (the checkpoint to
+# resume from, already loaded, and what to clear or set aside) or raises. `start_output_dir` carries the plan out on
+# the main process once every other check has passed too.
+
+# %%
+#| export
+class RunPlan(NamedTuple):
+    "What `prepare_output_dir` decided; nothing is written before `start_output_dir` carries it out."
+    resume: Path|None  # the checkpoint to continue from (None: start at step 0)
+    state: dict|None  # its content, loaded once
+    fresh: bool  # clear the folder's checkpoints and metrics first (overwrite=True, or a run that saved no checkpoint)
+    set_aside: tuple = ()  # (checkpoint, reason) pairs renamed to `<name>.<reason>`: 'unreadable' or 'superseded'
+
+def _refuse_if_different(old:dict, c:dict, defaults:dict, name:str, value:str, allowed:str):
+    "`ConfigError` if the saved config `old` is not the run `c`; a changed image folder is named as such."
+    diff = run_differences(old, c, defaults)
+    if diff and all(d.startswith('data_') for d in diff):
+        raise ConfigError('data', c['data'], f'the images the run in {value} started with; the folder changed: ' + '; '.join(diff))
+    if diff: raise ConfigError(name, value, allowed + '; '.join(diff))
+
+def _read_config(out:Path) -> dict|None:
+    "The folder's `config.json` (None if there is none)."
+    if not (out/'config.json').exists(): return None
+    try: return json.loads((out/'config.json').read_text())
+    except (OSError, ValueError) as e: raise ConfigError('output_dir', str(out), f'a folder with a readable config.json ({e}), or overwrite=True') from None
+
+def _newest_loadable(out:Path, ckpts:list[Path], format:str) -> tuple[Path, dict, list]:
+    "The newest checkpoint that loads, its state, and the (path, error) of newer ones that do not."
+    bad = []
+    for path in reversed(ckpts):
+        try: return path, load_checkpoint(path, format), bad
+        except CheckpointError as e: bad.append((path, e))
+    raise CheckpointError(f'{out}: none of its {len(ckpts)} checkpoints loads ({bad[0][1]}); resume from a file with '
+                          'resume=PATH, or start afresh with overwrite=True')
+
+def prepare_output_dir(c:dict,  # resolved config, with `data_identity`'s keys
                        format:str=CHECKPOINT_FORMAT,  # format tag of the engine's checkpoints
                        defaults:dict|None=None,  # the config class's defaults (None: `TrainConfig`'s), see `run_differences`
-                      ) -> Path|None:  # checkpoint to resume from (None: start fresh)
-    "Decide between a fresh start, a resume and a refusal; raises `ConfigError` for a folder holding a different run."
-    out, defaults = Path(c['output_dir']), dataclasses.asdict(TrainConfig()) if defaults is None else defaults
+                      ) -> RunPlan:
+    "Decide, reading only, between a fresh start, a resume and a refusal (`ConfigError`, `CheckpointError`)."
+    out = Path(c['output_dir'])
+    defaults = {**(dataclasses.asdict(TrainConfig()) if defaults is None else defaults),  # a run from before the
+                'data_files': c.get('data_files'), 'data_digest': c.get('data_digest')}  # fingerprint: not compared
     if out.exists() and not out.is_dir(): raise ConfigError('output_dir', str(out), 'a folder (this is a file)')
-    if c['resume'] not in ('auto', 'never'):
-        old = load_checkpoint(c['resume'], format)['config']
-        diff = run_differences(old, c, defaults)
-        if diff: raise ConfigError('resume', c['resume'], 'a checkpoint of this same run; it differs in ' + '; '.join(diff))
-        return Path(c['resume'])
-    cfg_file, ckpts = out/'config.json', list_checkpoints(out)
-    if c['overwrite'] or not (cfg_file.exists() or ckpts): return None
+    ckpts, explicit = list_checkpoints(out), c['resume'] not in ('auto', 'never')
+    state = load_checkpoint(c['resume'], format) if explicit else None
+    if explicit: _refuse_if_different(state['config'], c, defaults, 'resume', c['resume'], 'a checkpoint of this same run; it differs in ')
+    if c['overwrite']:
+        if explicit and Path(c['resume']).resolve().parent == (out/'checkpoints').resolve():
+            raise ConfigError('overwrite', True, f'False when resuming from {c["resume"]}: overwrite would delete it')
+        return RunPlan(Path(c['resume']) if explicit else None, state, True)
+    old, different = _read_config(out), 'a new folder, the folder of this same run, or overwrite=True; it holds a different run: '
+    if not ckpts: return RunPlan(Path(c['resume']) if explicit else None, state, old is not None)  # nothing here to lose
     if c['resume'] == 'never':
         raise ConfigError('output_dir', str(out), 'an empty folder (it holds a run and resume=never), or overwrite=True')
-    old = json.loads(cfg_file.read_text()) if cfg_file.exists() else load_checkpoint(ckpts[-1], format)['config']
-    diff = run_differences(old, c, defaults)
-    if diff: raise ConfigError('output_dir', str(out), 'a new folder, the folder of this same run, or overwrite=True; '
-                               'it holds a different run: ' + '; '.join(diff))
-    return ckpts[-1] if ckpts else None
+    if old is not None: _refuse_if_different(old, c, defaults, 'output_dir', str(out), different)
+    if explicit: return RunPlan(Path(c['resume']), state, False,
+                                tuple((p, 'superseded') for p in ckpts if checkpoint_step(p) > state['step']))
+    path, state, bad = _newest_loadable(out, ckpts, format)
+    _refuse_if_different(state['config'], c, defaults, 'output_dir', str(out), f'{different}(in {path.name}) ')
+    for p, e in bad: warnings.warn(f'{p} does not load ({e}); resuming from {path.name}, the newest that does. '
+                                   f'{p.name} is set aside as {p.name}.unreadable')
+    return RunPlan(path, state, False, tuple((p, 'unreadable') for p, _ in bad))
+
+def start_output_dir(c:dict,  # resolved config
+                     plan:RunPlan,  # from `prepare_output_dir`
+                     files:tuple=('metrics.jsonl', 'metrics.csv', 'encoder.safetensors'),  # what a fresh start clears
+                    ) -> Path:
+    "Carry out `plan` (main process, lock held, every check passed): clear, sweep, set aside, write config.json."
+    out = Path(c['output_dir'])
+    out.mkdir(parents=True, exist_ok=True)
+    if plan.fresh:
+        shutil.rmtree(out/'checkpoints', ignore_errors=True)
+        for f in files: (out/f).unlink(missing_ok=True)
+    sweep_temporary(out)  # half-written files of killed runs
+    for p, why in plan.set_aside:
+        if why == 'superseded': warnings.warn(f'{p} is newer than the checkpoint resumed from; set aside as {p.name}.superseded')
+        p.rename(p.with_name(f'{p.name}.{why}'))
+    return atomic_write(out/'config.json', lambda t: Path(t).write_text(json.dumps(c, indent=1)))
+
+def prune_checkpoints(output_dir:str|Path,
+                      keep:int,  # checkpoints to keep, `written` included
+                      written:Path,  # the checkpoint just written: never deleted
+                     ) -> list[Path]:
+    "Delete the checkpoints older than `written` (by step) beyond the newest `keep - 1`; returns what was deleted."
+    older = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) < checkpoint_step(written)]
+    doomed = older[:max(len(older) - (keep - 1), 0)]
+    for p in doomed: p.unlink(missing_ok=True)
+    return doomed
+
+
+# %% [markdown]
+# The rules on a hand-made folder. A checkpoint written after an explicit resume from an older one survives the
+# pruning; a truncated newest checkpoint is skipped (with a warning) for the one before it, and set aside; a folder
+# that saved nothing accepts a different run; a config.json and a checkpoint that disagree are refused.
+
+# %%
+d = Path(tempfile.mkdtemp())/'run'
+cfg = {**resolve_config(output_dir=str(d)), 'data_files': 256, 'data_digest': None}
+def ckpt(step, config=cfg): return save_checkpoint(checkpoint_path(d, step), {'format': CHECKPOINT_FORMAT, 'step': step, 'config': config})
+test_eq(prepare_output_dir(cfg), RunPlan(None, None, False))  # a new folder
+start_output_dir(cfg, prepare_output_dir(cfg))
+test_eq(prepare_output_dir({**cfg, 'lr': 2.}).fresh, True)  # config.json, but no checkpoint: a new config replaces it
+for s in (10, 20, 30): ckpt(s)
+test_eq(prune_checkpoints(d, 1, checkpoint_path(d, 15)), [checkpoint_path(d, 10)])  # 15 written after resuming at 10
+test_eq([checkpoint_step(p) for p in list_checkpoints(d)], [20, 30])  # nothing newer than 15 is deleted ...
+plan = prepare_output_dir({**cfg, 'resume': str(checkpoint_path(d, 20))})
+test_eq(plan.set_aside, ((checkpoint_path(d, 30), 'superseded'),))  # ... but set aside by an explicit resume from 20
+checkpoint_path(d, 30).write_bytes(checkpoint_path(d, 30).read_bytes()[:100])  # truncated
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always'); plan = prepare_output_dir(cfg)
+test_eq((plan.resume, plan.state['step'], plan.set_aside), (checkpoint_path(d, 20), 20, ((checkpoint_path(d, 30), 'unreadable'),)))
+assert 'step-00000030.pt does not load' in str(w[0].message)
+start_output_dir(cfg, plan)
+test_eq(sorted(p.name for p in (d/'checkpoints').iterdir()), ['step-00000020.pt', 'step-00000030.pt.unreadable'])
+test_fail(lambda: prepare_output_dir({**cfg, 'lr': 2.}), contains='lr: 16.0 -> 2.0')
+test_fail(lambda: prepare_output_dir({**cfg, 'data_files': 300}), contains='data_files: 256 -> 300')
+ckpt(40, {**cfg, 'lr': 2.})  # a checkpoint of another run beside this config.json: refused, not resumed
+test_fail(lambda: prepare_output_dir(cfg), contains='(in step-00000040.pt)')
 
 
 # %% [markdown]
@@ -398,6 +552,11 @@ def prepare_output_dir(c:dict,  # resolved config
 # **A non-finite loss** is checked after the loss of every rank is gathered, before the optimiser steps: all ranks
 # stop at the same step with a `NonFiniteLossError` naming the step and the last good checkpoint, and the weights of
 # that checkpoint were never touched by the bad step.
+#
+# **The momentum horizon** $K$ is the reference's: `momentum_horizon` (the PixPro chapter) divides the number of
+# images by the global batch and multiplies by the epochs before rounding down, 125,113 for the paper's ImageNet run,
+# while the learning rate's schedule, like the reference's scheduler, counts whole epochs of (drop-last) steps,
+# 125,100. The target's momentum therefore ends a hair below 1, exactly as in the reference.
 #
 # **Resume** continues at the checkpoint's step, in the middle of an epoch if that is where it was saved: the
 # sampler skips the batches already seen, which is exact because the order and every augmentation derive from
@@ -431,12 +590,15 @@ def build_dataset(c:dict):
     "The training images of a resolved config: `SyntheticScenes` or an `ImageFiles` folder."
     return SyntheticScenes(c['synthetic_length'], c['synthetic_size']) if c['data'] == 'synthetic' else ImageFiles(c['data'])
 
-def build_model(c:dict, total_steps:int) -> PixPro:
+def build_model(c:dict,
+                total_steps:int,  # K, the momentum schedule's horizon (`momentum_horizon`)
+               ) -> PixPro:
     "The PixPro model of a resolved config, initialised from its seed (the same on every process)."
     torch.manual_seed(c['seed'])
-    return PixPro(create_model(c['arch'], num_classes=0), method=c['method'], threshold=c['threshold'], gamma=c['gamma'],
-                  ppm_layers=c['ppm_layers'], instance_weight=c['instance_weight'], momentum=c['momentum'],
-                  total_steps=total_steps)
+    zero_gamma = {'zero_init_residual': True} if c['arch'] == 'resnet50' else {}  # as the reference's ResNet-50
+    return PixPro(create_model(c['arch'], num_classes=0, **zero_gamma), method=c['method'], threshold=c['threshold'],
+                  gamma=c['gamma'], ppm_layers=c['ppm_layers'], instance_weight=c['instance_weight'],
+                  momentum=c['momentum'], total_steps=total_steps)
 
 def speed_up(model:PixPro,  # on its training device
              channels_last:bool=False,  # NHWC weights (the views must be NHWC too: `to_memory_format`)
@@ -489,6 +651,84 @@ compiled = speed_up(build_model(cfg, 10), compile=True)  # compiling takes a min
 test_eq(list(compiled.state_dict()), list(plain.state_dict()))
 test_close(compiled(x1, x2, k1, k2).loss, build_model(cfg, 10)(x1, x2, k1, k2).loss, eps=1e-4)
 
+# %% [markdown]
+# > **Ours, as the reference.** The reference's ResNet starts the last BN of every residual branch at $\gamma = 0$
+# > (`contrast/resnet.py` in zdaxie/PixPro, `ResNet.__init__`, the loop after the comment "zero gamma for batch
+# > norm"), so each block starts as the identity. torchvision's `resnet50` starts them at 1 unless asked with
+# > `zero_init_residual=True`, which `build_model` does: PixPro's ResNet-50 starts as the reference's, online and
+# > target alike. The ResNet-RS family starts at 0 by its own definition (the ResNet-RS chapter).
+
+# %%
+r50 = build_model(resolve_config(recipe='pixpro_r50_100ep'), 10)
+bn3 = [m.bn3.weight for m in r50.modules() if isinstance(m, torchvision.models.resnet.Bottleneck)]
+test_eq(len(bn3), 2 * 16)  # 16 blocks in the online encoder, 16 in the target
+assert all((w == 0).all() for w in bn3)
+assert all((m.bn2.weight == 1).all() for m in r50.modules() if isinstance(m, torchvision.models.resnet.Bottleneck))
+
+# %% [markdown]
+# **The run's guard.** `RunGuard` holds rule 1 and rule 5 of the run folder for the run's whole life. On entering,
+# the main process takes the folder's lock (the others learn its answer, so every process fails alike) and SIGTERM
+# gets a handler. While the run is setting up, SIGTERM stops it at once (nothing has been trained that a checkpoint
+# could keep); during the loop it only raises a flag that the loop reads at the end of the step; after the loop it is
+# ignored, since the run is finishing anyway. DataLoader workers are forked with the handler and ignore the signal:
+# their parent ends them, after saving.
+
+# %%
+#| export
+EXIT_PREEMPTED = 143  # the command line's exit code after SIGTERM: 128 + 15, as a shell reports a SIGTERM
+
+class Preempted(RuntimeError):
+    "SIGTERM stopped the run; the message names the checkpoint saved at the current step (the same command resumes)."
+
+class RunGuard:
+    "For a run's whole life: the main process holds `RunLock(output_dir)`; SIGTERM becomes a request to stop."
+    def __init__(self, output_dir:str|Path, accelerator):
+        self.out, self.accelerator, self.lock, self.previous = Path(output_dir), accelerator, None, None
+        self.phase, self.requested = 'setup', False  # 'setup' -> 'loop' -> 'finish'
+
+    def __enter__(self):
+        error = None
+        if self.accelerator.is_main_process:
+            try: self.lock = RunLock(self.out).acquire()
+            except ConfigError as e: error = (e.name, e.value, e.allowed)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            error = broadcast_object_list([error])[0]
+        if error: raise ConfigError(*error)
+        self.pid = os.getpid()
+        if threading.current_thread() is threading.main_thread():  # Python lets only the main thread set handlers
+            self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum, frame):
+        if os.getpid() != self.pid or self.phase == 'finish': return  # a forked worker, or a run about to end anyway
+        self.requested = True
+        if self.phase == 'setup': raise Preempted('stopped by SIGTERM while starting; this start wrote no checkpoint')
+
+    def __exit__(self, *exc):
+        if self.previous is not None: signal.signal(signal.SIGTERM, self.previous)
+        if self.lock is not None: self.lock.release()
+
+
+# %% [markdown]
+# A second guard on a locked folder is refused with the holder's pid; during the loop SIGTERM only raises the flag,
+# while setting up it stops the run; leaving the guard frees the folder.
+
+# %%
+class _Single: is_main_process, num_processes = True, 1  # what RunGuard asks of an Accelerator
+d, before = Path(tempfile.mkdtemp())/'guarded', signal.getsignal(signal.SIGTERM)
+with RunGuard(d, _Single()) as guard:
+    test_fail(lambda: RunGuard(d, _Single()).__enter__(), contains=f'locked by pid {os.getpid()}')
+    if guard.previous is not None:  # handlers can be set (the main thread)
+        guard.phase = 'loop'; os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)
+        test_eq(guard.requested, True)
+        guard.phase = 'setup'
+        test_fail(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(1)), contains='stopped by SIGTERM while starting')
+        guard.phase = 'loop'
+with RunGuard(d, _Single()): pass  # free again
+test_eq(signal.getsignal(signal.SIGTERM), before)  # the previous handler is back
+assert not d.exists()  # the lock made the folder and took it away again
+
 
 # %% [markdown]
 # The function is long because a training run has many parts, but it reads top to bottom; helpers above hold the
@@ -500,132 +740,141 @@ def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the 
           **overrides,  # parameters overriding `config`'s, e.g. `train(arch='resnetrs101')`
          ) -> TrainResult:
     "Pretrain with PixPro: config -> accelerator -> data -> model -> optimiser/schedules -> loop -> checkpoints."
-    # 1. config: everything checked before any work
+    # 1. config: everything checked before anything is written
     c = resolve_config(config, **overrides)
     accelerator = _make_accelerator(c)
     c = resolve_config(config, world_size=accelerator.num_processes, **overrides)
     main, device, out = accelerator.is_main_process, accelerator.device, Path(c['output_dir'])
-    resume_from = prepare_output_dir(c)
-    accelerator.wait_for_everyone()  # every process has read the folder before the main process writes to it
-    if main:
-        if c['overwrite'] and resume_from is None:
-            shutil.rmtree(out/'checkpoints', ignore_errors=True)
-            for f in ('metrics.jsonl', 'metrics.csv', 'encoder.safetensors'): (out/f).unlink(missing_ok=True)
-        atomic_write(out/'config.json', lambda t: Path(t).write_text(json.dumps(c, indent=1)))
-    # 2./3. data: this process's shard; the order and augmentations derive from (seed, epoch, index)
-    dataset = build_dataset(c)
-    workers = c['num_workers']
-    kw = dict(image_size=c['image_size'], num_workers=workers, seed=c['seed'], rank=accelerator.process_index,
-              world_size=accelerator.num_processes, labels=False, pin_memory=device.type == 'cuda',
-              persistent_workers=workers > 0, prefetch_factor=c['prefetch_factor'] if workers > 0 else None)
-    if c['gpu_augment']:  # the same crops and decisions (same seeds), the pixel work batched on the device
-        batch_augment = BatchAugment(PixProAugment(c['image_size'])).to(device)
-        if c['compile']: batch_augment.compile()
-        loader = ViewLoader(make_crop_loader(dataset, c['batch_size'], **kw), batch_augment, device)
-    else: loader = make_loader(dataset, c['batch_size'], **kw)
-    steps_per_epoch = len(loader) // c['grad_accum']
-    if steps_per_epoch == 0:
-        raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(dataset)} images for '
-                          f'{c["global_batch"]} per step (batch_size x grad_accum x {accelerator.num_processes} processes)')
-    total_steps = c['epochs'] * steps_per_epoch
-    schedule = dict(base_lr=c['global_lr'], total_steps=total_steps, warmup_steps=c['warmup_epochs'] * steps_per_epoch,
-                    start_factor=c['warmup_start_factor'], final_lr=c['final_lr'])
-    # 4. model: the same initialisation on every process; SyncBN only across GPUs
-    model = build_model(c, total_steps)
-    if accelerator.num_processes > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    speed_up(model.to(device), c['channels_last'], c['compile'])
-    online = OnlineNet(model)  # what DDP wraps; the target stays outside
-    # 5. optimiser and schedules
-    optimizer = LARS(lars_param_groups(online, c['weight_decay']), lr=c['global_lr'], momentum=c['optimizer_momentum'],
-                     trust_coefficient=c['trust_coefficient'])
-    step, metrics = 0, []
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state['model']); optimizer.load_state_dict(state['optimizer'])
-        step, metrics = state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
-        set_rng_state(state['rng'])
-        if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
-    online, optimizer = accelerator.prepare(online, optimizer)
-    if main:
-        _write_metrics(out, metrics)
-        accelerator.init_trackers('tensorboard', config={k: v for k, v in c.items() if isinstance(v, (int, float, str, bool))})
-        print(f"{c['arch']} {c['method']} on {c['data']}: {accelerator.num_processes} process(es) on {device.type}, "
-              f"global batch {c['global_batch']} = {c['batch_size']} x {c['grad_accum']} x {accelerator.num_processes}, "
-              f"lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
-              + (f', resuming at step {step} from {resume_from}' if resume_from else ''), flush=True)
-
-    def save(step:int) -> Path:
-        path = checkpoint_path(out, step)
+    with RunGuard(out, accelerator) as guard:  # the folder locked for the run's life; SIGTERM ends it at a step
+        # 2./3. data: this process's shard; the order and augmentations derive from (seed, epoch, index)
+        dataset = build_dataset(c)
+        c.update(data_identity(dataset))
+        workers = c['num_workers']
+        kw = dict(image_size=c['image_size'], num_workers=workers, seed=c['seed'], rank=accelerator.process_index,
+                  world_size=accelerator.num_processes, labels=False, pin_memory=device.type == 'cuda',
+                  persistent_workers=workers > 0, prefetch_factor=c['prefetch_factor'] if workers > 0 else None)
+        if c['gpu_augment']:  # the same crops and decisions (same seeds), the pixel work batched on the device
+            batch_augment = BatchAugment(PixProAugment(c['image_size'])).to(device)
+            if c['compile']: batch_augment.compile()
+            loader = ViewLoader(make_crop_loader(dataset, c['batch_size'], **kw), batch_augment, device)
+        else: loader = make_loader(dataset, c['batch_size'], **kw)
+        steps_per_epoch = len(loader) // c['grad_accum']
+        if steps_per_epoch == 0:
+            raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(dataset)} images for '
+                              f'{c["global_batch"]} per step (batch_size x grad_accum x {accelerator.num_processes} processes)')
+        total_steps = c['epochs'] * steps_per_epoch
+        schedule = dict(base_lr=c['global_lr'], total_steps=total_steps, warmup_steps=c['warmup_epochs'] * steps_per_epoch,
+                        start_factor=c['warmup_start_factor'], final_lr=c['final_lr'])
+        plan = prepare_output_dir(c)  # resume, fresh start or refusal: nothing written yet
+        # 4. model: the same initialisation on every process; SyncBN only across GPUs
+        horizon = momentum_horizon(len(dataset), accelerator.num_processes, c['batch_size'] * c['grad_accum'], c['epochs'])
+        model = build_model(c, horizon)
+        if accelerator.num_processes > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        speed_up(model.to(device), c['channels_last'], c['compile'])
+        online = OnlineNet(model)  # what DDP wraps; the target stays outside
+        # 5. optimiser and schedules
+        optimizer = LARS(lars_param_groups(online, c['weight_decay']), lr=c['global_lr'], momentum=c['optimizer_momentum'],
+                         trust_coefficient=c['trust_coefficient'])
+        step, metrics = 0, []
+        if plan.state is not None:
+            state = plan.state
+            model.load_state_dict(state['model']); optimizer.load_state_dict(state['optimizer'])
+            step, metrics = state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
+            set_rng_state(state['rng'])
+            if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
+            del state; plan = plan._replace(state=None)  # the weights live in the model now
+        accelerator.wait_for_everyone()  # every process has read the folder before the main process writes to it
+        if main: start_output_dir(c, plan); _write_metrics(out, metrics)
+        online, optimizer = accelerator.prepare(online, optimizer)
         if main:
-            state = {'format': CHECKPOINT_FORMAT, 'step': step, 'config': c, 'model': model.state_dict(),
-                     'optimizer': optimizer.state_dict(), 'metrics': metrics, 'rng': rng_state(),
-                     'scaler': accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
-            save_checkpoint(path, state)
-            _write_metrics(out, metrics)
-            for old in list_checkpoints(out)[:-c['keep_checkpoints']]: old.unlink()
-        accelerator.wait_for_everyone()
-        return path
+            accelerator.init_trackers('tensorboard', config={k: v for k, v in c.items() if isinstance(v, (int, float, str, bool))})
+            print(f"{c['arch']} {c['method']} on {c['data']}: {accelerator.num_processes} process(es) on {device.type}, "
+                  f"global batch {c['global_batch']} = {c['batch_size']} x {c['grad_accum']} x {accelerator.num_processes}, "
+                  f"lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
+                  + (f', resuming at step {step} from {plan.resume}' if plan.resume else ''), flush=True)
 
-    # 6. the loop
-    last_ckpt, end = (Path(resume_from) if resume_from else None), min(total_steps, c['max_steps'] or total_steps)
-    saved = step if resume_from else None  # the step of the newest checkpoint
-    bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
-               mininterval=2 if sys.stderr.isatty() else 30)  # notebooks and log files: a line every 30 s
-    t_start = time.perf_counter()
-    while step < end:
-        epoch, skip = divmod(step, steps_per_epoch)
-        loader.set_epoch(epoch, skip=skip * c['grad_accum'])
-        n_micro = (steps_per_epoch - skip) * c['grad_accum']
-        parts, micro = torch.zeros(3, device=device), 0
-        t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
-        data_s = 0.0
-        for batch, _ in zip(loader, range(n_micro)):
-            if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
-            data_s += time.perf_counter() - t0
-            v1, v2, c1, c2 = (t.to(device, non_blocking=True) for t in batch[:4])
-            v1, v2 = to_memory_format(v1, c['channels_last']), to_memory_format(v2, c['channels_last'])
-            last = micro == c['grad_accum'] - 1
-            with accelerator.no_sync(online) if not last else nullcontext():
-                with accelerator.autocast():
-                    o = model(v1, v2, c1, c2, update_target=micro == 0, online=online)
-                accelerator.backward(o.loss / c['grad_accum'])
-            parts += torch.stack([o.loss, o.pixel, o.instance]).detach().float() / c['grad_accum']
-            if micro == 0: m = o.momentum
-            micro += 1
-            if not last: t0 = time.perf_counter(); continue
-            ranks = accelerator.gather(parts[None])  # [processes, 3]: every rank sees every rank's loss
-            if not torch.isfinite(ranks).all():
-                bad = ranks[:, 0].tolist()
-                raise NonFiniteLossError(f'non-finite loss in step {step + 1} (epoch {epoch}), per process {bad}; the last '
-                                         f'good checkpoint is {last_ckpt or "none (no checkpoint yet)"}. Lower lr, '
-                                         f'check the data, or try mixed_precision="no".')
-            optimizer.step(); optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t_step  # all the step's micro-batches
-            loss, pixel, instance = ranks.mean(0).tolist()
-            row = dict(step=step, epoch=step / steps_per_epoch, loss=loss, pixel=pixel, instance=instance, lr=lr,
-                       momentum=m, images_per_s=c['global_batch'] / dt, data_s=data_s, time_s=time.perf_counter() - t_start,
-                       loss_per_process=ranks[:, 0].tolist())
-            metrics.append(row)
+        def save(step:int) -> Path:
+            path = checkpoint_path(out, step)
             if main:
-                with open(out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-                accelerator.log({k: row[k] for k in METRIC_COLUMNS[2:-2]}, step=step)
-                bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.3g}', m=f'{m:.4f}', img_s=f"{row['images_per_s']:.1f}", refresh=False)
-                bar.update()
-            parts.zero_(); micro, data_s = 0, 0.0
-            t_step = t0 = time.perf_counter()
-            if step >= end: break
-        done_epoch = step % steps_per_epoch == 0
-        if step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0): last_ckpt, saved = save(step), step
-    bar.close()
-    # 7. the end: the final checkpoint (unless the run was already complete) and the online encoder for transfer
-    if saved != step: last_ckpt = save(step)
-    if main:
-        from safetensors.torch import save_file
-        enc = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
-        atomic_write(out/'encoder.safetensors', lambda t: save_file(enc, str(t), metadata={'arch': c['arch']}))
-    del online, optimizer, loader  # drop every reference to DDP/gloo objects before the process group ends
-    accelerator.end_training()
+                state = {'format': CHECKPOINT_FORMAT, 'step': step, 'config': c, 'model': model.state_dict(),
+                         'optimizer': optimizer.state_dict(), 'metrics': metrics, 'rng': rng_state(),
+                         'scaler': accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
+                save_checkpoint(path, state)
+                _write_metrics(out, metrics)
+                prune_checkpoints(out, c['keep_checkpoints'], path)
+            accelerator.wait_for_everyone()
+            return path
+
+        # 6. the loop
+        last_ckpt, end = plan.resume, min(total_steps, c['max_steps'] or total_steps)
+        saved, stop = (step if plan.resume else None), False  # the step of the newest checkpoint; SIGTERM seen
+        bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
+                   mininterval=2 if sys.stderr.isatty() else 30)  # notebooks and log files: a line every 30 s
+        t_start, guard.phase = time.perf_counter(), 'loop'
+        try:
+            while step < end and not stop:
+                epoch, skip = divmod(step, steps_per_epoch)
+                loader.set_epoch(epoch, skip=skip * c['grad_accum'])
+                n_micro = (steps_per_epoch - skip) * c['grad_accum']
+                parts, micro = torch.zeros(4, device=device), 0  # loss, pixel, instance, stop requested
+                t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
+                data_s = 0.0
+                for batch, _ in zip(loader, range(n_micro)):
+                    if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
+                    data_s += time.perf_counter() - t0
+                    v1, v2, c1, c2 = (t.to(device, non_blocking=True) for t in batch[:4])
+                    v1, v2 = to_memory_format(v1, c['channels_last']), to_memory_format(v2, c['channels_last'])
+                    last = micro == c['grad_accum'] - 1
+                    with accelerator.no_sync(online) if not last else nullcontext():
+                        with accelerator.autocast():
+                            o = model(v1, v2, c1, c2, update_target=micro == 0, online=online)
+                        accelerator.backward(o.loss / c['grad_accum'])
+                    parts[:3] += torch.stack([o.loss, o.pixel, o.instance]).detach().float() / c['grad_accum']
+                    if micro == 0: m = o.momentum
+                    micro += 1
+                    if not last: t0 = time.perf_counter(); continue
+                    parts[3] = float(guard.requested)
+                    ranks = accelerator.gather(parts[None])  # [processes, 4]: every rank sees every rank's loss and stop
+                    if not torch.isfinite(ranks).all():
+                        bad = ranks[:, 0].tolist()
+                        raise NonFiniteLossError(f'non-finite loss in step {step + 1} (epoch {epoch}), per process {bad}; the '
+                                                 f'last good checkpoint is {last_ckpt or "none (no checkpoint yet)"}. A run '
+                                                 f'resumes only with its own lr and precision: start a new run (another '
+                                                 f'output_dir) with a lower lr or mixed_precision="no", or check the data.')
+                    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    dt = time.perf_counter() - t_step  # all the step's micro-batches
+                    loss, pixel, instance, stop = ranks.mean(0).tolist()
+                    stop = stop > 0  # some process was sent SIGTERM
+                    row = dict(step=step, epoch=step / steps_per_epoch, loss=loss, pixel=pixel, instance=instance, lr=lr,
+                               momentum=m, images_per_s=c['global_batch'] / dt, data_s=data_s,
+                               time_s=time.perf_counter() - t_start, loss_per_process=ranks[:, 0].tolist())
+                    metrics.append(row)
+                    if main:
+                        with open(out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
+                        accelerator.log({k: row[k] for k in METRIC_COLUMNS[2:-2]}, step=step)
+                        bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.3g}', m=f'{m:.4f}', img_s=f"{row['images_per_s']:.1f}", refresh=False)
+                        bar.update()
+                    parts.zero_(); micro, data_s = 0, 0.0
+                    t_step = t0 = time.perf_counter()
+                    if step >= end or stop: break
+                done_epoch = step % steps_per_epoch == 0
+                if step == end or stop or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0):
+                    last_ckpt, saved = save(step), step
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f'interrupted in step {step + 1}; ' + (f'the newest checkpoint is {last_ckpt}'
+                                    if last_ckpt else 'no checkpoint was written')) from None
+        bar.close()
+        if stop and step < end: raise Preempted(f'stopped by SIGTERM after step {step}, saved in {last_ckpt}; run the same command to resume')
+        # 7. the end: the final checkpoint (unless the run was already complete) and the online encoder for transfer
+        guard.phase = 'finish'
+        if saved != step: last_ckpt = save(step)
+        if main:
+            from safetensors.torch import save_file
+            enc = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
+            atomic_write(out/'encoder.safetensors', lambda t: save_file(enc, str(t), metadata={'arch': c['arch']}))
+        del online, optimizer, loader  # drop every reference to DDP/gloo objects before the process group ends
+        accelerator.end_training()
     return TrainResult(out, last_ckpt, metrics, model, c)
 
 
@@ -744,13 +993,48 @@ assert all(torch.isfinite(v).all() for v in good['model'].values() if v.is_float
 test_eq(good['step'], 8)
 
 # %% [markdown]
+# ### Which checkpoints stay
+#
+# Resumed explicitly from step 8 of a folder that holds steps 8 and 16, a run writes step 12: the pruning keeps it
+# (the older rule, by file name, deleted the checkpoint just written), and step 16, the continuation that the resume
+# abandoned, is set aside as `step-00000016.pt.superseded`. Then the newest checkpoint is truncated, as a disk error or
+# an interrupted copy would leave it: `resume='auto'` warns, naming it, sets it aside as `.unreadable`, resumes from
+# step 8, and the run ends with the losses of the uninterrupted run.
+
+# %%
+keep = tmp/'keep'
+train(tiny, output_dir=str(keep), keep_checkpoints=2)
+test_eq([checkpoint_step(p) for p in list_checkpoints(keep)], [8, 16])
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    train(tiny, output_dir=str(keep), keep_checkpoints=2, resume=str(checkpoint_path(keep, 8)), max_steps=12)
+test_eq([checkpoint_step(p) for p in list_checkpoints(keep)], [8, 12])
+assert (keep/'checkpoints'/'step-00000016.pt.superseded').exists() and any('superseded' in str(x.message) for x in w)
+p12 = checkpoint_path(keep, 12); p12.write_bytes(p12.read_bytes()[:4096])
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    again = train(tiny, output_dir=str(keep), keep_checkpoints=2)
+print(next(str(x.message) for x in w if 'does not load' in str(x.message))[:160])
+test_eq([m['loss'] for m in again.metrics], [m['loss'] for m in r.metrics])
+test_eq(sorted(p.name for p in (keep/'checkpoints').iterdir()),
+        ['step-00000008.pt', 'step-00000012.pt.unreadable', 'step-00000016.pt', 'step-00000016.pt.superseded'])
+
+# %% [markdown]
 # ## The command line
 #
 # `python -m pixpro_rs.train`, the console script `pixpro-train`, `accelerate launch -m pixpro_rs.train` and
 # `accelerate launch pixpro_rs/train.py` all run `main`. Its flags are the parameters' names (`--arch resnetrs101
 # --batch_size 64`), their help is the glossary, and `--config params.yaml` reads a YAML file of the same names
-# (flags given on the command line win). A bad configuration exits with code 2 and one line naming the parameter;
-# a non-finite loss exits with code 1 and the message above; neither prints a traceback.
+# (flags given on the command line win). Whatever ends a run, it ends with one line on stderr, never a traceback,
+# and an exit code a job script can act on:
+#
+# | exit code | what happened | what to do |
+# |---|---|---|
+# | 0 | the run is complete (or was already) | |
+# | 1 | a non-finite loss (the line names the step and the last good checkpoint), or the system failed: a full disk (named, with the file), an unreadable file | fix the cause; a new run for a NaN |
+# | 2 | bad input: a parameter, a file, a folder holding another run or locked by a live one | correct the command |
+# | 130 | Ctrl-C; the line names the newest checkpoint, or says there is none | the same command resumes |
+# | 143 | SIGTERM (preemption): a checkpoint was saved at the current step | the same command resumes exactly |
 
 # %%
 #| export
@@ -799,7 +1083,7 @@ def run_command(argv:list[str]|None,
                 run:Callable[[dict], Any],  # runs the job from the parameters
                 names:tuple=PARAMETERS,  # the parameters a `--config` file may set
                ) -> int:
-    "Parse, run, and turn bad input into one clear line and an exit code: 2 bad input, 1 non-finite loss, 130 Ctrl-C."
+    "Parse, run, and turn failures into one clear line and an exit code (see the table above)."
     args = parser.parse_args(argv)
     try:
         params = read_params(args.config, names) if args.config else {}
@@ -807,10 +1091,12 @@ def run_command(argv:list[str]|None,
         run(params)
     except (ConfigError, CheckpointError) as e:
         print(f'{parser.prog}: error: {e}', file=sys.stderr); return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, OSError) as e:  # OSError: a full disk, an unreadable file in strict mode...
         print(f'{parser.prog}: stopped: {e}', file=sys.stderr); return 1
-    except KeyboardInterrupt:
-        print(f'{parser.prog}: interrupted; the last checkpoint is intact', file=sys.stderr); return 130
+    except Preempted as e:
+        print(f'{parser.prog}: {e}', file=sys.stderr); return EXIT_PREEMPTED
+    except KeyboardInterrupt as e:
+        print(f'{parser.prog}: interrupted' + (f' {e}' if str(e) else ''), file=sys.stderr); return 130
     return 0
 
 def main(argv:list[str]|None=None) -> int:
@@ -858,7 +1144,11 @@ test_eq(len((tmp/'cli'/'metrics.csv').read_text().splitlines()), 1 + 4)
 # - Checkpoints (`checkpoints/step-*.pt`) hold the whole model (the momentum schedule's position included), the
 #   optimiser, the config, the metrics and the RNG states; they are written atomically, load with
 #   `weights_only=True`, and a run started again continues exactly, also in the middle of an epoch and after SIGKILL
-#   (tests/test_train.py). A folder holding a different run is refused unless `overwrite=True`.
+#   (tests/test_train.py). A folder holding a different run (config, checkpoint or images) is refused unless
+#   `overwrite=True`.
+# - The run folder is locked while its run lives (`RunGuard`, `RunLock`); every check runs before anything is written;
+#   pruning never deletes the checkpoint just written; an unreadable newest checkpoint is set aside for the newest
+#   that loads; SIGTERM saves a checkpoint at the current step and exits with code 143 (tests/test_run_folder.py).
 # - A non-finite loss stops every process at the same step with `NonFiniteLossError`, naming the step and the last
 #   good checkpoint, before the optimiser touches the weights.
 # - `main` is the command line: `pixpro-train`, `python -m pixpro_rs.train`, `accelerate launch -m pixpro_rs.train`

@@ -84,28 +84,35 @@ torch.set_num_threads(1)  # nbdev_test runs notebooks side by side on 2 cores: s
 # `load_backbone` also takes a plain backbone state dict (`.pth`/`.safetensors`, e.g. a timm checkpoint), a `PixPro`
 # module or a backbone module, and always returns a copy in eval mode with gradients off: a probe can never change
 # the caller's model.
+#
+# The architecture comes from the file whenever the file says it. A `.safetensors` file has no room for a config, but
+# its header has a small str-to-str metadata dict, and every safetensors file this package writes puts `arch` there:
+# training's `encoder.safetensors`, fine-tuning's `model.safetensors`, `export_backbone`'s exports. So
+# `load_backbone('runs/x/encoder.safetensors')` needs no `arch`, and a given `arch` that disagrees with the saved one
+# is refused with both names, before any weights are read. Only a file that says nothing (a plain `.pth` state
+# dict, a timm checkpoint) needs `arch` from the caller.
 
 # %%
 #| exports
-def _peek(path:Path) -> tuple[list[str], dict|None]:
-    "The tensor names of a checkpoint (inside 'state_dict'/'model' if present) and its 'config' dict, read lazily."
+def _peek(path:Path) -> tuple[list[str], dict|None, str|None]:
+    "Tensor names (inside 'state_dict'/'model' if present), the 'config' dict and the saved arch of a checkpoint, read lazily."
     try:
-        if path.suffix == '.safetensors':
+        if path.suffix == '.safetensors':  # no config, but training and the exports write the arch in the metadata
             from safetensors import safe_open
-            with safe_open(str(path), 'pt') as f: return list(f.keys()), None
+            with safe_open(str(path), 'pt') as f: return list(f.keys()), None, (f.metadata() or {}).get('arch')
         try: obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # no copy of the weights
         except RuntimeError: obj = torch.load(path, map_location='cpu', weights_only=True)  # old (non-zip) format
     except Exception as e: raise CheckpointError(f'{path}: cannot read checkpoint ({type(e).__name__}: {e})') from e
     config = obj.get('config') if isinstance(obj, dict) and isinstance(obj.get('config'), dict) else None
     for key in ('state_dict', 'model', 'model_state_dict'):  # the order of resnet_rs.load_pretrained
         if isinstance(obj, dict) and isinstance(obj.get(key), dict): obj = obj[key]; break
-    return (list(obj) if isinstance(obj, dict) else []), config
+    return (list(obj) if isinstance(obj, dict) else []), config, (config or {}).get('arch')
 
 
 # %%
 #| exports
 def load_backbone(checkpoint_or_model:str|Path|nn.Module,  # PixPro checkpoint, backbone .pth/.safetensors, PixPro or backbone
-                  arch:str|None=None,  # backbone name; needed when the file has no config, checked when it has one
+                  arch:str|None=None,  # backbone name; needed when the file does not say, checked when it does
                  ) -> nn.Module:
     "The ONLINE encoder as a backbone without classifier: a copy, in eval mode, without gradients."
     config = None
@@ -115,11 +122,11 @@ def load_backbone(checkpoint_or_model:str|Path|nn.Module,  # PixPro checkpoint, 
     else:
         path = Path(checkpoint_or_model)
         if not path.is_file(): raise FileNotFoundError(f'checkpoint {path} does not exist')
-        keys, config = _peek(path)
-        saved = (config or {}).get('arch')
+        keys, config, saved = _peek(path)
         if arch and saved and arch != saved: raise ConfigError('arch', arch, f'{saved!r}, the arch saved in {path}')
         arch = arch or saved
-        if arch is None: raise ConfigError('arch', None, f'one of {", ".join(MODEL_NAMES)}: {path} has no config to read it from')
+        if arch is None:
+            raise ConfigError('arch', None, f'one of {", ".join(MODEL_NAMES)}: {path} has no config (or arch metadata) to read it from')
         wrap = 'module.' if keys and all(k.startswith('module.') for k in keys) else ''  # saved from a DDP wrapper
         prefix = f'{wrap}encoder.' if any(k.startswith(f'{wrap}target.') for k in keys) else None  # online, not target
         backbone = load_pretrained(create_model(arch, num_classes=0), path, prefix=prefix)
@@ -132,7 +139,8 @@ def load_backbone(checkpoint_or_model:str|Path|nn.Module,  # PixPro checkpoint, 
 # %% [markdown]
 # The test writes a checkpoint in the training chapter's format from a `PixPro` on `resnetrs_tiny`, moves the target
 # away from the online encoder (so that picking the wrong one would show), and reads it back. A plain backbone state
-# dict needs `arch`; a wrong `arch` is refused with the saved one in the message.
+# dict needs `arch`; a wrong `arch` is refused with the saved one in the message. Then the encoder file exactly as
+# training writes it (`save_file(..., metadata={'arch': ...})`) loads without `arch`.
 
 # %%
 #| export
@@ -163,6 +171,14 @@ test_fail(lambda: load_backbone(tmp/'plain.pth'), contains='has no config')
 test_eq(load_backbone(tmp/'plain.pth', 'resnetrs_tiny').conv1[0].weight, pixpro.encoder.conv1[0].weight.detach())
 save_file({k: v.contiguous() for k, v in pixpro.encoder.state_dict().items()}, str(tmp/'plain.safetensors'))
 test_eq(load_backbone(tmp/'plain.safetensors', 'resnetrs_tiny').conv1[0].weight, pixpro.encoder.conv1[0].weight.detach())
+test_fail(lambda: load_backbone(tmp/'plain.safetensors'), contains='has no config (or arch metadata)')  # no metadata
+save_file({k: v.contiguous() for k, v in pixpro.encoder.state_dict().items()}, str(tmp/'encoder.safetensors'),
+          metadata={'arch': 'resnetrs_tiny'})  # as train() writes it
+bb = load_backbone(tmp/'encoder.safetensors')  # no arch: the metadata says
+test_eq((bb.arch, bb.pretrain_config), ('resnetrs_tiny', None))
+for k, v in bb.state_dict().items(): test_eq(v, pixpro.encoder.state_dict()[k])
+test_fail(lambda: load_backbone(tmp/'encoder.safetensors', arch='resnetrs50'),
+          contains="invalid arch='resnetrs50': expected 'resnetrs_tiny', the arch saved in")
 test_fail(lambda: load_backbone(tmp/'missing.pth'), contains='missing.pth does not exist')
 
 pixpro.train()
@@ -901,7 +917,7 @@ def _check_export(fmt:str, arch:str|None, suffix:str):
 def export_backbone(checkpoint:str|Path|nn.Module,  # anything `load_backbone` takes (a PixPro checkpoint ...)
                     fmt:str,  # 'timm', 'torchvision' or 'detectron2'
                     path:str|Path,  # output: .pth/.pt/.bin/.safetensors (timm, torchvision) or .pkl (detectron2)
-                    arch:str|None=None,  # backbone name, when the checkpoint has no config
+                    arch:str|None=None,  # backbone name, when the checkpoint does not say (no config, no arch metadata)
                    ) -> Path:
     "Write the online encoder (no classifier) for timm, torchvision or detectron2, atomically; returns the path."
     check_choice('fmt', fmt, EXPORT_FORMATS)
@@ -950,6 +966,11 @@ test_fail(lambda: export_backbone(rs50, 'detectron2', tmp/'rs50.pkl'), contains=
 test_fail(lambda: export_backbone(rs50, 'torchvision', tmp/'rs50_tv.pth'), contains='torchvision has no ResNet-RS')
 test_fail(lambda: export_backbone(tmp/'ckpt.pth', 'timm', tmp/'tiny.pth'), contains="one timm builds by name")
 test_fail(lambda: export_backbone(rs50, 'timm', tmp/'rs50.pkl'), contains='path suffix')
+again = export_backbone(tmp/'rs50.safetensors', 'timm', tmp/'rs50_again.pth')  # an export's metadata names its arch
+with torch.no_grad(): test_close(load_backbone(again, 'resnetrs50').forward_features(x), want, eps=1e-6)
+test_fail(lambda: export_backbone(tmp/'rs50.safetensors', 'timm', tmp/'r50.pth', arch='resnet50'),
+          contains="invalid arch='resnet50': expected 'resnetrs50', the arch saved in")
+assert not (tmp/'r50.pth').exists()
 assert not (tmp/'rs50.pkl').exists() and not (tmp/'tiny.pth').exists()
 
 # %%
@@ -1025,6 +1046,8 @@ with torch.no_grad(): test_close(back.eval().forward_features(x), want, eps=1e-5
 #
 # - `load_backbone(checkpoint_or_model, arch=None)` returns the **online** encoder of a PixPro checkpoint (not the
 #   momentum target), of a backbone file, or of a module: a copy, eval mode, no gradients, `pretrain_config` attached.
+#   The arch comes from the checkpoint's config or a safetensors file's metadata (`encoder.safetensors`, exports);
+#   a given `arch` that disagrees is refused.
 # - `extract_features` runs a frozen backbone in eval mode: BN statistics are used, never updated (the reference's
 #   linear evaluation lets them drift), giving pooled C5, the C5 map, or C4 with C5 upsampled.
 # - `confusion_matrix`, `iou_per_class`, `miou`, `pixel_accuracy`: scores over the whole set, pixels labelled 255

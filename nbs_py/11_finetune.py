@@ -40,10 +40,10 @@ from pixpro_rs.data import ClassFolders, PairLoader, PairSampler, SyntheticScene
 from pixpro_rs.evaluate import load_backbone
 from pixpro_rs.recipes import RESNETRS_SUPERVISED, SupervisedRecipe, lr_at, scaled_lr, set_lr, supervised_recipe
 from pixpro_rs.resnet_rs import RS_CONFIGS, CheckpointError, create_model
-from pixpro_rs.train import (NonFiniteLossError, RUN_ONLY, _bool, _int, _merged, _write_metrics, c5_size,
-                             checkpoint_path, config_parser, default_output_dir, list_checkpoints, load_checkpoint,
-                             prepare_output_dir, read_params, rng_state, run_command, run_differences, save_checkpoint,
-                             set_rng_state, to_memory_format)
+from pixpro_rs.train import (NonFiniteLossError, Preempted, RUN_ONLY, RunGuard, _bool, _int, _merged, _write_metrics,
+                             c5_size, checkpoint_path, config_parser, data_identity, default_output_dir, list_checkpoints,
+                             load_checkpoint, prepare_output_dir, prune_checkpoints, RunPlan, read_params, rng_state, run_command,
+                             run_differences, save_checkpoint, set_rng_state, start_output_dir, to_memory_format)
 
 # %%
 #| hide
@@ -759,6 +759,7 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
     for k in FT_RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
     for k, low in _FT_INTS.items(): p[k] = _int(k, p[k], low)
+    if p['seed'] >= 2**64: raise ConfigError('seed', p['seed'], 'an integer in [0, 2**64)')
     check_choice('arch', p['arch'], RS_ARCHS)
     check_positive('lr', p['lr']); check_range('weight_decay', p['weight_decay'], 0)
     check_range('warmup_epochs', p['warmup_epochs'], 0, p['epochs'])
@@ -826,8 +827,11 @@ for kw in bad:
 # A fine-tuning checkpoint holds the trained model, the EMA (its weights, its BN statistics and its update counter
 # $t$, which positions the decay's warm-up), the optimiser's momentum buffers, the step, the resolved config, the
 # metrics and the generators' states, under its own format string, and is written atomically with the training
-# chapter's `save_checkpoint`. A folder holding a different run is refused unless `overwrite=True`, with the same
-# rule as pretraining (`run_differences`, `RUN_ONLY`).
+# chapter's `save_checkpoint`. The run folder follows the training chapter's rules, with the same code: the folder is
+# locked while the run lives (`RunGuard`), a folder holding a different run (its config, its checkpoint, or its
+# images: the training and validation folders' fingerprint) is refused unless `overwrite=True`, every check runs
+# before anything is written, pruning never deletes the checkpoint just written, an unreadable newest checkpoint is
+# skipped for the newest that loads, and SIGTERM saves a checkpoint at the current step.
 
 # %%
 #| export
@@ -837,8 +841,8 @@ def load_finetune_checkpoint(path:str|Path) -> dict:
     "Load a fine-tuning checkpoint (`weights_only=True`); a file that is not one raises `CheckpointError` naming it."
     return load_checkpoint(path, FT_CHECKPOINT_FORMAT)
 
-def prepare_finetune_dir(c:dict) -> Path|None:
-    "Fresh start (None), the checkpoint to resume from, or a `ConfigError` for a folder holding a different run."
+def prepare_finetune_dir(c:dict) -> RunPlan:
+    "A fresh start, a resume (its checkpoint loaded), or a `ConfigError` for a folder holding a different run."
     return prepare_output_dir(c, FT_CHECKPOINT_FORMAT, dataclasses.asdict(FinetuneConfig()))  # the training engine's rule
 
 FT_METRIC_COLUMNS = ('step', 'epoch', 'loss', 'lr', 'ema_decay', 'top1', 'top1_ema', 'images_per_s', 'data_s', 'time_s')
@@ -855,8 +859,11 @@ def _write_ft_metrics(out:Path, metrics:list[dict]):
 # schedule -> loop -> checkpoints. Per optimiser step: the lr of `lr_at` (linear warm-up from 0 over `warmup_epochs`,
 # cosine to 0); for each of the step's `grad_accum` micro-batches a forward under `accelerator.autocast()` with BN in
 # training mode and the backward of the label-smoothed cross-entropy divided by `grad_accum`; then one Nesterov SGD
-# step and one EMA update from the unwrapped model. Every `save_every` epochs and at the end, both the raw model and
-# the EMA model are evaluated (top-1; counts summed over processes), and a checkpoint is written. A non-finite loss
+# step and one EMA update from the unwrapped model. Every `save_every` epochs and at the end, a checkpoint is written,
+# *then* both the raw model and the EMA model are evaluated (top-1; counts summed over processes): an evaluation that
+# fails (an unreadable validation image, an out-of-memory) loses no training. The checkpoint records that its
+# evaluation was still to come (`pending_eval`), and a run resumed from it evaluates first (the same numbers: the
+# evaluation is deterministic). A non-finite loss
 # stops every process before the optimiser steps (`NonFiniteLossError`, from the training chapter). At the end the EMA
 # model, the one the recipe evaluates, is written as `model.safetensors` (timm's key names, loadable with
 # `load_pretrained(create_model(arch, num_classes=K), path)`).
@@ -948,132 +955,146 @@ def finetune(config:FinetuneConfig|dict|None=None,  # the run's parameters (None
              **overrides,  # parameters overriding `config`'s, e.g. `finetune(init='runs/x/encoder.safetensors')`
             ) -> FinetuneResult:
     "Supervised training with the ResNet-RS recipe, from scratch or a PixPro encoder; evaluates the EMA model."
-    # 1. config: everything checked before any work
+    # 1. config: everything checked before anything is written
     c = resolve_finetune_config(config, **overrides)
     accelerator = _make_ft_accelerator(c)
     c = resolve_finetune_config(config, world_size=accelerator.num_processes, **overrides)
     main, device, out = accelerator.is_main_process, accelerator.device, Path(c['output_dir'])
-    resume_from = prepare_finetune_dir(c)
-    accelerator.wait_for_everyone()
-    if main:
-        if c['overwrite'] and resume_from is None:
-            shutil.rmtree(out/'checkpoints', ignore_errors=True)
-            for f in ('metrics.jsonl', 'metrics.csv', 'model.safetensors'): (out/f).unlink(missing_ok=True)
-        atomic_write(out/'config.json', lambda t: Path(t).write_text(json.dumps(c, indent=1)))
-    # 2./3. data: this process's shard; order and augmentations derive from (seed, epoch, index)
-    train_ds, val_ds = build_datasets(c)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    loader = train_loader(train_ds, train_transform(c['image_size'], c['randaugment_ops'], c['randaugment_magnitude']),
-                          c['batch_size'], num_workers=c['num_workers'], seed=c['seed'], rank=rank, world_size=world,
-                          pin_memory=device.type == 'cuda')
-    val_loader = eval_loader(val_ds, c['image_size'], c['batch_size'], num_workers=c['num_workers'], rank=rank, world_size=world)
-    steps_per_epoch = len(loader) // c['grad_accum']
-    if steps_per_epoch == 0:
-        raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(train_ds)} images for '
-                          f'{c["global_batch"]} per step (batch_size x grad_accum x {world} processes)')
-    total_steps = c['epochs'] * steps_per_epoch
-    schedule = dict(base_lr=c['global_lr'], total_steps=total_steps, warmup_steps=c['warmup_epochs'] * steps_per_epoch,
-                    start_factor=c['warmup_start_factor'], final_lr=c['final_lr'])
-    # 4. model and its EMA: the same initialisation on every process; SyncBN only across GPUs
-    model = build_classifier(c['arch'], c['num_classes'], c['init'], c['dropout'], c['stochastic_depth'], c['seed'])
-    if world > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device).train()
-    ema = ModelEMA(model, c['ema_decay']).to(device)  # before compiling: a compiled module's copy runs the original
-    for m in (model, ema.module): speed_up_classifier(m, c['channels_last'], c['compile'])
-    # 5. optimiser: SGD Nesterov, weight decay on conv / linear weights only
-    optimizer = torch.optim.SGD(param_groups(model, c['weight_decay']), lr=c['global_lr'],
-                                momentum=c['optimizer_momentum'], nesterov=c['optimizer'] == 'sgd_nesterov')
-    criterion = nn.CrossEntropyLoss(label_smoothing=c['label_smoothing'])
-    step, metrics = 0, []
-    if resume_from is not None:
-        state = load_finetune_checkpoint(resume_from)
-        model.load_state_dict(state['model']); ema.load_state_dict(state['ema']); optimizer.load_state_dict(state['optimizer'])
-        step, metrics = state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
-        set_rng_state(state['rng'])
-        if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    if main:
-        _write_ft_metrics(out, metrics)
-        print(f"{c['arch']} ({c['init']}) on {c['data']}, {c['num_classes']} classes: {world} process(es) on {device.type}, "
-              f"global batch {c['global_batch']} = {c['batch_size']} x {c['grad_accum']} x {world}, "
-              f"lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
-              + (f', resuming at step {step} from {resume_from}' if resume_from else ''), flush=True)
-
-    def evaluation() -> dict:
-        raw = accelerator.reduce(evaluate(model, val_loader, device, accelerator.autocast, c['channels_last']), 'sum')
-        avg = accelerator.reduce(evaluate(ema.module, val_loader, device, accelerator.autocast, c['channels_last']), 'sum')
-        return dict(top1=float(raw[0] / raw[1]), top1_ema=float(avg[0] / avg[1]))
-
-    def save(step:int) -> Path:
-        path = checkpoint_path(out, step)
+    with RunGuard(out, accelerator) as guard:  # the folder locked for the run's life; SIGTERM ends it at a step
+        # 2./3. data: this process's shard; order and augmentations derive from (seed, epoch, index)
+        train_ds, val_ds = build_datasets(c)
+        c.update(data_identity(train_ds, val_ds))
+        rank, world = accelerator.process_index, accelerator.num_processes
+        loader = train_loader(train_ds, train_transform(c['image_size'], c['randaugment_ops'], c['randaugment_magnitude']),
+                              c['batch_size'], num_workers=c['num_workers'], seed=c['seed'], rank=rank, world_size=world,
+                              pin_memory=device.type == 'cuda')
+        val_loader = eval_loader(val_ds, c['image_size'], c['batch_size'], num_workers=c['num_workers'], rank=rank, world_size=world)
+        steps_per_epoch = len(loader) // c['grad_accum']
+        if steps_per_epoch == 0:
+            raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(train_ds)} images for '
+                              f'{c["global_batch"]} per step (batch_size x grad_accum x {world} processes)')
+        total_steps = c['epochs'] * steps_per_epoch
+        schedule = dict(base_lr=c['global_lr'], total_steps=total_steps, warmup_steps=c['warmup_epochs'] * steps_per_epoch,
+                        start_factor=c['warmup_start_factor'], final_lr=c['final_lr'])
+        plan = prepare_finetune_dir(c)  # resume, fresh start or refusal: nothing written yet
+        # 4. model and its EMA: the same initialisation on every process; SyncBN only across GPUs
+        model = build_classifier(c['arch'], c['num_classes'], c['init'], c['dropout'], c['stochastic_depth'], c['seed'])
+        if world > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(device).train()
+        ema = ModelEMA(model, c['ema_decay']).to(device)  # before compiling: a compiled module's copy runs the original
+        for m in (model, ema.module): speed_up_classifier(m, c['channels_last'], c['compile'])
+        # 5. optimiser: SGD Nesterov, weight decay on conv / linear weights only
+        optimizer = torch.optim.SGD(param_groups(model, c['weight_decay']), lr=c['global_lr'],
+                                    momentum=c['optimizer_momentum'], nesterov=c['optimizer'] == 'sgd_nesterov')
+        criterion = nn.CrossEntropyLoss(label_smoothing=c['label_smoothing'])
+        step, metrics, pending_eval = 0, [], False
+        if plan.state is not None:
+            state = plan.state
+            model.load_state_dict(state['model']); ema.load_state_dict(state['ema']); optimizer.load_state_dict(state['optimizer'])
+            step, metrics = state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
+            set_rng_state(state['rng'])
+            if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
+            pending_eval = state.get('pending_eval', False)  # saved, then stopped before its evaluation ended
+            del state; plan = plan._replace(state=None)
+        accelerator.wait_for_everyone()  # every process has read the folder before the main process writes to it
+        if main: start_output_dir(c, plan, ('metrics.jsonl', 'metrics.csv', 'model.safetensors')); _write_ft_metrics(out, metrics)
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
         if main:
-            state = {'format': FT_CHECKPOINT_FORMAT, 'step': step, 'config': c, 'model': model.state_dict(),
-                     'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(), 'metrics': metrics, 'rng': rng_state(),
-                     'scaler': accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
-            save_checkpoint(path, state)
-            _write_ft_metrics(out, metrics)
-            for old in list_checkpoints(out)[:-c['keep_checkpoints']]: old.unlink()
-        accelerator.wait_for_everyone()
-        return path
+            print(f"{c['arch']} ({c['init']}) on {c['data']}, {c['num_classes']} classes: {world} process(es) on {device.type}, "
+                  f"global batch {c['global_batch']} = {c['batch_size']} x {c['grad_accum']} x {world}, "
+                  f"lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
+                  + (f', resuming at step {step} from {plan.resume}' if plan.resume else ''), flush=True)
 
-    # 6. the loop
-    last_ckpt, end = (Path(resume_from) if resume_from else None), min(total_steps, c['max_steps'] or total_steps)
-    saved = step if resume_from else None
-    bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
-               mininterval=2 if sys.stderr.isatty() else 30)
-    t_start = time.perf_counter()
-    while step < end:
-        epoch, skip = divmod(step, steps_per_epoch)
-        loader.set_epoch(epoch, skip=skip * c['grad_accum'])  # the loader counts micro-batches
-        n_micro = (steps_per_epoch - skip) * c['grad_accum']
-        step_loss, micro, data_s = torch.zeros((), device=device), 0, 0.0
-        t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
-        for (x, y), _ in zip(loader, range(n_micro)):
-            if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
-            data_s += time.perf_counter() - t0
-            x, y = to_memory_format(x.to(device, non_blocking=True), c['channels_last']), y.to(device, non_blocking=True)
-            last = micro == c['grad_accum'] - 1
-            with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():  # all-reduce on the last only
-                with accelerator.autocast():
-                    loss = criterion(wrapped(x).float(), y)  # BN in training mode
-                accelerator.backward(loss / c['grad_accum'])
-            step_loss += loss.detach().float() / c['grad_accum']
-            micro += 1
-            if not last: t0 = time.perf_counter(); continue
-            losses = accelerator.gather(step_loss[None])  # [processes]
-            if not torch.isfinite(losses).all():
-                raise NonFiniteLossError(f'non-finite loss in step {step + 1} (epoch {epoch}), per process '
-                                         f'{losses.tolist()}; the last good checkpoint is {last_ckpt or "none (no checkpoint yet)"}.')
-            optimizer.step(); optimizer.zero_grad(set_to_none=True)
-            d = ema.update(model)
-            step += 1
-            dt = time.perf_counter() - t_step
-            row = dict(step=step, epoch=step / steps_per_epoch, loss=float(losses.mean()), lr=lr, ema_decay=d,
-                       images_per_s=c['global_batch'] / dt, data_s=data_s, time_s=time.perf_counter() - t_start)
-            metrics.append(row)
+        def save(step:int, pending_eval:bool) -> Path:  # written before evaluating: a failed evaluation loses nothing
+            path = checkpoint_path(out, step)
             if main:
-                with open(out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f'{lr:.3g}', refresh=False); bar.update()
-            step_loss.zero_(); micro, data_s = 0, 0.0
-            t_step = t0 = time.perf_counter()
-            if step >= end: break
-        done_epoch = step % steps_per_epoch == 0
-        if step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0):
-            metrics[-1].update(evaluation())
-            if main: bar.write(f"step {step}: top-1 {metrics[-1]['top1']:.3f}, EMA {metrics[-1]['top1_ema']:.3f}")
-            last_ckpt, saved = save(step), step
-    bar.close()
-    # 7. the end: the final checkpoint (unless the run was already complete) and the EMA model's weights
-    if saved != step:
-        if 'top1_ema' not in metrics[-1]: metrics[-1].update(evaluation())
-        last_ckpt = save(step)
-    if main:
-        from safetensors.torch import save_file
-        sd = {k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}
-        atomic_write(out/'model.safetensors', lambda t: save_file(sd, str(t), metadata={
-            'arch': c['arch'], 'num_classes': str(c['num_classes']), 'weights': 'ema'}))
-    del wrapped, optimizer, loader, val_loader  # drop every reference to DDP/gloo objects before the process group ends
-    accelerator.end_training()
+                state = {'format': FT_CHECKPOINT_FORMAT, 'step': step, 'config': c, 'model': model.state_dict(),
+                         'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(), 'metrics': metrics, 'rng': rng_state(),
+                         'scaler': accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+                         'pending_eval': pending_eval}
+                save_checkpoint(path, state)
+                _write_ft_metrics(out, metrics)
+                prune_checkpoints(out, c['keep_checkpoints'], path)
+            accelerator.wait_for_everyone()
+            return path
+
+        def evaluate_step():  # both models on the validation set, into the step's metrics row
+            raw = accelerator.reduce(evaluate(model, val_loader, device, accelerator.autocast, c['channels_last']), 'sum')
+            avg = accelerator.reduce(evaluate(ema.module, val_loader, device, accelerator.autocast, c['channels_last']), 'sum')
+            metrics[-1].update(top1=float(raw[0] / raw[1]), top1_ema=float(avg[0] / avg[1]))
+            if main:
+                _write_ft_metrics(out, metrics)
+                bar.write(f"step {metrics[-1]['step']}: top-1 {metrics[-1]['top1']:.3f}, EMA {metrics[-1]['top1_ema']:.3f}")
+
+        # 6. the loop
+        last_ckpt, end = plan.resume, min(total_steps, c['max_steps'] or total_steps)
+        saved, stop = (step if plan.resume else None), False
+        bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
+                   mininterval=2 if sys.stderr.isatty() else 30)
+        if pending_eval: evaluate_step()
+        t_start, guard.phase = time.perf_counter(), 'loop'
+        try:
+            while step < end and not stop:
+                epoch, skip = divmod(step, steps_per_epoch)
+                loader.set_epoch(epoch, skip=skip * c['grad_accum'])  # the loader counts micro-batches
+                n_micro = (steps_per_epoch - skip) * c['grad_accum']
+                parts, micro, data_s = torch.zeros(2, device=device), 0, 0.0  # loss, stop requested
+                t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
+                for (x, y), _ in zip(loader, range(n_micro)):
+                    if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
+                    data_s += time.perf_counter() - t0
+                    x, y = to_memory_format(x.to(device, non_blocking=True), c['channels_last']), y.to(device, non_blocking=True)
+                    last = micro == c['grad_accum'] - 1
+                    with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():  # all-reduce on the last only
+                        with accelerator.autocast():
+                            loss = criterion(wrapped(x).float(), y)  # BN in training mode
+                        accelerator.backward(loss / c['grad_accum'])
+                    parts[0] += loss.detach().float() / c['grad_accum']
+                    micro += 1
+                    if not last: t0 = time.perf_counter(); continue
+                    parts[1] = float(guard.requested)
+                    ranks = accelerator.gather(parts[None])  # [processes, 2]
+                    if not torch.isfinite(ranks).all():
+                        raise NonFiniteLossError(f'non-finite loss in step {step + 1} (epoch {epoch}), per process '
+                                                 f'{ranks[:, 0].tolist()}; the last good checkpoint is '
+                                                 f'{last_ckpt or "none (no checkpoint yet)"}.')
+                    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+                    d = ema.update(model)
+                    step += 1
+                    dt = time.perf_counter() - t_step
+                    loss_mean, stop = ranks.mean(0).tolist()
+                    stop = stop > 0  # some process was sent SIGTERM
+                    row = dict(step=step, epoch=step / steps_per_epoch, loss=loss_mean, lr=lr, ema_decay=d,
+                               images_per_s=c['global_batch'] / dt, data_s=data_s, time_s=time.perf_counter() - t_start)
+                    metrics.append(row)
+                    if main:
+                        with open(out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
+                        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f'{lr:.3g}', refresh=False); bar.update()
+                    parts.zero_(); micro, data_s = 0, 0.0
+                    t_step = t0 = time.perf_counter()
+                    if step >= end or stop: break
+                done_epoch = step % steps_per_epoch == 0
+                evaluation_due = step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0)
+                if evaluation_due or stop:
+                    last_ckpt, saved = save(step, pending_eval=evaluation_due), step
+                    if evaluation_due and not stop: evaluate_step()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f'interrupted in step {step + 1}; ' + (f'the newest checkpoint is {last_ckpt}'
+                                    if last_ckpt else 'no checkpoint was written')) from None
+        bar.close()
+        if stop and step < end: raise Preempted(f'stopped by SIGTERM after step {step}, saved in {last_ckpt}; run the same command to resume')
+        # 7. the end: the final checkpoint (unless the run was already complete) and the EMA model's weights
+        guard.phase = 'finish'
+        if saved != step:
+            last_ckpt = save(step, pending_eval=True)
+            evaluate_step()
+        if main:
+            from safetensors.torch import save_file
+            sd = {k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}
+            atomic_write(out/'model.safetensors', lambda t: save_file(sd, str(t), metadata={
+                'arch': c['arch'], 'num_classes': str(c['num_classes']), 'weights': 'ema'}))
+        del wrapped, optimizer, loader, val_loader  # drop every reference to DDP/gloo objects before the process group ends
+        accelerator.end_training()
     return FinetuneResult(out, last_ckpt, metrics, model, ema, c)
 
 

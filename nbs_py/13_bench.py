@@ -31,11 +31,11 @@ from torch import Tensor
 
 from pixpro_rs.augment import PixProAugment
 from pixpro_rs.core import ConfigError, atomic_write, check_choice, check_positive
-from pixpro_rs.data import ImageFiles, SyntheticScenes, make_loader
+from pixpro_rs.data import ImageFiles, SyntheticScenes, find_images, make_loader
 from pixpro_rs.pixpro import METHODS, OnlineNet, PixPro
 from pixpro_rs.recipes import LARS, lars_param_groups
 from pixpro_rs.resnet_rs import MODEL_NAMES, create_model
-from pixpro_rs.train import _bool, speed_up, to_memory_format
+from pixpro_rs.train import TrainConfig, _bool, _int, resolve_config, speed_up, to_memory_format, train
 
 # %%
 #| hide
@@ -440,6 +440,9 @@ def bench_data(root:str|Path,  # a folder of images
         aug = BatchAugment()
     else:
         loader = make_loader(ds, batch_size, image_size=image_size, num_workers=num_workers, labels=False)
+    if len(loader) < 2:  # one batch to start the workers, at least one to time (incomplete batches are dropped)
+        raise ConfigError('root', str(root), f'a folder of at least {2 * batch_size} images (two batches of '
+                          f'{batch_size}); it holds {len(ds)}')
     it, n = iter(loader), 0
     next(it)  # the workers have started and filled their queues
     t = time.perf_counter()
@@ -461,7 +464,7 @@ with tempfile.TemporaryDirectory() as d:
     r = bench_data(folder, image_size=64, batch_size=4, num_workers=0, batches=2)
     print(r)
     assert r['pairs_per_s'] > 0
-
+    test_fail(lambda: bench_data(folder, image_size=64, batch_size=9, num_workers=0), contains='holds 16')  # 1 batch
 
 # %% [markdown]
 # ## A whole run: does the accelerator wait for data?
@@ -474,24 +477,30 @@ with tempfile.TemporaryDirectory() as d:
 
 # %%
 #| export
+TRAIN_SKIP = 5  # first steps of a training-engine run left out of its figures (start-up, compilation)
+
+def train_config(root:str|Path, case:BenchCase, num_workers:int, steps:int, gpu_augment:bool=False,
+                 output_dir:str|Path|None=None) -> TrainConfig:
+    "The training engine's configuration for `case` on the images in `root` (also checked up front by the CLI)."
+    return TrainConfig(recipe='pixpro_r50_100ep', arch=case.arch, data=str(root), batch_size=case.batch_size,
+                       image_size=case.image_size, method=case.method, num_workers=num_workers,
+                       mixed_precision='bf16' if case.precision == 'bf16' else 'no', channels_last=case.channels_last,
+                       compile=case.compile, max_steps=steps, save_every=10**6,
+                       output_dir=None if output_dir is None else str(output_dir), progress=False, overwrite=True,
+                       gpu_augment=gpu_augment)
+
 def bench_train(root:str|Path,  # a folder of images
                 case:BenchCase,
                 num_workers:int=4, steps:int=30,
-                skip:int=5,  # first steps left out (start-up, compilation)
+                skip:int=TRAIN_SKIP,  # first steps left out (start-up, compilation)
                 gpu_augment:bool=False,
                 output_dir:str|Path|None=None,  # None: a temporary folder
                ) -> dict:
     "Images/s and accelerator busy fraction of the training engine on real files (one process)."
-    from pixpro_rs.train import TrainConfig, train
     check_positive('steps', steps)
     if steps <= skip: raise ConfigError('steps', steps, f'more than skip={skip}')
     with tempfile.TemporaryDirectory() as tmp:
-        r = train(TrainConfig(recipe='pixpro_r50_100ep', arch=case.arch, data=str(root), batch_size=case.batch_size,
-                              image_size=case.image_size, method=case.method, num_workers=num_workers,
-                              mixed_precision='bf16' if case.precision == 'bf16' else 'no',
-                              channels_last=case.channels_last, compile=case.compile, max_steps=steps,
-                              save_every=10**6, output_dir=str(output_dir or Path(tmp)/'run'), progress=False,
-                              overwrite=True, gpu_augment=gpu_augment))
+        r = train(train_config(root, case, num_workers, steps, gpu_augment, output_dir or Path(tmp)/'run'))
         m = r.metrics[skip:]
     step_s = [case.batch_size / x['images_per_s'] for x in m]
     wait_s = [x['data_s'] for x in m]
@@ -556,67 +565,156 @@ assert rows[1]['speedup'] > 0 and rows[0]['tflops'] > 0
 print(format_table(rows))
 assert format_table(rows).count('\n') == 3
 
+# %% [markdown]
+# Every flag is checked before the first measurement. A benchmark can run for an hour before it reaches the data
+# pipeline or the training engine, so a typo found only there (a missing `--data_dir`, a folder of 30 images for
+# batches of 64, `--device cuda:7`, a `--json` path in a folder that does not exist) would throw the hour away.
+# `check_args` turns the flags into the plan of the run: every comma-separated value is parsed and checked with
+# the glossary's checks, the device must exist on this machine, the data folder must hold enough images for each
+# benchmark that reads it, the training engine's own configuration is resolved (`resolve_config`, the same checks
+# as `pixpro-train`) and the JSON file's folder must be writable. A bad flag is one line on stderr naming the flag,
+# the value and what is allowed, with exit code 2, and nothing has been measured.
 
 # %%
 #| export
+DATA_BATCH = 64  # pairs per batch of the data-pipeline benchmark (`--data_workers`)
+
 def _bools(name:str, s:str) -> list[bool]:
     "A comma-separated list of true/false values (`--compile 0,1`)."
     return [_bool(name, x) for x in s.split(',')]
 
+def _ints(name:str, s:str, low:int) -> list[int]:
+    "A comma-separated list of integers >= `low` (`--batch_size 64,128`)."
+    try: return [_int(name, int(x), low) for x in s.split(',')]
+    except ValueError: raise ConfigError(name, s, f'comma-separated integers >= {low}') from None  # ConfigError too
+
+def _one_int(name:str, s:str, low:int) -> int:
+    "One integer >= `low` (`--steps 20`)."
+    try: return _int(name, int(s), low)
+    except ValueError: raise ConfigError(name, s, f'an integer >= {low}') from None
+
+def _choices(name:str, s:str, allowed) -> list[str]:
+    "A comma-separated list of names, each one of `allowed` (`--arch resnet50,resnetrs50`)."
+    return [check_choice(name, x, allowed) for x in s.split(',')]
+
+def check_device(device:str|None) -> str:
+    "`device` if this machine has it: cpu, cuda or cuda:N (N < the number of GPUs); None: cuda if available, else cpu."
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is None: return 'cuda' if n else 'cpu'
+    allowed = ['cpu', 'cuda'] + [f'cuda:{i}' for i in range(n)] if n else ['cpu']
+    if device not in allowed:
+        raise ConfigError('device', device, f"one of {', '.join(allowed)}" if n else "'cpu' (this machine has no CUDA device)")
+    return device
+
+def check_output(name:str, path:str) -> Path:
+    "`path` if a file can be written there: not a folder, in an existing folder where we may write."
+    path = Path(path)
+    if path.is_dir(): raise ConfigError(name, str(path), 'a file path (this is a folder)')
+    try: tempfile.TemporaryFile(dir=path.parent).close()  # the one sure test: write there (as root, os.access says yes)
+    except OSError as e: raise ConfigError(name, str(path), f'a file in an existing, writable folder ({e.strerror})') from None
+    return path
+
+def check_data_dir(data_dir:str,
+                   needs:dict[str, int],  # {what reads the folder: images it needs}
+                  ) -> Path:
+    "`data_dir` if it is a folder holding at least the images each benchmark in `needs` reads."
+    if Path(data_dir).exists() and not Path(data_dir).is_dir(): raise ConfigError('data_dir', data_dir, 'a folder of images (this is a file)')
+    try: n = len(find_images(data_dir))
+    except ConfigError as e: raise ConfigError('data_dir', e.value, e.allowed) from None
+    for what, k in needs.items():
+        if n < k: raise ConfigError('data_dir', data_dir, f'a folder of at least {k} images for {what}; it holds {n}')
+    return Path(data_dir)
+
+
+# %% [markdown]
+# The parser reads every value as text, so that `check_args` gives the glossary's messages, and its own errors
+# (an unknown flag, a missing value) are one line too.
+
+# %%
+#| export
+class _Parser(argparse.ArgumentParser):
+    "argparse, with its errors on one line and the module's name, like `check_args`'s."
+    def error(self, message:str): self.exit(2, f'pixpro_rs.bench: error: {message}\n')
+
 def cli_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m pixpro_rs.bench', description='Benchmark the PixPro training step '
-                                '(and optionally the data pipeline) over a grid; values are comma-separated lists.')
-    p.add_argument('--preset', choices=sorted(PRESETS), default='smoke', help='the grid to start from (default: smoke)')
+    p = _Parser(prog='python -m pixpro_rs.bench', description='Benchmark the PixPro training step '
+                '(and optionally the data pipeline) over a grid; values are comma-separated lists.')
+    p.add_argument('--preset', default='smoke', help=f"the grid to start from: {', '.join(sorted(PRESETS))} (default: smoke)")
     p.add_argument('--arch', help='e.g. resnet50,resnetrs50'); p.add_argument('--image_size', help='e.g. 160,224')
     p.add_argument('--batch_size', help='pairs per step, e.g. 64,128'); p.add_argument('--precision', help='fp32,bf16')
     p.add_argument('--channels_last', help='false,true'); p.add_argument('--compile', help='false,true')
     p.add_argument('--method', help='pixpro,pixcontrast,instance')
-    p.add_argument('--steps', type=int, help='timed steps per case'); p.add_argument('--warmup', type=int, help='untimed steps first')
-    p.add_argument('--device', help='cpu or cuda (default: cuda if available)')
+    p.add_argument('--steps', help='timed steps per case'); p.add_argument('--warmup', help='untimed steps first')
+    p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if available)')
     p.add_argument('--max_batch', action='store_true', help='also search the largest batch of each arch (GPU)')
     p.add_argument('--data_workers', help='also time the data pipeline with these worker counts, e.g. 1,4,16')
     p.add_argument('--gpu_augment', action='store_true', help='the data pipeline with the GPU augmentation path too')
     p.add_argument('--data_dir', help='JPEG folder for the data pipeline (default: a temporary one, made)')
-    p.add_argument('--train_workers', type=int, help='also run the training engine on JPEG files with this many workers '
+    p.add_argument('--train_workers', help='also run the training engine on JPEG files with this many workers '
                    '(the first case of each arch; with --gpu_augment both paths) and report the accelerator busy share')
-    p.add_argument('--train_steps', type=int, default=30, help='steps of each training-engine run (default 30)')
+    p.add_argument('--train_steps', default='30', help='steps of each training-engine run (default 30)')
     p.add_argument('--json', metavar='PATH', help='write the results and the machine to this JSON file')
     return p
 
-def run(args:argparse.Namespace) -> dict:
-    "Run the benchmark the parsed flags describe; returns {'machine', 'steps', 'max_batch', 'data'}."
-    cfg = dict(PRESETS[args.preset])
-    types = dict(arch=str, image_size=int, batch_size=int, precision=str, method=str)
-    for k, t in types.items():
-        if getattr(args, k): cfg[k] = [t(x) for x in getattr(args, k).split(',')]
+def check_args(args:argparse.Namespace) -> dict:
+    "Every flag parsed and checked before the first measurement: the plan of the run, or a `ConfigError`."
+    # the step grid: the preset, then the flags given
+    cfg = dict(PRESETS[check_choice('preset', args.preset, sorted(PRESETS))])
+    for k, allowed in dict(arch=MODEL_NAMES, precision=PRECISIONS, method=METHODS).items():
+        if getattr(args, k) is not None: cfg[k] = _choices(k, getattr(args, k), allowed)
+    for k in ('image_size', 'batch_size'):
+        if getattr(args, k) is not None: cfg[k] = _ints(k, getattr(args, k), 1)
     for k in ('channels_last', 'compile'):
-        if getattr(args, k): cfg[k] = _bools(k, getattr(args, k))
-    for k in ('steps', 'warmup'):
-        if getattr(args, k) is not None: cfg[k] = getattr(args, k)
-    steps, warmup = cfg.pop('steps'), cfg.pop('warmup')
+        if getattr(args, k) is not None: cfg[k] = _bools(k, getattr(args, k))
+    for k, low in dict(steps=1, warmup=0).items():
+        if getattr(args, k) is not None: cfg[k] = _one_int(k, getattr(args, k), low)
+    plan = dict(steps=cfg.pop('steps'), warmup=cfg.pop('warmup'), axes=cfg, cases=grid(**cfg),
+                device=check_device(args.device), max_batch=args.max_batch, gpu_augment=args.gpu_augment)
+    if args.max_batch and not plan['device'].startswith('cuda'):
+        raise ConfigError('max_batch', True, 'a CUDA device: on the CPU there is no out-of-memory error to search for')
+    # the data pipeline and the training engine: counts, then the folder they read
+    plan['data_workers'] = _ints('data_workers', args.data_workers, 0) if args.data_workers is not None else []
+    plan['train_workers'] = _one_int('train_workers', args.train_workers, 0) if args.train_workers is not None else None
+    plan['train_steps'] = _one_int('train_steps', args.train_steps, 1)
+    if plan['train_steps'] <= TRAIN_SKIP:
+        raise ConfigError('train_steps', plan['train_steps'], f'more than the {TRAIN_SKIP} first steps a run leaves out')
+    plan['train_cases'] = ([next(c for c in plan['cases'] if c.arch == a) for a in dict.fromkeys(cfg['arch'])]
+                           if plan['train_workers'] is not None else [])
+    needs = {}
+    if plan['data_workers']: needs[f'two batches of {DATA_BATCH} (--data_workers)'] = 2 * DATA_BATCH
+    if plan['train_cases']: needs[f"one batch of {plan['train_cases'][0].batch_size} (--train_workers)"] = plan['train_cases'][0].batch_size
+    plan['data_dir'] = check_data_dir(args.data_dir, needs) if args.data_dir is not None else None
+    for case in plan['train_cases']:  # the engine's own checks (its data folder, image size...), now rather than later
+        for g in ([False, True] if args.gpu_augment else [False]):
+            resolve_config(train_config(plan['data_dir'] or 'synthetic', case, plan['train_workers'], plan['train_steps'], g))
+    plan['json'] = check_output('json', args.json) if args.json is not None else None
+    return plan
+
+def run(args:argparse.Namespace) -> dict:
+    "Run the benchmark the parsed flags describe; returns {'machine', 'steps', 'max_batch', 'data', 'train'}."
+    p = check_args(args)  # everything, before the first measurement
+    cfg, device = p['axes'], p['device']
     out = dict(machine=machine_info(), steps=[], max_batch={}, data=[], train=[])
-    if torch.cuda.is_available() and (args.device or 'cuda') == 'cuda': out['machine']['matmul_bf16_tflops'] = matmul_tflops()
-    for case in grid(**cfg):
-        out['steps'].append(bench_step(case, steps=steps, warmup=warmup, device=args.device))
+    if device.startswith('cuda'): out['machine']['matmul_bf16_tflops'] = matmul_tflops(device=device)
+    for case in p['cases']:
+        out['steps'].append(bench_step(case, steps=p['steps'], warmup=p['warmup'], device=device))
         print(case.label, '->', f"{out['steps'][-1]['images_per_s'] or 0:.1f} img/s", file=sys.stderr, flush=True)
     add_derived(out['steps'])
-    if args.max_batch:
+    if p['max_batch']:
         for arch in cfg['arch']:
             case = BenchCase(arch, cfg['image_size'][0], precision=cfg['precision'][-1],
                              channels_last=cfg.get('channels_last', [False])[-1])
-            out['max_batch'][arch] = max_batch(case, device=args.device)
-    if args.data_workers or args.train_workers:
+            out['max_batch'][arch] = max_batch(case, device=device)
+    if p['data_workers'] or p['train_cases']:
         with tempfile.TemporaryDirectory() as tmp:
-            first = grid(**cfg)[0]
-            n = max(512, (args.train_steps + 2) * first.batch_size if args.train_workers else 0)
-            root = Path(args.data_dir) if args.data_dir else make_jpeg_folder(Path(tmp)/'jpeg', n)
-            for w in (int(x) for x in args.data_workers.split(',')) if args.data_workers else []:
-                for g in ([False, True] if args.gpu_augment else [False]):
-                    out['data'].append(bench_data(root, cfg['image_size'][0], 64, w, 20, gpu_augment=g, device=args.device))
-            for arch in cfg['arch'] if args.train_workers else []:
-                case = next(c for c in grid(**cfg) if c.arch == arch)
-                for g in ([False, True] if args.gpu_augment else [False]):
-                    out['train'].append(bench_train(root, case, args.train_workers, args.train_steps, gpu_augment=g))
+            n = max(512, (p['train_steps'] + 2) * p['cases'][0].batch_size if p['train_cases'] else 0)
+            root = p['data_dir'] or make_jpeg_folder(Path(tmp)/'jpeg', n)
+            for w in p['data_workers']:
+                for g in ([False, True] if p['gpu_augment'] else [False]):
+                    out['data'].append(bench_data(root, cfg['image_size'][0], DATA_BATCH, w, 20, gpu_augment=g, device=device))
+            for case in p['train_cases']:
+                for g in ([False, True] if p['gpu_augment'] else [False]):
+                    out['train'].append(bench_train(root, case, p['train_workers'], p['train_steps'], gpu_augment=g))
                     print(out['train'][-1], file=sys.stderr, flush=True)
     return out
 
@@ -645,6 +743,36 @@ test_eq(rc, 0)
 assert '| resnetrs_tiny 64px b4 fp32 |' in buf.getvalue(), buf.getvalue()
 test_eq(main(['--arch', 'resnet51']), 2)
 test_eq(main(['--channels_last', 'maybe']), 2)
+
+
+# %% [markdown]
+# `check_args` refuses each bad flag with a message naming it, and returns the plan of a good command line:
+
+# %%
+def plan_of(*argv): return check_args(cli_parser().parse_args(list(argv)))
+
+for argv, msg in ((['--batch_size', '4,x'], "batch_size='4,x': expected comma-separated integers >= 1"),
+                  (['--image_size', '0'], "image_size='0'"), (['--steps', '0'], "steps='0': expected an integer >= 1"),
+                  (['--warmup', '-1'], "warmup='-1'"), (['--data_workers', 'a'], "data_workers='a'"),
+                  (['--train_workers', '-2'], "train_workers='-2'"), (['--train_steps', '5'], 'train_steps=5'),
+                  (['--preset', 'huge'], "preset='huge'"), (['--precision', 'fp16'], "'fp32', 'bf16'"),
+                  (['--method', 'byol'], "method='byol'"), (['--device', 'gpu'], "device='gpu'"),
+                  (['--device', 'cuda:7'], "device='cuda:7'"),
+                  (['--train_workers', '0', '--image_size', '32'], 'image_size=32'),  # the engine's own check
+                  (['--data_dir', '/no/such/folder'], "data_dir='/no/such/folder'")):
+    test_fail(lambda: plan_of(*argv), contains=msg)
+with tempfile.TemporaryDirectory() as d:
+    folder = make_jpeg_folder(Path(d)/'jpeg', 70, unique=8)
+    test_fail(lambda: plan_of('--data_dir', str(folder), '--data_workers', '0'), contains='at least 128 images')
+    test_fail(lambda: plan_of('--data_dir', str(folder), '--train_workers', '0', '--batch_size', '96'), contains='holds 70')
+    test_fail(lambda: plan_of('--data_dir', str(folder/'scene_000000.jpg')), contains='this is a file')
+    test_fail(lambda: plan_of('--json', str(folder/'scene_000000.jpg'/'x.json')), contains='writable folder')
+    test_fail(lambda: plan_of('--json', str(folder)), contains='this is a folder')
+    p = plan_of('--data_dir', str(folder), '--train_workers', '0', '--arch', 'resnetrs_tiny,resnet50', '--json', f'{d}/b.json')
+    test_eq((p['data_dir'], p['train_workers'], p['train_steps'], p['json']), (folder, 0, 30, Path(d)/'b.json'))
+    test_eq([c.label for c in p['train_cases']], ['resnetrs_tiny 64px b4 fp32', 'resnet50 64px b4 fp32'])
+    assert not (Path(d)/'b.json').exists()  # checked, not written
+test_eq(plan_of('--device', 'cpu')['device'], 'cpu')
 
 # %% [markdown]
 # ## The speed switches, one by one

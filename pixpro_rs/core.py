@@ -5,14 +5,25 @@
 # %% ../nbs/00_core.ipynb #a201eb1a
 from __future__ import annotations
 
+import errno
+import json
 import math
 import os
+import re
+import shutil
+import socket
 import tempfile
+import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+try: import fcntl
+except ImportError: fcntl = None  # not POSIX (Windows): `RunLock` is unavailable, the rest works
+
 # %% auto #0
-__all__ = ['GLOSSARY', 'ConfigError', 'check_choice', 'check_range', 'check_positive', 'atomic_write']
+__all__ = ['GLOSSARY', 'ConfigError', 'check_choice', 'check_range', 'check_positive', 'atomic_write', 'RunLock',
+           'sweep_temporary']
 
 # %% ../nbs/00_core.ipynb #bba49b96
 GLOSSARY: dict[str, str] = {
@@ -118,20 +129,132 @@ def check_positive(name:str, value:float) -> float:
     return check_range(name, value, 0, None, low_open=True)
 
 # %% ../nbs/00_core.ipynb #3c91f9eb
+_TMP_SUFFIX = '.tmp'  # atomic_write's temporary files are named .{target}.{8 random characters}.tmp (mkstemp)
+_SPACE_MARGIN = 1 << 20  # bytes: free space below written + this after a failed write means the disk was full
+
+def _umask() -> int:
+    "The process umask, read without changing it (Linux: /proc/self/status), else by setting and restoring it."
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'): return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError): pass
+    m = os.umask(0o022); os.umask(m)  # racy only against another thread changing the umask meanwhile
+    return m
+
+def _out_of_space(e:BaseException,  # what the write raised
+                  tmp:Path,  # the partial file, not yet removed
+                 ) -> tuple[bool, int, int]:  # (the disk was full, bytes written, bytes free)
+    "Whether a failed write ran out of disk space: by its errno, or by the folder's free space (torch's errors have no errno)."
+    try: written = tmp.stat().st_size
+    except OSError: written = 0
+    try: free = shutil.disk_usage(tmp.parent).free  # measured while the partial file still holds its blocks
+    except OSError: free = -1
+    nospace = {errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)}
+    # without the partial file the folder would have free + written bytes; below written + margin, the disk was full
+    return (isinstance(e, OSError) and e.errno in nospace) or 0 <= free < _SPACE_MARGIN, written, free
+
 def atomic_write(path:str|Path,  # destination file
                  write:Callable[[Path], None],  # writes the content to the temporary path it is given
                 ) -> Path:
-    "Write `path` atomically: `write(tmp)` fills a temporary file next to it, which then replaces `path`."
+    "Write `path` atomically: `write(tmp)` fills a temporary file next to it, which then replaces `path` with the umask's mode."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix=_TMP_SUFFIX)
     os.close(fd)
     tmp = Path(tmp)
     try:
         write(tmp)
-        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
+        with open(tmp, 'rb+') as f: os.fsync(f.fileno())  # network file systems may report ENOSPC only here
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600; a plain open() would follow the umask
         os.replace(tmp, path)
-    except BaseException:
+    except Exception as e:
+        full, written, free = _out_of_space(e, tmp)
+        tmp.unlink(missing_ok=True)
+        if not full: raise
+        quota = ' (disk quota exceeded)' if isinstance(e, OSError) and e.errno == getattr(errno, 'EDQUOT', None) else ''
+        raise OSError(errno.ENOSPC, f'no space left on device while writing {path}{quota}: {written:,} bytes written, '
+                      f'{max(free, 0):,} bytes left free in {path.parent} ({type(e).__name__}: {e})') from e
+    except BaseException:  # KeyboardInterrupt, SystemExit: clean up, re-raise as is
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+# %% ../nbs/00_core.ipynb #7789a2ca
+class RunLock:
+    "An exclusive lock on a run folder (`folder/.lock`), held by the run's main process; a context manager."
+    def __init__(self,
+                 folder:str|Path,  # the run's output_dir; created by `acquire` if missing
+                ):
+        self.folder = Path(folder)
+        self.path = self.folder/'.lock'
+        self.fd:int|None = None  # the open lock file while held
+        self.created = False  # whether acquire created the folder (release then removes it if empty)
+
+    def _read(self, fd:int) -> dict:
+        "The JSON a holder wrote into the lock file ({} when empty or unreadable)."
+        try: h = json.loads(os.pread(fd, 1 << 16, 0).decode() or '{}')
+        except (OSError, ValueError): h = None
+        return h if isinstance(h, dict) else {'pid': '?', 'host': '?', 'started': '? (unreadable lock file)'}
+
+    def acquire(self) -> RunLock:
+        "Take the lock, or raise `ConfigError` naming the pid, host and start time of the run that holds it."
+        if fcntl is None: raise OSError(errno.ENOSYS, 'RunLock needs fcntl.flock (a POSIX system)')
+        if self.fd is not None: raise RuntimeError(f'{self.path} is already held by this RunLock')
+        try: self.folder.mkdir(parents=True); self.created = True
+        except FileExistsError: self.created = False
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                h = self._read(fd); os.close(fd); self._remove_folder()
+                raise ConfigError('output_dir', str(self.folder),
+                    f"a folder no other run is using: it is locked by pid {h.get('pid', '?')} on host "
+                    f"{h.get('host', '?')} since {h.get('started', '?')} ({self.path})") from None
+            except BaseException: os.close(fd); self._remove_folder(); raise
+            try: same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError: same = False
+            if same: break
+            os.close(fd)  # we locked a file its holder deleted on release: open the new one
+        old = self._read(fd)
+        if old:
+            warnings.warn(f"{self.path}: took over the stale lock of pid {old.get('pid', '?')} on host "
+                          f"{old.get('host', '?')} since {old.get('started', '?')} (that run ended without releasing it)", stacklevel=2)
+        me = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
+                         'started': datetime.now().astimezone().isoformat(timespec='seconds')})
+        os.ftruncate(fd, 0); os.pwrite(fd, me.encode() + b'\n', 0)
+        self.fd = fd
+        return self
+
+    def _remove_folder(self):
+        "Remove the folder if `acquire` created it and it is empty (a refused or finished run leaves no trace)."
+        if self.created:
+            try: self.folder.rmdir()
+            except OSError: pass
+
+    def release(self):
+        "Delete the lock file (still holding the lock), unlock, and remove the folder if acquire created it and it is empty."
+        if self.fd is None: return
+        try:
+            if os.path.samestat(os.fstat(self.fd), os.stat(self.path)): os.unlink(self.path)
+        except FileNotFoundError: pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN); os.close(self.fd); self.fd = None
+        self._remove_folder()
+
+    def __enter__(self) -> RunLock: return self.acquire()
+    def __exit__(self, *exc): self.release()
+    def __repr__(self): return f"RunLock({str(self.folder)!r}, {'held' if self.fd is not None else 'not held'})"
+
+# %% ../nbs/00_core.ipynb #f267bcea
+_TMP_RE = re.compile(r'\..+\.[a-z0-9_]{8}' + re.escape(_TMP_SUFFIX))  # tempfile's names: 8 of [a-z0-9_]
+
+def sweep_temporary(folder:str|Path,  # a run folder whose `RunLock` the caller holds
+                   ) -> list[Path]:  # the files removed
+    "Remove the temporary files of interrupted `atomic_write`s in `folder` and its direct subfolders."
+    folder, removed = Path(folder), []
+    if not folder.is_dir(): return removed
+    for d in [folder] + sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()):
+        for f in sorted(d.iterdir()):
+            if _TMP_RE.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+                f.unlink(missing_ok=True); removed.append(f)
+    return removed

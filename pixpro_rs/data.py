@@ -10,6 +10,7 @@ import io
 import math
 import os
 import random
+import signal
 import warnings
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from .augment import PixProAugment
 from .core import ConfigError, check_positive
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'SHAPES', 'TEXTURES', 'SCENE_CLASSES', 'BadImageError', 'load_image', 'find_images', 'ImageFiles',
-           'ClassFolders', 'derive_seed', 'SyntheticScenes', 'PairSampler', 'TwoViews', 'PairLoader', 'make_loader']
+__all__ = ['IMAGE_EXTENSIONS', 'SHAPES', 'TEXTURES', 'SCENE_CLASSES', 'BadImageError', 'load_image', 'find_images',
+           'data_fingerprint', 'ImageFiles', 'ClassFolders', 'derive_seed', 'SyntheticScenes', 'PairSampler',
+           'TwoViews', 'PairLoader', 'make_loader']
 
 # %% ../nbs/03_data.ipynb #2f58e8fe
 class BadImageError(OSError):
@@ -63,19 +65,44 @@ def load_image(path:str|Path) -> Tensor:  # [3, H, W] uint8 RGB
 # %% ../nbs/03_data.ipynb #d83a90cb
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif', '.ppm', '.pgm')
 
-def find_images(root:str|Path,  # folder to search recursively
+def find_images(root:str|Path,  # folder to search recursively, following symlinked folders
                 extensions:tuple=IMAGE_EXTENSIONS,  # lower-case file suffixes to accept
                ) -> list[Path]:
-    "All image files under `root`, sorted; hidden files and folders are skipped. Fails if there are none."
+    "All regular image files under `root`, sorted; each real folder visited once, hidden entries skipped. Fails if none."
     root, exts = Path(root), tuple(e.lower() for e in extensions)
     if not root.is_dir(): raise ConfigError('data', str(root), f'a folder of images ({", ".join(exts)}); it does not exist')
-    files = []
-    for d, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = sorted(x for x in dirs if not x.startswith('.'))
-        files += [Path(d)/n for n in sorted(names) if not n.startswith('.') and n.lower().endswith(exts)]
+    files, seen, left_out, todo = [], set(), [], [root]
+    while todo:  # depth first, in sorted order: the order of os.walk with sorted names
+        d = todo.pop()
+        try:
+            st = d.stat()
+            if (st.st_dev, st.st_ino) in seen: continue  # a link back to a folder already listed (or a loop)
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(d) as it: entries = sorted((e for e in it if not e.name.startswith('.')), key=lambda e: e.name)
+        except OSError as e: left_out.append(f'{d} ({type(e).__name__})'); continue
+        dirs = [Path(e.path) for e in entries if e.is_dir()]  # follows symlinks
+        for e in entries:
+            if e.name.lower().endswith(exts) and not e.is_dir():
+                if e.is_file(): files.append(Path(e.path))  # a regular file, or a symlink to one
+                else: left_out.append(e.path)  # FIFO, socket, device, broken link: never opened
+        todo += reversed(dirs)
+    if left_out:
+        warnings.warn(f'left out under {root}, not a regular file or unreadable ({len(left_out)}): '
+                      + ', '.join(map(str, left_out[:5])) + (' ...' if len(left_out) > 5 else ''), stacklevel=2)
     if not files: raise ConfigError('data', str(root), f'a folder of images ({", ".join(exts)}); none found')
     return files
 
+# %% ../nbs/03_data.ipynb #7a4d9945
+def data_fingerprint(files:list[Path],  # the dataset's files (e.g. `ImageFiles(...).files`)
+                     root:str|Path,  # paths in the digest are relative to this folder
+                    ) -> dict:  # {'data_files': n, 'data_digest': 16 hex digits}
+    "Count and digest of `relative_path\\tsize\\n` lines: changes when a file is added, removed, renamed or resized."
+    lines = sorted(f'{Path(os.path.relpath(f, root)).as_posix()}\t{os.stat(f).st_size}\n' for f in files)  # one stat per file
+    h = hashlib.sha256()
+    for line in lines: h.update(line.encode('utf-8', 'surrogateescape'))  # any byte in a Linux file name
+    return {'data_files': len(files), 'data_digest': h.hexdigest()[:16]}
+
+# %% ../nbs/03_data.ipynb #3c16d912
 class _Files(Dataset):
     "Shared machinery: a sorted file list, a shared table of bad files, skip-and-substitute reading."
     def __init__(self, files:list[Path], strict:bool=False):
@@ -98,6 +125,9 @@ class _Files(Dataset):
     def bad_files(self) -> list[Path]:
         "Files found unreadable so far (by any worker)."
         return [self.files[j] for j in self._bad.nonzero().flatten().tolist()]
+    def fingerprint(self) -> dict:
+        "`data_fingerprint(self.files, self.root)`: `{'data_files': n, 'data_digest': hex}`, one stat per file."
+        return data_fingerprint(self.files, self.root)
 
 # %% ../nbs/03_data.ipynb #b22ea825
 class ImageFiles(_Files):
@@ -115,7 +145,8 @@ class ClassFolders(_Files):
     "ImageNet-style `root/<class>/**/<image>`: images with the index of their class folder as label."
     def __init__(self, root:str|Path, extensions:tuple=IMAGE_EXTENSIONS, strict:bool=False):
         self.root = Path(root)
-        find_images(root, extensions)  # the errors for a missing or empty folder
+        with warnings.catch_warnings():  # the class folders' own listings below warn about odd files, once
+            warnings.simplefilter('ignore'); find_images(root, extensions)  # the errors for a missing or empty folder
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith('.'))
         files, labels = [], []
         for c, name in enumerate(self.classes):
@@ -266,9 +297,10 @@ class TwoViews(Dataset):
 
 # %% ../nbs/03_data.ipynb #69554b2f
 def _seed_worker(worker_id:int):
-    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed (itself from seed, epoch, rank, worker)."
+    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; leave SIGTERM to the parent."
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a job's SIGTERM reaches the workers too: the parent saves, then ends them
 
 class PairLoader:
     "Batches of `(view1 [B,3,S,S], view2, coord1 [B,4], coord2[, label [B]])`; `set_epoch` before each epoch."

@@ -34,23 +34,23 @@ __all__ = ['FEATURES', 'VOC_CLASSES', 'EXPORT_FORMATS', 'TIMM_ARCHS', 'load_back
            'from_detectron2', 'export_backbone']
 
 # %% ../nbs/08_evaluate.ipynb #c5bd4883
-def _peek(path:Path) -> tuple[list[str], dict|None]:
-    "The tensor names of a checkpoint (inside 'state_dict'/'model' if present) and its 'config' dict, read lazily."
+def _peek(path:Path) -> tuple[list[str], dict|None, str|None]:
+    "Tensor names (inside 'state_dict'/'model' if present), the 'config' dict and the saved arch of a checkpoint, read lazily."
     try:
-        if path.suffix == '.safetensors':
+        if path.suffix == '.safetensors':  # no config, but training and the exports write the arch in the metadata
             from safetensors import safe_open
-            with safe_open(str(path), 'pt') as f: return list(f.keys()), None
+            with safe_open(str(path), 'pt') as f: return list(f.keys()), None, (f.metadata() or {}).get('arch')
         try: obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # no copy of the weights
         except RuntimeError: obj = torch.load(path, map_location='cpu', weights_only=True)  # old (non-zip) format
     except Exception as e: raise CheckpointError(f'{path}: cannot read checkpoint ({type(e).__name__}: {e})') from e
     config = obj.get('config') if isinstance(obj, dict) and isinstance(obj.get('config'), dict) else None
     for key in ('state_dict', 'model', 'model_state_dict'):  # the order of resnet_rs.load_pretrained
         if isinstance(obj, dict) and isinstance(obj.get(key), dict): obj = obj[key]; break
-    return (list(obj) if isinstance(obj, dict) else []), config
+    return (list(obj) if isinstance(obj, dict) else []), config, (config or {}).get('arch')
 
 # %% ../nbs/08_evaluate.ipynb #21a143ce
 def load_backbone(checkpoint_or_model:str|Path|nn.Module,  # PixPro checkpoint, backbone .pth/.safetensors, PixPro or backbone
-                  arch:str|None=None,  # backbone name; needed when the file has no config, checked when it has one
+                  arch:str|None=None,  # backbone name; needed when the file does not say, checked when it does
                  ) -> nn.Module:
     "The ONLINE encoder as a backbone without classifier: a copy, in eval mode, without gradients."
     config = None
@@ -60,11 +60,11 @@ def load_backbone(checkpoint_or_model:str|Path|nn.Module,  # PixPro checkpoint, 
     else:
         path = Path(checkpoint_or_model)
         if not path.is_file(): raise FileNotFoundError(f'checkpoint {path} does not exist')
-        keys, config = _peek(path)
-        saved = (config or {}).get('arch')
+        keys, config, saved = _peek(path)
         if arch and saved and arch != saved: raise ConfigError('arch', arch, f'{saved!r}, the arch saved in {path}')
         arch = arch or saved
-        if arch is None: raise ConfigError('arch', None, f'one of {", ".join(MODEL_NAMES)}: {path} has no config to read it from')
+        if arch is None:
+            raise ConfigError('arch', None, f'one of {", ".join(MODEL_NAMES)}: {path} has no config (or arch metadata) to read it from')
         wrap = 'module.' if keys and all(k.startswith('module.') for k in keys) else ''  # saved from a DDP wrapper
         prefix = f'{wrap}encoder.' if any(k.startswith(f'{wrap}target.') for k in keys) else None  # online, not target
         backbone = load_pretrained(create_model(arch, num_classes=0), path, prefix=prefix)
@@ -420,7 +420,7 @@ def _check_export(fmt:str, arch:str|None, suffix:str):
 def export_backbone(checkpoint:str|Path|nn.Module,  # anything `load_backbone` takes (a PixPro checkpoint ...)
                     fmt:str,  # 'timm', 'torchvision' or 'detectron2'
                     path:str|Path,  # output: .pth/.pt/.bin/.safetensors (timm, torchvision) or .pkl (detectron2)
-                    arch:str|None=None,  # backbone name, when the checkpoint has no config
+                    arch:str|None=None,  # backbone name, when the checkpoint does not say (no config, no arch metadata)
                    ) -> Path:
     "Write the online encoder (no classifier) for timm, torchvision or detectron2, atomically; returns the path."
     check_choice('fmt', fmt, EXPORT_FORMATS)

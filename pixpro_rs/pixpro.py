@@ -17,8 +17,8 @@ from .core import ConfigError, check_choice, check_positive, check_range
 from .positives import _check_coords, positive_mask, pixpro_loss, pixcontrast_loss  # re-exported here
 
 # %% auto #0
-__all__ = ['METHODS', 'Projector', 'PPM', 'momentum_at', 'ema_update_', 'backbone_features', 'feature_channels', 'PixProOutput',
-           'instance_loss', 'PixPro', 'OnlineNet']
+__all__ = ['METHODS', 'Projector', 'PPM', 'momentum_at', 'momentum_horizon', 'ema_update_', 'backbone_features',
+           'feature_channels', 'PixProOutput', 'instance_loss', 'PixPro', 'OnlineNet']
 
 # %% ../nbs/05_pixpro.ipynb #5763e8a6
 class Projector(nn.Sequential):
@@ -67,6 +67,17 @@ def momentum_at(step:int,  # global training step k, counted from 0
     check_positive('total_steps', total_steps); check_range('step', step, 0); check_range('momentum', base, 0, 1)
     return 1. - (1. - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1.) / 2.
 
+# %% ../nbs/05_pixpro.ipynb #db2b6420
+def momentum_horizon(num_images:int,  # images in the training set (the reference's num_instances)
+                     world_size:int,  # processes (GPUs)
+                     batch_size:int,  # images per process per optimiser step (batch_size x grad_accum)
+                     epochs:int,  # epochs of the run
+                    ) -> int:  # K, the `total_steps` of the momentum schedule
+    "The reference's momentum horizon K = int(num_images / world_size / batch_size x epochs), in its floating-point order."
+    for name, v in (('num_images', num_images), ('world_size', world_size), ('batch_size', batch_size), ('epochs', epochs)):
+        check_positive(name, v)
+    return int(num_images * 1. / world_size / batch_size * epochs)
+
 # %% ../nbs/05_pixpro.ipynb #ba3a1037
 @torch.no_grad()
 def ema_update_(target:nn.Module,  # the momentum copy, updated in place
@@ -108,9 +119,10 @@ class PixProOutput(NamedTuple):
 def instance_loss(p:Tensor,  # [N, D] online predictions, L2-normalised
                   z:Tensor,  # [N, D] target projections, L2-normalised
                  ) -> Tensor:  # scalar in [-2, 2]
-    "One direction of the instance (BYOL-style) loss: -2 x the mean cosine, computed in float32."
+    "One direction of the instance (BYOL-style) loss: -2 x the mean cosine, in the inputs' precision and at least float32."
+    dt = torch.promote_types(torch.promote_types(p.dtype, z.dtype), torch.float32)  # bf16 -> float32, float64 stays
     with torch.autocast(p.device.type, enabled=False):
-        return -2 * (p.float() * z.float()).sum(1).mean()
+        return -2 * (p.to(dt) * z.to(dt)).sum(1).mean()  # [N, D] -> [N] -> scalar
 
 # %% ../nbs/05_pixpro.ipynb #214d8767
 METHODS = ('pixpro', 'pixcontrast', 'instance')

@@ -13,10 +13,14 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,20 +32,21 @@ import yaml
 from torch import Tensor, nn
 from tqdm.std import tqdm
 
-from .core import GLOSSARY, ConfigError, atomic_write, check_choice, check_positive, check_range
+from .core import GLOSSARY, ConfigError, RunLock, atomic_write, check_choice, check_positive, check_range, sweep_temporary
 from .augment import PixProAugment
-from .data import ImageFiles, SyntheticScenes, make_loader
+from .data import ImageFiles, SyntheticScenes, data_fingerprint, make_loader
 from .gpu_augment import BatchAugment, ViewLoader, make_crop_loader
-from .pixpro import METHODS, OnlineNet, PixPro
+from .pixpro import METHODS, OnlineNet, PixPro, momentum_horizon
 from .recipes import LARS, RECIPES, PixProRecipe, get_recipe, lars_param_groups, lr_at, scaled_lr, set_lr
 from .resnet_rs import MODEL_NAMES, CheckpointError, build_meta, create_model
 
 # %% auto #0
-__all__ = ['RECIPE_FIELDS', 'PARAMETERS', 'BOOLS', 'CHECKPOINT_FORMAT', 'RUN_ONLY', 'METRIC_COLUMNS', 'TrainConfig', 'c5_size',
-           'default_output_dir', 'resolve_config', 'rng_state', 'set_rng_state', 'checkpoint_path', 'list_checkpoints',
-           'save_checkpoint', 'load_checkpoint', 'run_differences', 'prepare_output_dir', 'NonFiniteLossError',
-           'TrainResult', 'build_dataset', 'build_model', 'speed_up', 'to_memory_format', 'train', 'config_parser',
-           'cli_parser', 'read_params', 'run_command', 'main']
+__all__ = ['RECIPE_FIELDS', 'PARAMETERS', 'BOOLS', 'CHECKPOINT_FORMAT', 'RUN_ONLY', 'METRIC_COLUMNS', 'EXIT_PREEMPTED',
+           'TrainConfig', 'c5_size', 'default_output_dir', 'resolve_config', 'rng_state', 'set_rng_state',
+           'checkpoint_path', 'checkpoint_step', 'list_checkpoints', 'save_checkpoint', 'load_checkpoint',
+           'run_differences', 'data_identity', 'RunPlan', 'prepare_output_dir', 'start_output_dir', 'prune_checkpoints',
+           'NonFiniteLossError', 'TrainResult', 'build_dataset', 'build_model', 'speed_up', 'to_memory_format',
+           'Preempted', 'RunGuard', 'train', 'config_parser', 'cli_parser', 'read_params', 'run_command', 'main']
 
 # %% ../nbs/07_train.ipynb #dd780826
 @dataclass
@@ -106,6 +111,7 @@ def _merged(config, cls:type, names, overrides:dict) -> dict:
     params = dataclasses.asdict(config) if isinstance(config, cls) else dict(config or {})
     params.update(overrides)
     for k in params: check_choice('parameter', k, names)
+    if params.get('mixed_precision') is False: params['mixed_precision'] = 'no'  # YAML 1.1 reads `no` as False
     return {**dataclasses.asdict(cls()), **params}
 
 def c5_size(arch:str, image_size:int) -> int:
@@ -128,6 +134,7 @@ def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: a
     for k in RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
     for k, low in _INTS.items(): p[k] = _int(k, p[k], low)
+    if p['seed'] >= 2**64: raise ConfigError('seed', p['seed'], 'an integer in [0, 2**64)')
     check_choice('arch', p['arch'], MODEL_NAMES)
     check_choice('method', p['method'], METHODS)
     for k in ('lr', 'gamma'): check_positive(k, p[k])
@@ -139,8 +146,8 @@ def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: a
     if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
         raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
     for k in BOOLS: p[k] = _bool(k, p[k])
-    if not isinstance(p['data'], (str, Path)) or (p['data'] != 'synthetic' and not Path(p['data']).is_dir()):
-        raise ConfigError('data', p['data'], "'synthetic' or an existing folder of images")
+    if not isinstance(p['data'], (str, Path)) or not str(p['data']) or (p['data'] != 'synthetic' and not Path(p['data']).is_dir()):
+        raise ConfigError('data', p['data'], "'synthetic' or an existing folder of images")  # '' would be the current folder
     p['data'] = str(p['data'])
     side = c5_size(p['arch'], p['image_size'])
     if side < 2: raise ConfigError('image_size', p['image_size'], f'a size giving a C5 map of at least 2x2 ({side}x{side} here): 64 or more')
@@ -175,9 +182,16 @@ def set_rng_state(state:dict):
 def checkpoint_path(output_dir:str|Path, step:int) -> Path:
     return Path(output_dir)/'checkpoints'/f'step-{step:08d}.pt'
 
+def checkpoint_step(path:str|Path) -> int|None:
+    "The step in a checkpoint's name `step-<step>.pt` (None for any other name)."
+    name = Path(path).name
+    digits = name[len('step-'):-len('.pt')] if name.startswith('step-') and name.endswith('.pt') else ''
+    return int(digits) if digits.isdigit() else None
+
 def list_checkpoints(output_dir:str|Path) -> list[Path]:
-    "The run's checkpoints, oldest first."
-    return sorted((Path(output_dir)/'checkpoints').glob('step-*.pt'))
+    "The run's checkpoints, oldest first: ordered by their step, not by their names' spelling."
+    found = [p for p in (Path(output_dir)/'checkpoints').glob('step-*.pt') if checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 def save_checkpoint(path:str|Path, state:dict) -> Path:
     "Write `state` atomically (temporary file + rename)."
@@ -208,27 +222,96 @@ def run_differences(old:dict, new:dict,
     return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in keys if old.get(k) != new.get(k)]
 
 # %% ../nbs/07_train.ipynb #2f5b0630
-def prepare_output_dir(c:dict,  # resolved config
+def data_identity(*datasets) -> dict:
+    "`data_files` and `data_digest` of a run's datasets: their folders' fingerprint, or the size of generated data."
+    if not all(hasattr(d, 'files') for d in datasets): return dict(data_files=sum(map(len, datasets)), data_digest=None)
+    root = os.path.commonpath([str(d.root) for d in datasets])
+    return data_fingerprint([f for d in datasets for f in d.files], root)
+
+# %% ../nbs/07_train.ipynb #87b4dd56
+class RunPlan(NamedTuple):
+    "What `prepare_output_dir` decided; nothing is written before `start_output_dir` carries it out."
+    resume: Path|None  # the checkpoint to continue from (None: start at step 0)
+    state: dict|None  # its content, loaded once
+    fresh: bool  # clear the folder's checkpoints and metrics first (overwrite=True, or a run that saved no checkpoint)
+    set_aside: tuple = ()  # (checkpoint, reason) pairs renamed to `<name>.<reason>`: 'unreadable' or 'superseded'
+
+def _refuse_if_different(old:dict, c:dict, defaults:dict, name:str, value:str, allowed:str):
+    "`ConfigError` if the saved config `old` is not the run `c`; a changed image folder is named as such."
+    diff = run_differences(old, c, defaults)
+    if diff and all(d.startswith('data_') for d in diff):
+        raise ConfigError('data', c['data'], f'the images the run in {value} started with; the folder changed: ' + '; '.join(diff))
+    if diff: raise ConfigError(name, value, allowed + '; '.join(diff))
+
+def _read_config(out:Path) -> dict|None:
+    "The folder's `config.json` (None if there is none)."
+    if not (out/'config.json').exists(): return None
+    try: return json.loads((out/'config.json').read_text())
+    except (OSError, ValueError) as e: raise ConfigError('output_dir', str(out), f'a folder with a readable config.json ({e}), or overwrite=True') from None
+
+def _newest_loadable(out:Path, ckpts:list[Path], format:str) -> tuple[Path, dict, list]:
+    "The newest checkpoint that loads, its state, and the (path, error) of newer ones that do not."
+    bad = []
+    for path in reversed(ckpts):
+        try: return path, load_checkpoint(path, format), bad
+        except CheckpointError as e: bad.append((path, e))
+    raise CheckpointError(f'{out}: none of its {len(ckpts)} checkpoints loads ({bad[0][1]}); resume from a file with '
+                          'resume=PATH, or start afresh with overwrite=True')
+
+def prepare_output_dir(c:dict,  # resolved config, with `data_identity`'s keys
                        format:str=CHECKPOINT_FORMAT,  # format tag of the engine's checkpoints
                        defaults:dict|None=None,  # the config class's defaults (None: `TrainConfig`'s), see `run_differences`
-                      ) -> Path|None:  # checkpoint to resume from (None: start fresh)
-    "Decide between a fresh start, a resume and a refusal; raises `ConfigError` for a folder holding a different run."
-    out, defaults = Path(c['output_dir']), dataclasses.asdict(TrainConfig()) if defaults is None else defaults
+                      ) -> RunPlan:
+    "Decide, reading only, between a fresh start, a resume and a refusal (`ConfigError`, `CheckpointError`)."
+    out = Path(c['output_dir'])
+    defaults = {**(dataclasses.asdict(TrainConfig()) if defaults is None else defaults),  # a run from before the
+                'data_files': c.get('data_files'), 'data_digest': c.get('data_digest')}  # fingerprint: not compared
     if out.exists() and not out.is_dir(): raise ConfigError('output_dir', str(out), 'a folder (this is a file)')
-    if c['resume'] not in ('auto', 'never'):
-        old = load_checkpoint(c['resume'], format)['config']
-        diff = run_differences(old, c, defaults)
-        if diff: raise ConfigError('resume', c['resume'], 'a checkpoint of this same run; it differs in ' + '; '.join(diff))
-        return Path(c['resume'])
-    cfg_file, ckpts = out/'config.json', list_checkpoints(out)
-    if c['overwrite'] or not (cfg_file.exists() or ckpts): return None
+    ckpts, explicit = list_checkpoints(out), c['resume'] not in ('auto', 'never')
+    state = load_checkpoint(c['resume'], format) if explicit else None
+    if explicit: _refuse_if_different(state['config'], c, defaults, 'resume', c['resume'], 'a checkpoint of this same run; it differs in ')
+    if c['overwrite']:
+        if explicit and Path(c['resume']).resolve().parent == (out/'checkpoints').resolve():
+            raise ConfigError('overwrite', True, f'False when resuming from {c["resume"]}: overwrite would delete it')
+        return RunPlan(Path(c['resume']) if explicit else None, state, True)
+    old, different = _read_config(out), 'a new folder, the folder of this same run, or overwrite=True; it holds a different run: '
+    if not ckpts: return RunPlan(Path(c['resume']) if explicit else None, state, old is not None)  # nothing here to lose
     if c['resume'] == 'never':
         raise ConfigError('output_dir', str(out), 'an empty folder (it holds a run and resume=never), or overwrite=True')
-    old = json.loads(cfg_file.read_text()) if cfg_file.exists() else load_checkpoint(ckpts[-1], format)['config']
-    diff = run_differences(old, c, defaults)
-    if diff: raise ConfigError('output_dir', str(out), 'a new folder, the folder of this same run, or overwrite=True; '
-                               'it holds a different run: ' + '; '.join(diff))
-    return ckpts[-1] if ckpts else None
+    if old is not None: _refuse_if_different(old, c, defaults, 'output_dir', str(out), different)
+    if explicit: return RunPlan(Path(c['resume']), state, False,
+                                tuple((p, 'superseded') for p in ckpts if checkpoint_step(p) > state['step']))
+    path, state, bad = _newest_loadable(out, ckpts, format)
+    _refuse_if_different(state['config'], c, defaults, 'output_dir', str(out), f'{different}(in {path.name}) ')
+    for p, e in bad: warnings.warn(f'{p} does not load ({e}); resuming from {path.name}, the newest that does. '
+                                   f'{p.name} is set aside as {p.name}.unreadable')
+    return RunPlan(path, state, False, tuple((p, 'unreadable') for p, _ in bad))
+
+def start_output_dir(c:dict,  # resolved config
+                     plan:RunPlan,  # from `prepare_output_dir`
+                     files:tuple=('metrics.jsonl', 'metrics.csv', 'encoder.safetensors'),  # what a fresh start clears
+                    ) -> Path:
+    "Carry out `plan` (main process, lock held, every check passed): clear, sweep, set aside, write config.json."
+    out = Path(c['output_dir'])
+    out.mkdir(parents=True, exist_ok=True)
+    if plan.fresh:
+        shutil.rmtree(out/'checkpoints', ignore_errors=True)
+        for f in files: (out/f).unlink(missing_ok=True)
+    sweep_temporary(out)  # half-written files of killed runs
+    for p, why in plan.set_aside:
+        if why == 'superseded': warnings.warn(f'{p} is newer than the checkpoint resumed from; set aside as {p.name}.superseded')
+        p.rename(p.with_name(f'{p.name}.{why}'))
+    return atomic_write(out/'config.json', lambda t: Path(t).write_text(json.dumps(c, indent=1)))
+
+def prune_checkpoints(output_dir:str|Path,
+                      keep:int,  # checkpoints to keep, `written` included
+                      written:Path,  # the checkpoint just written: never deleted
+                     ) -> list[Path]:
+    "Delete the checkpoints older than `written` (by step) beyond the newest `keep - 1`; returns what was deleted."
+    older = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) < checkpoint_step(written)]
+    doomed = older[:max(len(older) - (keep - 1), 0)]
+    for p in doomed: p.unlink(missing_ok=True)
+    return doomed
 
 # %% ../nbs/07_train.ipynb #121cc761
 class NonFiniteLossError(RuntimeError):
@@ -256,12 +339,15 @@ def build_dataset(c:dict):
     "The training images of a resolved config: `SyntheticScenes` or an `ImageFiles` folder."
     return SyntheticScenes(c['synthetic_length'], c['synthetic_size']) if c['data'] == 'synthetic' else ImageFiles(c['data'])
 
-def build_model(c:dict, total_steps:int) -> PixPro:
+def build_model(c:dict,
+                total_steps:int,  # K, the momentum schedule's horizon (`momentum_horizon`)
+               ) -> PixPro:
     "The PixPro model of a resolved config, initialised from its seed (the same on every process)."
     torch.manual_seed(c['seed'])
-    return PixPro(create_model(c['arch'], num_classes=0), method=c['method'], threshold=c['threshold'], gamma=c['gamma'],
-                  ppm_layers=c['ppm_layers'], instance_weight=c['instance_weight'], momentum=c['momentum'],
-                  total_steps=total_steps)
+    zero_gamma = {'zero_init_residual': True} if c['arch'] == 'resnet50' else {}  # as the reference's ResNet-50
+    return PixPro(create_model(c['arch'], num_classes=0, **zero_gamma), method=c['method'], threshold=c['threshold'],
+                  gamma=c['gamma'], ppm_layers=c['ppm_layers'], instance_weight=c['instance_weight'],
+                  momentum=c['momentum'], total_steps=total_steps)
 
 def speed_up(model:PixPro,  # on its training device
              channels_last:bool=False,  # NHWC weights (the views must be NHWC too: `to_memory_format`)
@@ -287,137 +373,181 @@ def _make_accelerator(c:dict):
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c['mixed_precision'],
                        log_with='tensorboard' if is_tensorboard_available() else None, project_dir=c['output_dir'])
 
+# %% ../nbs/07_train.ipynb #4dd3c797
+EXIT_PREEMPTED = 143  # the command line's exit code after SIGTERM: 128 + 15, as a shell reports a SIGTERM
+
+class Preempted(RuntimeError):
+    "SIGTERM stopped the run; the message names the checkpoint saved at the current step (the same command resumes)."
+
+class RunGuard:
+    "For a run's whole life: the main process holds `RunLock(output_dir)`; SIGTERM becomes a request to stop."
+    def __init__(self, output_dir:str|Path, accelerator):
+        self.out, self.accelerator, self.lock, self.previous = Path(output_dir), accelerator, None, None
+        self.phase, self.requested = 'setup', False  # 'setup' -> 'loop' -> 'finish'
+
+    def __enter__(self):
+        error = None
+        if self.accelerator.is_main_process:
+            try: self.lock = RunLock(self.out).acquire()
+            except ConfigError as e: error = (e.name, e.value, e.allowed)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            error = broadcast_object_list([error])[0]
+        if error: raise ConfigError(*error)
+        self.pid = os.getpid()
+        if threading.current_thread() is threading.main_thread():  # Python lets only the main thread set handlers
+            self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum, frame):
+        if os.getpid() != self.pid or self.phase == 'finish': return  # a forked worker, or a run about to end anyway
+        self.requested = True
+        if self.phase == 'setup': raise Preempted('stopped by SIGTERM while starting; this start wrote no checkpoint')
+
+    def __exit__(self, *exc):
+        if self.previous is not None: signal.signal(signal.SIGTERM, self.previous)
+        if self.lock is not None: self.lock.release()
+
 # %% ../nbs/07_train.ipynb #93d969c4
 def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the defaults, the CPU demo)
           **overrides,  # parameters overriding `config`'s, e.g. `train(arch='resnetrs101')`
          ) -> TrainResult:
     "Pretrain with PixPro: config -> accelerator -> data -> model -> optimiser/schedules -> loop -> checkpoints."
-    # 1. config: everything checked before any work
+    # 1. config: everything checked before anything is written
     c = resolve_config(config, **overrides)
     accelerator = _make_accelerator(c)
     c = resolve_config(config, world_size=accelerator.num_processes, **overrides)
     main, device, out = accelerator.is_main_process, accelerator.device, Path(c['output_dir'])
-    resume_from = prepare_output_dir(c)
-    accelerator.wait_for_everyone()  # every process has read the folder before the main process writes to it
-    if main:
-        if c['overwrite'] and resume_from is None:
-            shutil.rmtree(out/'checkpoints', ignore_errors=True)
-            for f in ('metrics.jsonl', 'metrics.csv', 'encoder.safetensors'): (out/f).unlink(missing_ok=True)
-        atomic_write(out/'config.json', lambda t: Path(t).write_text(json.dumps(c, indent=1)))
-    # 2./3. data: this process's shard; the order and augmentations derive from (seed, epoch, index)
-    dataset = build_dataset(c)
-    workers = c['num_workers']
-    kw = dict(image_size=c['image_size'], num_workers=workers, seed=c['seed'], rank=accelerator.process_index,
-              world_size=accelerator.num_processes, labels=False, pin_memory=device.type == 'cuda',
-              persistent_workers=workers > 0, prefetch_factor=c['prefetch_factor'] if workers > 0 else None)
-    if c['gpu_augment']:  # the same crops and decisions (same seeds), the pixel work batched on the device
-        batch_augment = BatchAugment(PixProAugment(c['image_size'])).to(device)
-        if c['compile']: batch_augment.compile()
-        loader = ViewLoader(make_crop_loader(dataset, c['batch_size'], **kw), batch_augment, device)
-    else: loader = make_loader(dataset, c['batch_size'], **kw)
-    steps_per_epoch = len(loader) // c['grad_accum']
-    if steps_per_epoch == 0:
-        raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(dataset)} images for '
-                          f'{c["global_batch"]} per step (batch_size x grad_accum x {accelerator.num_processes} processes)')
-    total_steps = c['epochs'] * steps_per_epoch
-    schedule = dict(base_lr=c['global_lr'], total_steps=total_steps, warmup_steps=c['warmup_epochs'] * steps_per_epoch,
-                    start_factor=c['warmup_start_factor'], final_lr=c['final_lr'])
-    # 4. model: the same initialisation on every process; SyncBN only across GPUs
-    model = build_model(c, total_steps)
-    if accelerator.num_processes > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    speed_up(model.to(device), c['channels_last'], c['compile'])
-    online = OnlineNet(model)  # what DDP wraps; the target stays outside
-    # 5. optimiser and schedules
-    optimizer = LARS(lars_param_groups(online, c['weight_decay']), lr=c['global_lr'], momentum=c['optimizer_momentum'],
-                     trust_coefficient=c['trust_coefficient'])
-    step, metrics = 0, []
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state['model']); optimizer.load_state_dict(state['optimizer'])
-        step, metrics = state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
-        set_rng_state(state['rng'])
-        if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
-    online, optimizer = accelerator.prepare(online, optimizer)
-    if main:
-        _write_metrics(out, metrics)
-        accelerator.init_trackers('tensorboard', config={k: v for k, v in c.items() if isinstance(v, (int, float, str, bool))})
-        print(f"{c['arch']} {c['method']} on {c['data']}: {accelerator.num_processes} process(es) on {device.type}, "
-              f"global batch {c['global_batch']} = {c['batch_size']} x {c['grad_accum']} x {accelerator.num_processes}, "
-              f"lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
-              + (f', resuming at step {step} from {resume_from}' if resume_from else ''), flush=True)
-
-    def save(step:int) -> Path:
-        path = checkpoint_path(out, step)
+    with RunGuard(out, accelerator) as guard:  # the folder locked for the run's life; SIGTERM ends it at a step
+        # 2./3. data: this process's shard; the order and augmentations derive from (seed, epoch, index)
+        dataset = build_dataset(c)
+        c.update(data_identity(dataset))
+        workers = c['num_workers']
+        kw = dict(image_size=c['image_size'], num_workers=workers, seed=c['seed'], rank=accelerator.process_index,
+                  world_size=accelerator.num_processes, labels=False, pin_memory=device.type == 'cuda',
+                  persistent_workers=workers > 0, prefetch_factor=c['prefetch_factor'] if workers > 0 else None)
+        if c['gpu_augment']:  # the same crops and decisions (same seeds), the pixel work batched on the device
+            batch_augment = BatchAugment(PixProAugment(c['image_size'])).to(device)
+            if c['compile']: batch_augment.compile()
+            loader = ViewLoader(make_crop_loader(dataset, c['batch_size'], **kw), batch_augment, device)
+        else: loader = make_loader(dataset, c['batch_size'], **kw)
+        steps_per_epoch = len(loader) // c['grad_accum']
+        if steps_per_epoch == 0:
+            raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(dataset)} images for '
+                              f'{c["global_batch"]} per step (batch_size x grad_accum x {accelerator.num_processes} processes)')
+        total_steps = c['epochs'] * steps_per_epoch
+        schedule = dict(base_lr=c['global_lr'], total_steps=total_steps, warmup_steps=c['warmup_epochs'] * steps_per_epoch,
+                        start_factor=c['warmup_start_factor'], final_lr=c['final_lr'])
+        plan = prepare_output_dir(c)  # resume, fresh start or refusal: nothing written yet
+        # 4. model: the same initialisation on every process; SyncBN only across GPUs
+        horizon = momentum_horizon(len(dataset), accelerator.num_processes, c['batch_size'] * c['grad_accum'], c['epochs'])
+        model = build_model(c, horizon)
+        if accelerator.num_processes > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        speed_up(model.to(device), c['channels_last'], c['compile'])
+        online = OnlineNet(model)  # what DDP wraps; the target stays outside
+        # 5. optimiser and schedules
+        optimizer = LARS(lars_param_groups(online, c['weight_decay']), lr=c['global_lr'], momentum=c['optimizer_momentum'],
+                         trust_coefficient=c['trust_coefficient'])
+        step, metrics = 0, []
+        if plan.state is not None:
+            state = plan.state
+            model.load_state_dict(state['model']); optimizer.load_state_dict(state['optimizer'])
+            step, metrics = state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
+            set_rng_state(state['rng'])
+            if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
+            del state; plan = plan._replace(state=None)  # the weights live in the model now
+        accelerator.wait_for_everyone()  # every process has read the folder before the main process writes to it
+        if main: start_output_dir(c, plan); _write_metrics(out, metrics)
+        online, optimizer = accelerator.prepare(online, optimizer)
         if main:
-            state = {'format': CHECKPOINT_FORMAT, 'step': step, 'config': c, 'model': model.state_dict(),
-                     'optimizer': optimizer.state_dict(), 'metrics': metrics, 'rng': rng_state(),
-                     'scaler': accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
-            save_checkpoint(path, state)
-            _write_metrics(out, metrics)
-            for old in list_checkpoints(out)[:-c['keep_checkpoints']]: old.unlink()
-        accelerator.wait_for_everyone()
-        return path
+            accelerator.init_trackers('tensorboard', config={k: v for k, v in c.items() if isinstance(v, (int, float, str, bool))})
+            print(f"{c['arch']} {c['method']} on {c['data']}: {accelerator.num_processes} process(es) on {device.type}, "
+                  f"global batch {c['global_batch']} = {c['batch_size']} x {c['grad_accum']} x {accelerator.num_processes}, "
+                  f"lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
+                  + (f', resuming at step {step} from {plan.resume}' if plan.resume else ''), flush=True)
 
-    # 6. the loop
-    last_ckpt, end = (Path(resume_from) if resume_from else None), min(total_steps, c['max_steps'] or total_steps)
-    saved = step if resume_from else None  # the step of the newest checkpoint
-    bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
-               mininterval=2 if sys.stderr.isatty() else 30)  # notebooks and log files: a line every 30 s
-    t_start = time.perf_counter()
-    while step < end:
-        epoch, skip = divmod(step, steps_per_epoch)
-        loader.set_epoch(epoch, skip=skip * c['grad_accum'])
-        n_micro = (steps_per_epoch - skip) * c['grad_accum']
-        parts, micro = torch.zeros(3, device=device), 0
-        t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
-        data_s = 0.0
-        for batch, _ in zip(loader, range(n_micro)):
-            if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
-            data_s += time.perf_counter() - t0
-            v1, v2, c1, c2 = (t.to(device, non_blocking=True) for t in batch[:4])
-            v1, v2 = to_memory_format(v1, c['channels_last']), to_memory_format(v2, c['channels_last'])
-            last = micro == c['grad_accum'] - 1
-            with accelerator.no_sync(online) if not last else nullcontext():
-                with accelerator.autocast():
-                    o = model(v1, v2, c1, c2, update_target=micro == 0, online=online)
-                accelerator.backward(o.loss / c['grad_accum'])
-            parts += torch.stack([o.loss, o.pixel, o.instance]).detach().float() / c['grad_accum']
-            if micro == 0: m = o.momentum
-            micro += 1
-            if not last: t0 = time.perf_counter(); continue
-            ranks = accelerator.gather(parts[None])  # [processes, 3]: every rank sees every rank's loss
-            if not torch.isfinite(ranks).all():
-                bad = ranks[:, 0].tolist()
-                raise NonFiniteLossError(f'non-finite loss in step {step + 1} (epoch {epoch}), per process {bad}; the last '
-                                         f'good checkpoint is {last_ckpt or "none (no checkpoint yet)"}. Lower lr, '
-                                         f'check the data, or try mixed_precision="no".')
-            optimizer.step(); optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t_step  # all the step's micro-batches
-            loss, pixel, instance = ranks.mean(0).tolist()
-            row = dict(step=step, epoch=step / steps_per_epoch, loss=loss, pixel=pixel, instance=instance, lr=lr,
-                       momentum=m, images_per_s=c['global_batch'] / dt, data_s=data_s, time_s=time.perf_counter() - t_start,
-                       loss_per_process=ranks[:, 0].tolist())
-            metrics.append(row)
+        def save(step:int) -> Path:
+            path = checkpoint_path(out, step)
             if main:
-                with open(out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-                accelerator.log({k: row[k] for k in METRIC_COLUMNS[2:-2]}, step=step)
-                bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.3g}', m=f'{m:.4f}', img_s=f"{row['images_per_s']:.1f}", refresh=False)
-                bar.update()
-            parts.zero_(); micro, data_s = 0, 0.0
-            t_step = t0 = time.perf_counter()
-            if step >= end: break
-        done_epoch = step % steps_per_epoch == 0
-        if step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0): last_ckpt, saved = save(step), step
-    bar.close()
-    # 7. the end: the final checkpoint (unless the run was already complete) and the online encoder for transfer
-    if saved != step: last_ckpt = save(step)
-    if main:
-        from safetensors.torch import save_file
-        enc = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
-        atomic_write(out/'encoder.safetensors', lambda t: save_file(enc, str(t), metadata={'arch': c['arch']}))
-    del online, optimizer, loader  # drop every reference to DDP/gloo objects before the process group ends
-    accelerator.end_training()
+                state = {'format': CHECKPOINT_FORMAT, 'step': step, 'config': c, 'model': model.state_dict(),
+                         'optimizer': optimizer.state_dict(), 'metrics': metrics, 'rng': rng_state(),
+                         'scaler': accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
+                save_checkpoint(path, state)
+                _write_metrics(out, metrics)
+                prune_checkpoints(out, c['keep_checkpoints'], path)
+            accelerator.wait_for_everyone()
+            return path
+
+        # 6. the loop
+        last_ckpt, end = plan.resume, min(total_steps, c['max_steps'] or total_steps)
+        saved, stop = (step if plan.resume else None), False  # the step of the newest checkpoint; SIGTERM seen
+        bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
+                   mininterval=2 if sys.stderr.isatty() else 30)  # notebooks and log files: a line every 30 s
+        t_start, guard.phase = time.perf_counter(), 'loop'
+        try:
+            while step < end and not stop:
+                epoch, skip = divmod(step, steps_per_epoch)
+                loader.set_epoch(epoch, skip=skip * c['grad_accum'])
+                n_micro = (steps_per_epoch - skip) * c['grad_accum']
+                parts, micro = torch.zeros(4, device=device), 0  # loss, pixel, instance, stop requested
+                t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
+                data_s = 0.0
+                for batch, _ in zip(loader, range(n_micro)):
+                    if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
+                    data_s += time.perf_counter() - t0
+                    v1, v2, c1, c2 = (t.to(device, non_blocking=True) for t in batch[:4])
+                    v1, v2 = to_memory_format(v1, c['channels_last']), to_memory_format(v2, c['channels_last'])
+                    last = micro == c['grad_accum'] - 1
+                    with accelerator.no_sync(online) if not last else nullcontext():
+                        with accelerator.autocast():
+                            o = model(v1, v2, c1, c2, update_target=micro == 0, online=online)
+                        accelerator.backward(o.loss / c['grad_accum'])
+                    parts[:3] += torch.stack([o.loss, o.pixel, o.instance]).detach().float() / c['grad_accum']
+                    if micro == 0: m = o.momentum
+                    micro += 1
+                    if not last: t0 = time.perf_counter(); continue
+                    parts[3] = float(guard.requested)
+                    ranks = accelerator.gather(parts[None])  # [processes, 4]: every rank sees every rank's loss and stop
+                    if not torch.isfinite(ranks).all():
+                        bad = ranks[:, 0].tolist()
+                        raise NonFiniteLossError(f'non-finite loss in step {step + 1} (epoch {epoch}), per process {bad}; the '
+                                                 f'last good checkpoint is {last_ckpt or "none (no checkpoint yet)"}. A run '
+                                                 f'resumes only with its own lr and precision: start a new run (another '
+                                                 f'output_dir) with a lower lr or mixed_precision="no", or check the data.')
+                    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    dt = time.perf_counter() - t_step  # all the step's micro-batches
+                    loss, pixel, instance, stop = ranks.mean(0).tolist()
+                    stop = stop > 0  # some process was sent SIGTERM
+                    row = dict(step=step, epoch=step / steps_per_epoch, loss=loss, pixel=pixel, instance=instance, lr=lr,
+                               momentum=m, images_per_s=c['global_batch'] / dt, data_s=data_s,
+                               time_s=time.perf_counter() - t_start, loss_per_process=ranks[:, 0].tolist())
+                    metrics.append(row)
+                    if main:
+                        with open(out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
+                        accelerator.log({k: row[k] for k in METRIC_COLUMNS[2:-2]}, step=step)
+                        bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.3g}', m=f'{m:.4f}', img_s=f"{row['images_per_s']:.1f}", refresh=False)
+                        bar.update()
+                    parts.zero_(); micro, data_s = 0, 0.0
+                    t_step = t0 = time.perf_counter()
+                    if step >= end or stop: break
+                done_epoch = step % steps_per_epoch == 0
+                if step == end or stop or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0):
+                    last_ckpt, saved = save(step), step
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f'interrupted in step {step + 1}; ' + (f'the newest checkpoint is {last_ckpt}'
+                                    if last_ckpt else 'no checkpoint was written')) from None
+        bar.close()
+        if stop and step < end: raise Preempted(f'stopped by SIGTERM after step {step}, saved in {last_ckpt}; run the same command to resume')
+        # 7. the end: the final checkpoint (unless the run was already complete) and the online encoder for transfer
+        guard.phase = 'finish'
+        if saved != step: last_ckpt = save(step)
+        if main:
+            from safetensors.torch import save_file
+            enc = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
+            atomic_write(out/'encoder.safetensors', lambda t: save_file(enc, str(t), metadata={'arch': c['arch']}))
+        del online, optimizer, loader  # drop every reference to DDP/gloo objects before the process group ends
+        accelerator.end_training()
     return TrainResult(out, last_ckpt, metrics, model, c)
 
 # %% ../nbs/07_train.ipynb #44d2b03e
@@ -466,7 +596,7 @@ def run_command(argv:list[str]|None,
                 run:Callable[[dict], Any],  # runs the job from the parameters
                 names:tuple=PARAMETERS,  # the parameters a `--config` file may set
                ) -> int:
-    "Parse, run, and turn bad input into one clear line and an exit code: 2 bad input, 1 non-finite loss, 130 Ctrl-C."
+    "Parse, run, and turn failures into one clear line and an exit code (see the table above)."
     args = parser.parse_args(argv)
     try:
         params = read_params(args.config, names) if args.config else {}
@@ -474,10 +604,12 @@ def run_command(argv:list[str]|None,
         run(params)
     except (ConfigError, CheckpointError) as e:
         print(f'{parser.prog}: error: {e}', file=sys.stderr); return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, OSError) as e:  # OSError: a full disk, an unreadable file in strict mode...
         print(f'{parser.prog}: stopped: {e}', file=sys.stderr); return 1
-    except KeyboardInterrupt:
-        print(f'{parser.prog}: interrupted; the last checkpoint is intact', file=sys.stderr); return 130
+    except Preempted as e:
+        print(f'{parser.prog}: {e}', file=sys.stderr); return EXIT_PREEMPTED
+    except KeyboardInterrupt as e:
+        print(f'{parser.prog}: interrupted' + (f' {e}' if str(e) else ''), file=sys.stderr); return 130
     return 0
 
 def main(argv:list[str]|None=None) -> int:

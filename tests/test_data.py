@@ -1,6 +1,7 @@
 """What crosses components in the data path: determinism across worker counts and processes, bad files on disk seen
 through DataLoader workers, every awkward image mode through the whole pipeline."""
 import hashlib
+import os
 import subprocess
 import sys
 import warnings
@@ -13,7 +14,8 @@ from PIL import Image
 
 from pixpro_rs.augment import PixProAugment
 from pixpro_rs.core import ConfigError
-from pixpro_rs.data import (BadImageError, ClassFolders, ImageFiles, SyntheticScenes, load_image, make_loader)
+from pixpro_rs.data import (BadImageError, ClassFolders, ImageFiles, SyntheticScenes, data_fingerprint, load_image,
+                            make_loader)
 
 SNIPPET = """
 import hashlib, torch
@@ -128,3 +130,26 @@ def test_load_image_names_the_file(tmp_path):
     (tmp_path/'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\0' * 20)
     with pytest.raises(BadImageError, match='broken.png'):
         load_image(tmp_path/'broken.png')
+
+
+LOOP_AND_PIPE = """
+import sys, warnings
+from pixpro_rs.data import ImageFiles, make_loader
+warnings.simplefilter('ignore')
+ds = ImageFiles(sys.argv[1])
+print(len(ds), sum(len(b[0]) for b in make_loader(ds, 2, image_size=16, num_workers=1, shuffle=False)))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='needs named pipes')
+def test_a_link_loop_and_a_named_pipe_neither_multiply_nor_hang(tmp_path):
+    "A folder of 4 images with a link to itself and a FIFO called x.jpg: 4 images, and an epoch through a worker ends."
+    for k in range(4): Image.new('RGB', (20, 20), (k * 60, 0, 0)).save(tmp_path / f'{k}.jpg')
+    os.symlink(tmp_path, tmp_path / 'again')
+    os.mkfifo(tmp_path / 'x.jpg')
+    out = subprocess.run([sys.executable, '-c', LOOP_AND_PIPE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, check=True)  # a hang fails here instead of blocking the suite
+    assert out.stdout.split() == ['4', '4']
+    with pytest.warns(UserWarning, match='x.jpg'):
+        fp = ImageFiles(tmp_path).fingerprint()
+    assert fp['data_files'] == 4 and fp == data_fingerprint([tmp_path / f'{k}.jpg' for k in range(4)], tmp_path)

@@ -65,6 +65,10 @@ def test_load_backbone_reads_what_train_writes(tmp_path):
     assert set(online) == set(bb.state_dict()) == set(target)
     assert all(torch.equal(v, online[k]) for k, v in bb.state_dict().items())
     assert any(not torch.equal(v, target[k]) for k, v in bb.state_dict().items())  # 2 steps: target != online
+    enc = load_backbone(tmp_path / 'run' / 'encoder.safetensors')  # the run's encoder file: no arch needed
+    assert enc.arch == 'resnetrs_tiny' and all(torch.equal(v, online[k]) for k, v in enc.state_dict().items())
+    with pytest.raises(ConfigError, match="'resnetrs_tiny', the arch saved in"):
+        load_backbone(tmp_path / 'run' / 'encoder.safetensors', arch='resnetrs50')
 
 
 def test_load_backbone_names_the_file_on_mismatch(tmp_path):
@@ -76,6 +80,34 @@ def test_load_backbone_names_the_file_on_mismatch(tmp_path):
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(ValueError, match='junk.pth: cannot read checkpoint'):
         load_backbone(tmp_path / 'junk.pth', arch='resnetrs_tiny')
+
+
+
+def test_load_backbone_reads_the_arch_from_safetensors_metadata(tmp_path, x):
+    "encoder.safetensors as train() writes it: loaded and exported without arch; a conflicting arch is refused."
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    enc = randomise_bn(create_model('resnet50', num_classes=0)).eval()
+    sd = {k: v.detach().contiguous() for k, v in enc.state_dict().items()}
+    save_file(sd, str(tmp_path / 'encoder.safetensors'), metadata={'arch': 'resnet50'})  # the end of train()
+    bb = load_backbone(tmp_path / 'encoder.safetensors')
+    assert bb.arch == 'resnet50' and bb.pretrain_config is None and not bb.training
+    assert all(torch.equal(v, sd[k]) for k, v in bb.state_dict().items()) and len(bb.state_dict()) == len(sd)
+    with pytest.raises(ConfigError, match=r"invalid arch='resnetrs50': expected 'resnet50', the arch saved in .*encoder\.safetensors"):
+        load_backbone(tmp_path / 'encoder.safetensors', arch='resnetrs50')
+    assert load_backbone(tmp_path / 'encoder.safetensors', arch='resnet50').arch == 'resnet50'  # agreeing: fine
+    out = export_backbone(tmp_path / 'encoder.safetensors', 'torchvision', tmp_path / 'tv.safetensors')  # no arch
+    with safe_open(str(out), 'pt') as f:
+        assert f.metadata() == {'arch': 'resnet50', 'format': 'torchvision'}
+    with torch.no_grad():
+        assert torch.allclose(load_backbone(out).forward_features(x), enc.forward_features(x), atol=1e-6)  # chains
+    with pytest.raises(ConfigError, match="'resnet50', the arch saved in"):
+        export_backbone(tmp_path / 'encoder.safetensors', 'timm', tmp_path / 'rs.pth', arch='resnetrs50')
+    assert not (tmp_path / 'rs.pth').exists()
+    save_file(sd, str(tmp_path / 'bare.safetensors'))  # no metadata: the caller must say
+    with pytest.raises(ConfigError, match='has no config'):
+        load_backbone(tmp_path / 'bare.safetensors')
 
 
 # ---------------------------------------------------------------- exports
