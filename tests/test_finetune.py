@@ -58,7 +58,9 @@ def test_pixpro_checkpoint_to_finetune(tmp_path):
     cfg = json.loads((tmp_path/'ft'/'config.json').read_text())
     assert cfg['init'] == str(enc) and cfg['arch'] == 'resnetrs_tiny'
     r = run(['pixpro-finetune', *TINY, '--arch', 'resnetrs50', '--init', str(enc), '--output_dir', str(tmp_path/'x')])
-    assert r.returncode == 2 and 'Traceback' not in r.stderr and 'does not match resnetrs50' in r.stderr, r.stderr
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr  # the encoder's file names its arch
+    assert "invalid arch='resnetrs50'" in r.stderr and "'resnetrs_tiny', the arch saved in" in r.stderr, r.stderr
+    assert not (tmp_path/'x').exists()  # refused before anything was written
 
 
 def test_papermill_finetune_notebook(tmp_path):

@@ -212,3 +212,26 @@ def test_finetune_lock_and_bad_init(tmp_path):
         assert r.returncode == 2 and f'locked by pid {live.pid}' in r.stderr, r.stderr[-2000:]
     finally:
         os.killpg(live.pid, signal.SIGKILL); live.wait()
+
+
+def test_full_disk_is_named(tmp_path):
+    "A disk that fills up while a checkpoint is written: exit 1, one line naming the file and the lack of space."
+    disk = tmp_path/'disk'; disk.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', str(disk)], capture_output=True).returncode:
+        pytest.skip('cannot mount a small tmpfs here (needs root)')
+    try:
+        r = run(TRAIN + ['--max_steps', '1', '--output_dir', str(disk/'run')])
+        assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+        line = r.stderr.strip().splitlines()[-1]
+        assert 'no space left on device' in line and 'step-00000001.pt' in line and 'Traceback' not in r.stderr, r.stderr
+        assert not list((disk/'run').rglob('*.tmp')) and not (disk/'run'/'.lock').exists()
+    finally:
+        subprocess.run(['umount', str(disk)])
+
+
+def test_yaml_no_is_mixed_precision_no(tmp_path):
+    "YAML 1.1 reads `mixed_precision: no` as False; it means 'no'."
+    (tmp_path/'p.yaml').write_text('mixed_precision: no\nmax_steps: 1\n')
+    r = run(TRAIN + ['--config', str(tmp_path/'p.yaml'), '--output_dir', str(tmp_path/'run')])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path/'run'/'config.json').read_text())['mixed_precision'] == 'no'
