@@ -77,6 +77,7 @@ GLOSSARY: dict[str, str] = {
     'arch': "backbone name, e.g. 'resnetrs50' ... 'resnetrs420' or 'resnet50' (torchvision's, the PixPro paper's)",
     'num_classes': "size of the classifier; 0 builds a backbone without classifier",
     'image_size': "side in pixels of each augmented view (224 gives a 7x7 C5 map, 160 gives 5x5)",
+    'init': "weights a supervised run starts from: 'scratch', or a PixPro checkpoint (its online encoder), an encoder.safetensors or a backbone file",
     # data
     'data': "'synthetic' (the embedded SyntheticScenes) or a path to a folder of images",
     'batch_size': "images per device per step; the global batch is batch_size x processes x accumulation",
@@ -209,6 +210,9 @@ def check_range(name:str,  # parameter name
     if high is not None and (value >= high if high_open else value > high): raise ConfigError(name, value, allowed)
     return value
 
+
+# %%
+#| exports
 def check_positive(name:str, value:float) -> float:
     "Return `value` if it is a finite number > 0, else raise `ConfigError`."
     return check_range(name, value, 0, None, low_open=True)
@@ -266,6 +270,9 @@ def _umask() -> int:
     m = os.umask(0o022); os.umask(m)  # racy only against another thread changing the umask meanwhile
     return m
 
+
+# %%
+#| exports
 def _out_of_space(e:BaseException,  # what the write raised
                   tmp:Path,  # the partial file, not yet removed
                  ) -> tuple[bool, int, int]:  # (the disk was full, bytes written, bytes free)
@@ -278,6 +285,9 @@ def _out_of_space(e:BaseException,  # what the write raised
     # without the partial file the folder would have free + written bytes; below written + margin, the disk was full
     return (isinstance(e, OSError) and e.errno in nospace) or 0 <= free < _SPACE_MARGIN, written, free
 
+
+# %%
+#| exports
 def atomic_write(path:str|Path,  # destination file
                  write:Callable[[Path], None],  # writes the content to the temporary path it is given
                 ) -> Path:
@@ -601,3 +611,15 @@ with tempfile.TemporaryDirectory() as d:
 # - `RunLock(output_dir)` gives a run folder to one live run: a second one is refused with the holder's pid, host
 #   and start time; the lock of a killed run is taken over with a warning.
 # - `sweep_temporary(output_dir)` removes the temporary files that killed writes left behind, and nothing else.
+#
+# ## Exercises
+#
+# 1. Add a parameter of your own to `GLOSSARY` (say `crop_min`, the lower end of the crop's area range) and write its
+#    check with `check_range`, including the message a user sees for `crop_min=1.5`. Which chapters would have to use
+#    the name for the habit "one name everywhere" to hold?
+# 2. Write a checkpoint with `atomic_write` from a child process that is killed (`SIGKILL`) halfway, as the test above
+#    does, and verify that the previous file at the same path is intact and that `sweep_temporary` finds the orphan.
+# 3. Start two Python processes that both call `RunLock(folder).acquire()` on the same folder. Read the refusal of the
+#    second; then kill the first with `SIGKILL` and acquire again: what does the warning say?
+# 4. `atomic_write` calls `os.fsync` before the rename. Remove it, and explain which failure (a power cut, a full
+#    network disk) could then leave a complete-looking but empty checkpoint behind.

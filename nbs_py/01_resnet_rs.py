@@ -70,10 +70,14 @@ _t0 = time.time()
 #    projection shortcut no longer is a 1x1 convolution *with stride 2*, which reads only one pixel in four: it is a
 #    2x2 average pool with stride 2 followed by a 1x1 convolution, so every input pixel contributes.
 # 2. **Squeeze-and-excitation** (Hu et al., 2018) in every bottleneck, after the last BN: the block's output
-#    $x \in \mathbb{R}^{C \times H \times W}$ is reweighted channel by channel,
-#    $$\mathrm{SE}(x) = x \odot \sigma\big(W_2\,\mathrm{ReLU}(W_1 \bar x + b_1) + b_2\big), \qquad
-#    \bar x = \tfrac{1}{HW}\textstyle\sum_{h,w} x_{:,h,w},$$
-#    with $W_1 \in \mathbb{R}^{C/4 \times C}$, $W_2 \in \mathbb{R}^{C \times C/4}$ (ratio 0.25, with biases).
+#    $x \in \mathbb{R}^{C \times H \times W}$ is reweighted channel by channel, by gates computed from its mean over
+#    the pixels (equation below).
+#
+# $$\mathrm{SE}(x) = x \odot \sigma\big(W_2\,\mathrm{ReLU}(W_1 \bar x + b_1) + b_2\big), \qquad
+# \bar x = \tfrac{1}{HW}\textstyle\sum_{h,w} x_{:,h,w},$$
+#
+# with $W_1 \in \mathbb{R}^{C/4 \times C}$, $W_2 \in \mathbb{R}^{C \times C/4}$ (SE's reduction ratio 0.25, with
+# biases).
 #
 # The rest is the classic bottleneck: conv1x1 ($f$) -> conv3x3 (stride $s$, $f$) -> conv1x1 ($4f$), each followed by BN,
 # ReLU after the first two; the last BN's $\gamma$ starts at **zero**, so every residual block starts as the identity;
@@ -122,7 +126,7 @@ for i, t in enumerate(se):
     _box(a3, 0, y, t, '#b6d7a8' if 0 < i < 5 else 'w', w=3.4)
     if i: _arrow(a3, 0, y + 1.5 - 0.3, 0, y + 0.3)
 a3.set_title('(c) squeeze-and-excitation', fontsize=10)
-fig.text(0.5, 0.01, 'Figure 1. The two ResNet-D changes (orange) and SE (green) in ResNet-RS; blue: the classic layers.',
+fig.text(0.5, 0.01, 'Figure 1: the two ResNet-D changes (orange) and SE (green) in ResNet-RS; blue: the classic layers.',
          ha='center', fontsize=9)
 plt.tight_layout(rect=(0, 0.04, 1, 1)); plt.show()
 
@@ -215,6 +219,9 @@ def conv_bn(cin:int, cout:int, k:int=3, stride:int=1) -> list:
     "A bias-free conv with 'same' padding k//2 and its BatchNorm (eps 1e-5), as two modules."
     return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
 
+
+# %%
+#| exports
 class Bottleneck(nn.Module):
     "ResNet-D bottleneck with SE: 1x1 -> 3x3 (stride) -> 1x1 (x4) -> SE -> stochastic depth -> + shortcut -> ReLU."
     expansion = 4
@@ -555,6 +562,9 @@ def on_meta(model:nn.Module) -> nn.Module:
     "`model` itself if it lives on the `meta` device, else a copy there (the caller's weights are never touched)."
     return model if all(p.is_meta for p in model.parameters()) else copy.deepcopy(model).to('meta')
 
+
+# %%
+#| exports
 def stage_shapes(model:nn.Module,  # a model from `create_model`
                  image_size:int,  # side of the square input
                 ) -> list[tuple[str, tuple, int, int]]:
@@ -608,6 +618,9 @@ def count_params(model:nn.Module) -> int:
     "Number of parameters (trainable or not); buffers such as BN running statistics are not counted."
     return sum(p.numel() for p in model.parameters())
 
+
+# %%
+#| exports
 def count_macs(model:nn.Module,  # any model; it is moved to the `meta` device (no memory, no arithmetic)
                image_size:int,  # side of the square input
               ) -> int:
@@ -619,8 +632,11 @@ def count_macs(model:nn.Module,  # any model; it is moved to the `meta` device (
 
 
 # %% [markdown]
-# The test compares our counts with the project's spec sheet (`shared/spec/RESNET_RS.md`: the parameters and state-dict
-# sizes of the released checkpoints, the paper's FLOPs / 2): every parameter count and state-dict size exactly. Models are built directly on the `meta` device, which takes
+# The test compares our counts with reference values anyone can recompute: the parameters and state-dict sizes of
+# timm's `resnetrs*` models (the key names and shapes of the released checkpoints) and their multiply-accumulates at
+# the training size (FLOPs / 2), measured by us with timm 1.0.31 (`timm.create_model(arch)` on the `meta` device,
+# counted with `torch.utils.flop_counter.FlopCounterMode` as `count_macs` does): every parameter count and
+# state-dict size exactly, the MACs to three decimals. Models are built directly on the `meta` device, which takes
 # under a second even for RS-420 (192 M parameters).
 
 # %%
@@ -631,7 +647,7 @@ def build_meta(arch:str, **kwargs) -> nn.Module:
 
 
 # %%
-SPEC = {  # arch: (parameters at 1000 classes, {train size: GMACs}, state-dict entries), from the spec
+TIMM_REF = {  # arch: (parameters at 1000 classes, {train size: GMACs}, state-dict entries), measured on timm 1.0.31's models
     'resnetrs50':  (35_691_912, {160: 2.279}, 402),
     'resnetrs101': (63_618_696, {160: 4.182, 192: 6.012}, 776),
     'resnetrs152': (86_621_576, {192: 8.747, 224: 11.895, 256: 15.528}, 1150),
@@ -641,10 +657,10 @@ SPEC = {  # arch: (parameters at 1000 classes, {train size: GMACs}, state-dict e
     'resnetrs420': (191_891_656, {320: 63.942}, 3108),
 }
 fam = {}
-for arch in SPEC:
+for arch in TIMM_REF:
     m = build_meta(arch)
     fam[arch] = (sum(RS_CONFIGS[arch].layers), count_params(m), len(m.state_dict()))
-for arch, (npar, gmacs, nkeys) in SPEC.items(): test_eq(fam[arch][1], npar); test_eq(fam[arch][2], nkeys)
+for arch, (npar, gmacs, nkeys) in TIMM_REF.items(): test_eq(fam[arch][1], npar); test_eq(fam[arch][2], nkeys)
 se_params = sum(p.numel() for n, p in build_meta('resnetrs50').named_parameters() if '.se.' in n)
 test_close(se_params / 1e6, 10.08, eps=5e-3)  # SE holds 28% of RS-50's parameters
 test_eq(count_params(build_meta('resnet50')), 25_557_032)
@@ -652,20 +668,20 @@ test_eq(count_params(build_meta('resnet50')), 25_557_032)
 # %% [markdown]
 # Counting the MACs of eleven (model, size) pairs takes about 20 s on a shared 2-core CPU (the counter intercepts
 # every operator of RS-420's 139 blocks), so the cell is flagged `#| slow`; the test at its end compares every figure to
-# the spec's three decimals.
+# timm's, to three decimals.
 
 # %%
 #| slow
 t = time.time()
-macs = {(arch, s): count_macs(build_meta(arch), s) / 1e9 for arch in SPEC for s in SPEC[arch][1]}
-for arch, (npar, gmacs, nkeys) in SPEC.items():
+macs = {(arch, s): count_macs(build_meta(arch), s) / 1e9 for arch in TIMM_REF for s in TIMM_REF[arch][1]}
+for arch, (npar, gmacs, nkeys) in TIMM_REF.items():
     for s, g in gmacs.items(): test_close(macs[arch, s], g, eps=5e-4)
-rows = ['| model | blocks | params (ours) | params (spec) | state-dict entries | size | top-1 (paper) | GMACs (ours) | GMACs (spec) |',
+rows = ['| model | blocks | params (ours) | params (timm) | state-dict entries | size | top-1 (paper) | GMACs (ours) | GMACs (timm) |',
         '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
 for arch, s, top1 in RS_PAPER_RESULTS:
     nb, npar, nkeys = fam[arch]
-    rows.append(f'| {arch} | {nb} | {npar:,} | {SPEC[arch][0]:,} | {nkeys} | {s} | {top1} | {macs[arch, s]:.3f} | {SPEC[arch][1][s]:.3f} |')
-display(Markdown('**Table 2.** The ResNet-RS family at 1000 classes; GMACs for one image at the training size.\n\n'
+    rows.append(f'| {arch} | {nb} | {npar:,} | {TIMM_REF[arch][0]:,} | {nkeys} | {s} | {top1} | {macs[arch, s]:.3f} | {TIMM_REF[arch][1][s]:.3f} |')
+display(Markdown('**Table 2.** The ResNet-RS family at 1000 classes; GMACs for one image at the training size; top-1 from tensorflow/tpu `models/official/resnet/resnet_rs/README.md`.\n\n'
                  + '\n'.join(rows)))
 print(f'counted in {time.time() - t:.1f} s')
 
@@ -682,7 +698,7 @@ fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
 npar = {a: fam[a][1] / 1e6 for a in fam}
 for ax, xlab, val in ((axes[0], 'parameters (M)', lambda a, s: npar[a]),
                       (axes[1], 'GFLOPs at the training size (2 x MACs)', lambda a, s: 2 * macs[a, s])):
-    for arch in SPEC:
+    for arch in TIMM_REF:
         pts = [(val(a, s), t1, s) for a, s, t1 in RS_PAPER_RESULTS if a == arch]
         xs, ys, ss = zip(*pts)
         ax.plot(xs, ys, 'o-', ms=5, label=arch.replace('resnetrs', 'RS-'))
@@ -690,7 +706,7 @@ for ax, xlab, val in ((axes[0], 'parameters (M)', lambda a, s: npar[a]),
     ax.set_xlabel(xlab); ax.grid(alpha=0.3)
 axes[0].set_ylabel('ImageNet top-1 (%), paper'); axes[1].set_xscale('log')
 axes[1].legend(fontsize=8, loc='lower right')
-fig.suptitle('Figure 2. Paper top-1 against our parameter and FLOP counts; labels: train = eval image size', fontsize=10)
+fig.suptitle('Figure 2: paper top-1 against our parameter and FLOP counts; labels: train = eval image size', fontsize=10)
 plt.tight_layout(); plt.show()
 
 
@@ -738,6 +754,9 @@ plt.tight_layout(); plt.show()
 class CheckpointError(ValueError):
     "A checkpoint file that cannot be read or does not match the model; the message names the file."
 
+
+# %%
+#| exports
 def _read_state_dict(path:Path) -> dict:
     "Load a tensor dict from `.safetensors` or a torch file (weights only), unwrapping common containers."
     if path.suffix == '.safetensors':
@@ -936,3 +955,15 @@ assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parame
 # %%
 #| hide
 print(f'notebook ran in {time.time() - _t0:.0f} s')
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Measure the C5 size of `create_model('resnetrs50', num_classes=0)` at 160, 192 and 224 pixels with
+#    `stage_shapes`. Which sizes give PixPro a 5x5, 6x6 and 7x7 map?
+# 2. Save timm's `resnetrs50` state dict (built without weights), load it with `load_pretrained`, then rename one key
+#    and read the error.
+# 3. Compare the mean number of dropped residual branches of RS-200 in training mode under `drop_path_rule='tf'` and
+#    `'timm'`.
+# 4. Build RS-50 with `se_ratio=0` and recount with `count_params` and `count_macs`: how much of the gap to ResNet-50
+#    is squeeze-and-excitation?

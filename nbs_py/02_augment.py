@@ -28,10 +28,8 @@ from fastcore.test import test_eq, test_close, test_fail, test_ne
 from nbdev.showdoc import show_doc
 
 # %%
-import time
 import matplotlib.pyplot as plt
 from matplotlib import cbook
-from matplotlib.patches import ConnectionPatch, Rectangle
 import torchvision.transforms as T
 
 
@@ -41,8 +39,10 @@ import torchvision.transforms as T
 # chapter returns, next to each view, its crop box in the coordinates of the original image; the PixPro chapter turns
 # two boxes into the positive pixel pairs.
 #
-# Both views are drawn independently from the same decoded RGB image (spec, section 1). The pipelines are those of
-# BYOL, which PixPro took over unchanged:
+# Both views are drawn independently from the same decoded RGB image. The pipelines are those of BYOL, which PixPro
+# took over unchanged: the reference builds them in `get_transform` for `aug_type == 'BYOL'` (zdaxie/PixPro at commit
+# e390d6b, `contrast/data/transform.py`, lines 49-69), and its released script selects them with `--aug BYOL --crop
+# 0.08` (`tools/pixpro_base_r50_100ep.sh`, lines 15-16; `--crop` is the lower end of the crop's area range):
 #
 # | step | view 1 | view 2 |
 # |---|---|---|
@@ -63,7 +63,8 @@ import torchvision.transforms as T
 # ## Crop coordinates
 #
 # The reference describes a crop by its top-left pixel $(i, j)$ (row, column), its size $(h, w)$ and the image size
-# $(H, W)$, and stores the *centres* of its corner pixels, each axis normalised on its own:
+# $(H, W)$, and stores the *centres* of its corner pixels, each axis normalised on its own
+# (`RandomResizedCropCoord.__call__`, `contrast/data/transform_coord.py`, lines 208-209):
 #
 # $$[x_{ul}, y_{ul}, x_{lr}, y_{lr}] = \left[\frac{j}{W-1}, \frac{i}{H-1}, \frac{j+w-1}{W-1}, \frac{i+h-1}{H-1}\right]$$
 #
@@ -100,7 +101,8 @@ test_fail(lambda: crop_coord(300, 0, 100, 10, 376, 501), contains='inside the 37
 
 # %% [markdown]
 # A horizontal flip mirrors the view, so the view's left column now shows the crop's right column. The reference
-# records this by swapping the two x entries, so that "upper-left" keeps meaning "the view's upper-left pixel":
+# records this by swapping the two x entries (`RandomHorizontalFlipCoord`, `contrast/data/transform_coord.py`, lines
+# 88-92), so that "upper-left" keeps meaning "the view's upper-left pixel":
 # $x_{ul} > x_{lr}$ marks a flipped view, and the bin width computed from it is negative, which walks the feature
 # columns right to left through the original image. y is untouched.
 
@@ -220,6 +222,9 @@ def sample_jitter(brightness:float=0.4,  # factor drawn in [max(0, 1-b), 1+b]
     return (order, u(max(0, 1 - brightness), 1 + brightness), u(max(0, 1 - contrast), 1 + contrast),
             u(max(0, 1 - saturation), 1 + saturation), u(-hue, hue))
 
+
+# %%
+#| exports
 def color_jitter(x:Tensor,  # [3, H, W] float in [0, 1]
                  order:tuple[int, ...],  # permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue
                  b:float, c:float, s:float, h:float,  # the factors, as drawn by `sample_jitter`
@@ -244,9 +249,10 @@ assert ours.min() >= 0 and ours.max() <= 1
 # %% [markdown]
 # ## Gaussian blur the way PIL does it
 #
-# The reference blurs with PIL's `ImageFilter.GaussianBlur(radius=sigma)`. PIL does not convolve with a Gaussian:
-# it runs three passes of a box filter whose radius $r = l + a$ has a fractional part, chosen so that the three
-# passes together have variance exactly $\sigma^2$ (Gwosdek et al. 2011):
+# The reference blurs with PIL's `ImageFilter.GaussianBlur(radius=sigma)` (its `GaussianBlur` class,
+# `contrast/data/transform.py`, lines 8-14). PIL does not convolve with a Gaussian: it runs three passes of a box
+# filter whose radius $r = l + a$ has a fractional part, chosen so that the three passes together have variance
+# exactly $\sigma^2$ (Gwosdek et al. 2011):
 #
 # $$\sigma_1^2 = \sigma^2/3,\quad L = \sqrt{12\sigma_1^2 + 1},\quad l = \left\lfloor\tfrac{L-1}{2}\right\rfloor,\quad
 # a = \frac{(2l+1)(l(l+1) - 3\sigma_1^2)}{6(\sigma_1^2 - (l+1)^2)}.$$
@@ -269,12 +275,18 @@ def pil_blur_kernel(sigma:float,  # PIL's `radius`, the standard deviation of th
     box = np.ones(2 * l + 3); box[[0, -1]] = a; box /= box.sum()
     return torch.from_numpy(np.convolve(np.convolve(box, box), box)).float()
 
+
+# %%
+#| exports
 def _blur_matrix(n:int, k:Tensor) -> Tensor:
     "[n, n] matrix M with (M @ v)[i] = sum_t k[t] v[clamp(i + t - R)], i.e. the filter with repeated edges."
     R = (len(k) - 1) // 2
     idx = (torch.arange(n)[:, None] + torch.arange(-R, R + 1)[None]).clamp_(0, n - 1)  # [n, 2R+1]
     return torch.zeros(n, n).scatter_add_(1, idx, k.expand(n, -1).contiguous())
 
+
+# %%
+#| exports
 def _banded(x:Tensor, m:Tensor, R:int, dim:int, block:int=32) -> Tensor:
     "`m` applied along `dim` (-1: x @ m.T, -2: m @ x), in column blocks that skip the zeros outside the band."
     n, out = x.shape[dim], torch.empty_like(x)
@@ -284,6 +296,9 @@ def _banded(x:Tensor, m:Tensor, R:int, dim:int, block:int=32) -> Tensor:
         else: out[..., s:s + block, :] = m[s:s + block, lo:hi] @ x[..., lo:hi, :]
     return out
 
+
+# %%
+#| exports
 def gaussian_blur(x:Tensor,  # [C, H, W] float
                   sigma:float,  # standard deviation in pixels (PIL's radius)
                  ) -> Tensor:  # [C, H, W]
@@ -343,7 +358,7 @@ for s in (0.5, 1.5, 2.0):
 # ## One view: parameters first, pixels second
 #
 # A `ViewParams` holds every random decision of one view. It also knows its coordinates, so anything that only needs
-# coordinates (the histogram of positive pairs below, for example) never touches a pixel.
+# coordinates (the histogram of positive pairs in the positive-pairs chapter, for example) never touches a pixel.
 
 # %%
 #| exports
@@ -442,7 +457,8 @@ def apply_view_pil(img:Image.Image,  # RGB source image
 # %% [markdown]
 # ## `PixProAugment`
 #
-# The class holds the recipe; every parameter of the table is an argument, with the spec's values as defaults.
+# The class holds the recipe; every parameter of the table is an argument, with the reference's BYOL values as
+# defaults.
 # Probabilities that differ between the views are pairs `(view 1, view 2)`.
 
 # %%
@@ -495,6 +511,9 @@ class PixProAugment:
 #| exports
 def _coin(p:float, g) -> bool: return bool(torch.rand(1, generator=g).item() < p)
 
+
+# %%
+#| exports
 def _draw_view(self:PixProAugment, img_h:int, img_w:int, view:int, g) -> ViewParams:
     top, left, h, w = sample_crop(img_h, img_w, self.scale, self.ratio, g)
     flip = _coin(self.flip_p, g)
@@ -505,6 +524,9 @@ def _draw_view(self:PixProAugment, img_h:int, img_w:int, view:int, g) -> ViewPar
     solarize = _coin(self.solarize_p[view], g)
     return ViewParams(top, left, h, w, img_h, img_w, flip, jitter, gray, sigma if blur else None, solarize)
 
+
+# %%
+#| exports
 def _draw(self:PixProAugment,
           img_h:int, img_w:int,  # size of the source image
           generator:torch.Generator|None=None,  # source of all randomness (None: torch's global generator)
@@ -549,6 +571,9 @@ def to_rgb_tensor(img:Image.Image|Tensor) -> Tensor:  # [3, H, W] uint8
     if img.shape[0] != 3: raise ConfigError('img', tuple(img.shape), 'a uint8 tensor with 1 or 3 channels first')
     return img
 
+
+# %%
+#| exports
 def _call(self:PixProAugment,
           img:Image.Image|Tensor,  # PIL image or uint8 [3, H, W] tensor
           generator:torch.Generator|None=None,  # source of all randomness (None: torch's global generator)
@@ -614,115 +639,27 @@ for col in range(4):
     for row, p in enumerate((p1, p2)):
         axs[row, col].imshow(show(apply_view(x_photo, p))); axs[row, col].set_axis_off()
         axs[row, col].set_title(f'view {row + 1}: ' + (describe(p) or 'crop only'), fontsize=8)
-fig.suptitle('Figure 1. Four pairs of views: view 1 always blurred, view 2 sometimes solarized'); plt.tight_layout(); plt.show()
+fig.suptitle('Figure 1: four pairs of views (view 1 always blurred, view 2 sometimes solarized)'); plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# ## Positive pixel pairs of two real views
+# ## A view and its mirror twin
 #
-# The PixPro chapter turns two coordinate boxes into positive pairs: feature pixel $i$ of view 1 and $j$ of view 2
-# are positive when their centres, mapped back into the original image, are closer than $T = 0.7$ bin diagonals
-# (`pixpro_rs.positives.positive_mask`). Figure 2 draws the 7x7 feature-bin centres of both views and a line for
-# every positive pair; with a flip the lines cross, because column $a$ of one view meets column $6-a$ of the other.
+# A flipped view must be the mirror image of the unflipped one, pixel for pixel, and its coordinates must walk the
+# same crop right to left. The first is tested here through the pixels of the photograph; the second, and what the
+# coordinates of real views mean for the positive pixel pairs (which pixels of two views show the same place, how
+# many pairs a typical pair of views has, and a figure of two real views with their matched pixels), is the subject
+# of the positive-pairs chapter, `04_positives`, which uses this chapter's `PixProAugment` and `ViewParams`.
 
 # %%
-from pixpro_rs.positives import positive_mask
-
-
-# %%
-def bin_centres(size=224, n=7): return (torch.arange(n) + 0.5) * size / n  # in view pixels
-
-g = torch.Generator().manual_seed(26)
-while True:  # a pair with a flip in one view and a few dozen positives, to make the picture readable
-    p1, p2 = aug.draw(*x_photo.shape[1:], g)
-    _, m = positive_mask(p1.coord[None], p2.coord[None])
-    if p1.flip != p2.flip and 15 <= m.sum() <= 80: break
-fig, axs = plt.subplots(1, 3, figsize=(13, 4.6), gridspec_kw=dict(width_ratios=[600 / 512, 1, 1]))
-axs[0].imshow(photo)
-for p, col in ((p1, 'tab:orange'), (p2, 'tab:cyan')):
-    axs[0].add_patch(Rectangle((p.left, p.top), p.width, p.height, fill=False, color=col, lw=2))
-c = bin_centres(); yy, xx = torch.meshgrid(c, c, indexing='ij')
-for ax, p, col, name in ((axs[1], p1, 'tab:orange', 'view 1'), (axs[2], p2, 'tab:cyan', 'view 2')):
-    ax.imshow(show(apply_view(x_photo, p))); ax.scatter(xx.flatten(), yy.flatten(), s=8, c=col)
-    ax.set_title(f"{name}{' (flipped)' if p.flip else ''}: {describe(p)}", fontsize=9)
-for i, j in m[0].nonzero().tolist():
-    con = ConnectionPatch(xyA=(xx.flatten()[i], yy.flatten()[i]), coordsA=axs[1].transData,
-                          xyB=(xx.flatten()[j], yy.flatten()[j]), coordsB=axs[2].transData, color='w', lw=0.5, alpha=0.7)
-    fig.add_artist(con)
-for ax in axs: ax.set_axis_off()
-axs[0].set_title('the two crops in the original')
-fig.suptitle(f'Figure 2. {int(m.sum())} positive pairs (7x7 bins, T = 0.7); coordinates {p1.coord.numpy().round(2)} and '
-             f'{p2.coord.numpy().round(2)}', fontsize=10)
-plt.tight_layout(); plt.show()
-
-
-# %% [markdown]
-# The spec's known answers, produced here by real `ViewParams` on an 11x11 image (pixel centres at multiples of 0.1)
-# and the real augmentation of the photo: identical crops give exactly the 49 diagonal pairs, a flipped twin 49
-# pairs with mirrored columns, the nested pair `[.1,.2,.9,.8]` / `[.3,.3,.6,.7]` 177 pairs over 28 query pixels, and
-# disjoint crops none. (Identical crops give exactly 49 pairs only when the bins are square in the unit square; for an
-# elongated bin the side neighbours come closer than 0.7 of its diagonal.)
-
-# %%
-def pos(p, q): return positive_mask(p.coord[None], q.coord[None])[1][0]  # [49, 49] bool
-whole, whole_f = ViewParams(0, 0, 11, 11, 11, 11), ViewParams(0, 0, 11, 11, 11, 11, flip=True)
-test_eq(pos(whole, whole), torch.eye(49, dtype=torch.bool))
-m = pos(whole, whole_f)
-test_eq(m.sum(), 49)
-test_eq(m.nonzero()[:, 1], torch.tensor([b * 7 + 6 - a for b in range(7) for a in range(7)]))
-q, k = ViewParams(2, 1, 7, 9, 11, 11), ViewParams(3, 3, 5, 4, 11, 11)
-test_close(q.coord, torch.tensor([.1, .2, .9, .8])); test_close(k.coord, torch.tensor([.3, .3, .6, .7]))
-test_eq(pos(q, k).sum(), 177); test_eq(pos(q, k).any(1).sum(), 28)
-test_eq(pos(ViewParams(0, 0, 5, 5, 11, 11), ViewParams(6, 6, 5, 5, 11, 11)).sum(), 0)
-# the whole photo and its flipped twin, through the pixels: mirror images, and the 49 mirrored pairs
 H, W = x_photo.shape[1:]
 p = ViewParams(0, 0, H, W, H, W, sigma=1.0)
 twin = dataclasses.replace(p, flip=True)
-test_close(apply_view(x_photo, p).flip(-1), apply_view(x_photo, twin), eps=1e-4)
-test_eq(pos(p, twin), pos(whole, whole_f))
-# a random crop and its twin: each feature pixel's mirror image sits at distance 0
+test_close(apply_view(x_photo, p).flip(-1), apply_view(x_photo, twin), eps=1e-4)  # mirror images
+test_close(twin.coord, torch.tensor([1., 0., 0., 1.]))  # the whole image, walked right to left
 p = aug.draw(H, W, torch.Generator().manual_seed(0))[0]
-dist, _ = positive_mask(p.coord[None], dataclasses.replace(p, flip=not p.flip).coord[None])
-mirror = torch.tensor([b * 7 + 6 - a for b in range(7) for a in range(7)])
-test_close(dist[0, torch.arange(49), mirror], torch.zeros(49), eps=1e-5)
-
-
-# %% [markdown]
-# ## How many positives does a pair have?
-#
-# Coordinates alone decide the positives, so the distribution under the augmentation costs no pixels. Figure 3 is the
-# histogram for 4000 pairs on a 500x375 image, the setting in which the reference was measured: 2.2 % of pairs with
-# no positive, a mean of 116 and a median of 130 positive pairs, 34.9 of the 49 query pixels with at least one.
-
-# %%
-def positives_stats(aug, img_h=375, img_w=500, n=4000, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ps = [aug.draw(img_h, img_w, g) for _ in range(n)]
-    c1, c2 = torch.stack([a.coord for a, _ in ps]), torch.stack([b.coord for _, b in ps])  # [n, 4]
-    _, m = positive_mask(c1, c2)  # [n, 49, 49]
-    return m.sum((1, 2)), m.any(2).sum(1)  # positives per pair, query pixels with a positive
-
-t0 = time.time()
-npos, nq = positives_stats(PixProAugment())
-stats = dict(none=(npos == 0).float().mean().item() * 100, mean=npos.float().mean().item(),
-             median=npos.float().median().item(), queries=nq.float().mean().item())
-print(f"ours (4000 pairs, {time.time() - t0:.1f} s): {stats['none']:.1f} % without positives, mean {stats['mean']:.1f}, "
-      f"median {stats['median']:.0f}, {stats['queries']:.1f} of 49 query pixels matched")
-print('reference:                 2.2 % without positives, mean 116, median 130, 34.9 of 49 query pixels matched')
-fig, ax = plt.subplots(figsize=(7, 3.2))
-ax.hist(npos.numpy(), bins=60, color='tab:blue')
-ax.axvline(stats['mean'], color='k', ls='--', label=f"mean {stats['mean']:.0f} (reference 116)")
-ax.axvline(stats['median'], color='tab:red', ls=':', label=f"median {stats['median']:.0f} (reference 130)")
-ax.set_xlabel('positive pixel pairs per pair of views (of 2401)'); ax.set_ylabel('pairs'); ax.legend()
-ax.set_title(f"Figure 3. Positives per pair, 4000 pairs on a 500x375 image; {stats['none']:.1f} % have none (reference 2.2 %)", fontsize=9)
-plt.tight_layout(); plt.show()
-assert 1.0 < stats['none'] < 3.5 and abs(stats['mean'] - 116) < 6 and abs(stats['median'] - 130) < 10
-assert abs(stats['queries'] - 34.9) < 1.5
-
-# %% [markdown]
-# > **Ours.** The numbers agree with the reference within Monte-Carlo noise (a standard error of about 0.2 % and 1.5
-# > pairs for 4000 samples), which checks the crop distribution, the flip convention and the coordinate convention
-# > together: getting any one of them wrong (pixel-space instead of normalised coordinates, edges instead of pixel
-# > centres, a flip that does not swap x) moves these figures visibly.
+t = dataclasses.replace(p, flip=not p.flip)
+test_eq(t.coord, p.coord[[2, 1, 0, 3]])  # any crop: the twin swaps the x entries, and nothing else
+test_close(apply_view(x_photo, p).flip(-1), apply_view(x_photo, t), eps=1e-4)  # jitter, blur, solarize commute with it
 
 # %% [markdown]
 # ## Randomness
@@ -730,9 +667,9 @@ assert abs(stats['queries'] - 34.9) < 1.5
 # Every draw above goes through the `generator` argument; nothing reads NumPy's or Python's global RNG. The data
 # chapter gives every *sample* its own generator, seeded from (seed, epoch, index), which makes a batch independent
 # of how many workers produced it. The reference drew the blur sigma with `np.random.uniform` inside DataLoader
-# workers: the NumPy global state is copied into every forked worker, so the workers of one epoch repeat each
-# other's sigmas (and, without persistent workers, every epoch repeats the last). Here the same seed gives the same
-# pair and another seed another one, whatever process asks.
+# workers (`contrast/data/transform.py`, line 12): the NumPy global state is copied into every forked worker, so the
+# workers of one epoch repeat each other's sigmas (and, without persistent workers, every epoch repeats the last).
+# Here the same seed gives the same pair and another seed another one, whatever process asks.
 
 # %%
 a = aug(x_photo, torch.Generator().manual_seed(123)); b = aug(x_photo, torch.Generator().manual_seed(123))
@@ -749,17 +686,27 @@ test_eq(torch.rand(1), expected)  # and torch's global one too
 # - `crop_coord` and `hflip_coord` write a view's box as the reference does: normalised corner-pixel centres, x and
 #   y separately, a flip swaps the x entries. Tested on hand-computed boxes and through the pixels of a coordinate
 #   image.
-# - `PixProAugment(image_size=224, ...)` returns `(view1, view2, coord1, coord2)`; every parameter of the spec's
-#   table is an argument. `draw` makes all random decisions from one generator, `apply_view` turns them into pixels.
+# - `PixProAugment(image_size=224, ...)` returns `(view1, view2, coord1, coord2)`; every parameter of the reference's
+#   BYOL pipeline is an argument. `draw` makes all random decisions from one generator, `apply_view` turns them into
+#   pixels.
 # - The crop and colour jitter draws are torchvision's (same values for the same seed); hue and blur are
 #   reimplemented for speed: hue exactly, blur with PIL's own three-box kernel (within about one level of 255 of
 #   PIL); the whole pipeline stays within about one level of the reference PIL pipeline `apply_view_pil`.
-# - Under the augmentation distribution 2 % of pairs have no positive pixel pair and the mean is about 116 pairs,
-#   as in the reference.
+# - A flipped view is the mirror image of the unflipped one and its coordinates swap the x entries. What the
+#   coordinates of two views mean for the positive pixel pairs, and how many pairs the augmentation produces, is the
+#   next-but-one chapter, `04_positives`.
 #
 # ## Exercises
 #
-# 1. Change `scale` to `(0.2, 1.0)` (the reference's default option, not its script) and recompute Figure 3. What
-#    happens to the share of pairs without positives?
-# 2. Compute the positives in pixel space instead of the stretched unit square for a 500x375 image. Which pairs
-#    change?
+# 1. Replace `gaussian_blur` in `apply_view` by torchvision's `F.gaussian_blur` with a kernel of
+#    $2\lceil 3\sigma\rceil+1$ taps, rerun the replay against `apply_view_pil` above and time one view before and
+#    after (`%timeit`). Which costs more, the difference in pixels or the difference in time?
+# 2. Make the recipe symmetric, `PixProAugment(blur_p=(0.5, 0.5), solarize_p=(0.1, 0.1))`, and check with the `rate`
+#    statistics of the `draw` test that both views now have the same rates. Does the random stream of the crops
+#    change? (Look at how `_draw_view` tosses its coins.)
+# 3. Write `vflip_coord`, the coordinates of a vertically flipped view (the reference's `RandomVerticalFlipCoord`,
+#    `contrast/data/transform_coord.py` line 99, swaps the two y entries), and test it through the pixels of the
+#    `coord_img` ramp as the test of `apply_view` does.
+# 4. Reproduce the reference's weakness: in a `DataLoader` with 2 workers and no `worker_init_fn`, draw a blur sigma
+#    with `np.random.uniform(0.1, 2.0)` in the dataset's `__getitem__` and print what each worker draws. Then do the
+#    same with a `torch.Generator` seeded from the sample index, as the data chapter does.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -75,6 +76,9 @@ from pixpro_rs.augment import apply_view, apply_view_pil
 class BadImageError(OSError):
     "An image file that cannot be decoded; the message names the file."
 
+
+# %%
+#| exports
 warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision are deprecated')
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, Image.DecompressionBombError)  # what PIL raises on bad data
 
@@ -89,6 +93,9 @@ def _pil_rgb(img:Image.Image) -> Tensor:  # [3, H, W] uint8
     if img.mode != 'RGB': img = img.convert('RGB')
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
+
+# %%
+#| exports
 def load_image(path:str|Path) -> Tensor:  # [3, H, W] uint8 RGB
     "Decode an image file to a uint8 RGB tensor; raise `BadImageError` naming the file if it cannot be read."
     path = Path(path)
@@ -304,6 +311,9 @@ class ImageFiles(_Files):
     def __getitem__(self, i:int) -> Tensor: return self._read(i)[1]  # [3, H, W] uint8
     def __repr__(self): return f'ImageFiles({str(self.root)!r}, {len(self)} images)'
 
+
+# %%
+#| exports
 class ClassFolders(_Files):
     "ImageNet-style `root/<class>/**/<image>`: images with the index of their class folder as label."
     def __init__(self, root:str|Path, extensions:tuple=IMAGE_EXTENSIONS, strict:bool=False):
@@ -411,6 +421,9 @@ def _shape_mask(shape:str, du:Tensor, dv:Tensor, r:float) -> Tensor:
     for a in (0, 2 * math.pi / 3, 4 * math.pi / 3): m &= du * math.cos(a) + dv * math.sin(a) < 0.6 * r
     return m
 
+
+# %%
+#| exports
 def _texture(texture:str, du:Tensor, dv:Tensor, period:float) -> Tensor:
     "Binary texture in {0, 1} on rotated coordinates."
     u, v = du / period, dv / period
@@ -537,7 +550,7 @@ for i in range(8):
     axs[0, i].imshow(im.permute(1, 2, 0)); axs[0, i].set_title(show.classes[lb], fontsize=8)
     axs[1, i].imshow(lm, cmap='tab10', vmin=0, vmax=9, interpolation='nearest')
 for a in axs.flat: a.set_axis_off()
-fig.suptitle('Figure 1. SyntheticScenes (top; title: the image-level label) and their label maps (0 = background, dark blue)')
+fig.suptitle('Figure 1: SyntheticScenes (top; title: the image-level label) and their label maps (0 = background, dark blue)')
 plt.tight_layout(); plt.show()
 
 
@@ -629,17 +642,38 @@ class TwoViews(Dataset):
 #
 # A batch system ends a job by sending SIGTERM to all its processes, the DataLoader workers included. PyTorch's
 # workers die on it, and their parent then fails at its next batch, before the training engine could save the
-# checkpoint it owes a preempted run. So a worker ignores SIGTERM: its parent ends it (through the loader's shutdown,
-# or the worker notices that its parent is gone) once the checkpoint is written.
+# checkpoint it owes a preempted run. So while a training loop runs (`hold_worker_sigterm(True)`, set by the engines
+# through a flag in shared memory that forked workers see), a worker ignores SIGTERM: its parent finishes the step,
+# saves, and then ends it. At any other time a worker dies on SIGTERM as usual, which is what Python's own clean-up
+# at exit relies on (it terminates leftover worker processes and waits for them).
+
+# %%
+#| exports
+_HOLD_SIGTERM = multiprocessing.RawValue('b', 0)  # shared with forked workers: 1 while a training loop runs
+
+def hold_worker_sigterm(hold:bool):
+    "While `hold`, DataLoader workers ignore SIGTERM: a job's SIGTERM reaches them too, and their parent saves first."
+    _HOLD_SIGTERM.value = int(hold)
+
+
+# %%
+#| exports
+def _worker_sigterm(signum, frame):
+    if _HOLD_SIGTERM.value: return  # the parent finishes its step, saves, then ends this worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL); os.kill(os.getpid(), signal.SIGTERM)  # otherwise: die, as by default
+
 
 # %%
 #| exports
 def _seed_worker(worker_id:int):
-    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; leave SIGTERM to the parent."
+    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; SIGTERM as `hold_worker_sigterm` says."
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a job's SIGTERM reaches the workers too: the parent saves, then ends them
+    signal.signal(signal.SIGTERM, _worker_sigterm)
 
+
+# %%
+#| exports
 class PairLoader:
     "Batches of `(view1 [B,3,S,S], view2, coord1 [B,4], coord2[, label [B]])`; `set_epoch` before each epoch."
     def __init__(self, loader:DataLoader, sampler:PairSampler, dataset:Dataset, seed:int, rank:int):
@@ -659,6 +693,9 @@ class PairLoader:
             warnings.warn(f'epoch {self.epoch}: {len(bad)} unreadable image(s) skipped so far: '
                           + ', '.join(map(str, bad[:5])) + (' ...' if len(bad) > 5 else ''))
 
+
+# %%
+#| exports
 def make_loader(dataset:Dataset,  # images or (image, label) pairs: ImageFiles, ClassFolders, SyntheticScenes...
                 batch_size:int,  # pairs per batch on this process
                 *,
@@ -778,6 +815,21 @@ torch.set_num_threads(os.cpu_count() or 1)
 # > this book is built on is shared, so the absolute figures move from run to run; the ratio is steadier, as both
 # > pipelines are timed in alternating rounds: 1.5x to 1.8x over our runs while writing (1.4x before the blur was made
 # > banded). It clears the 1.5x target, but not by much on a busy machine.
+
+# %% [markdown]
+# The SIGTERM rule on a forked process set up as a worker is (`_seed_worker`): while the flag holds, it survives a
+# SIGTERM; without the flag, it dies of it. (A real DataLoader worker's death would also trip PyTorch's watch on its
+# workers; `tests/test_run_folder.py` sends SIGTERM to a whole training job, workers included.)
+
+# %%
+fork = multiprocessing.get_context('fork')
+ready = fork.Event()
+def _idle(): _seed_worker(0); ready.set(); time.sleep(60)
+worker = fork.Process(target=_idle, daemon=True); worker.start(); ready.wait(30)
+hold_worker_sigterm(True); os.kill(worker.pid, signal.SIGTERM); time.sleep(0.5)
+assert worker.is_alive(), 'the worker died while the flag held'
+hold_worker_sigterm(False); os.kill(worker.pid, signal.SIGTERM); worker.join(5)
+test_eq(worker.exitcode, -signal.SIGTERM)
 
 # %% [markdown]
 # ## Summary

@@ -35,7 +35,10 @@ from pixpro_rs.data import SyntheticScenes
 
 # %% [markdown]
 # The previous chapter decided *which* pixels of two views should agree and *how* agreement is scored. This chapter
-# builds the networks that produce the features being compared, following spec sections 3-5:
+# builds the networks that produce the features being compared, as the PixPro paper describes them (Xie et al.,
+# arXiv 2011.10043) and as its reference code builds them (zdaxie/PixPro at commit e390d6b,
+# `contrast/models/PixPro.py`: the projector `MLP2d`, lines 24-41; the pixel propagation module `featprop`, lines
+# 178-202; the momentum update `_momentum_update_key_encoder`, lines 160-176; `forward`, lines 207-265):
 #
 # | branch | view goes through | output |
 # |---|---|---|
@@ -160,7 +163,8 @@ test_fail(lambda: PPM(8, gamma=0), contains='gamma'); test_fail(lambda: PPM(8, n
 # $s(x_i, \cdot)$ for a pixel inside an object (marked), for $\gamma = 1, 2, 4$. Even untrained features separate
 # colours and textures; the exponent decides how far the propagation reaches: raising $\gamma$ shrinks every weight
 # below 1, so with $\gamma = 4$ only pixels much like the chosen one still count. The paper's ablation prefers
-# $\gamma = 2$; the reference's option *default* is 1 (a trap: the released scripts use 2). The cell also prints
+# $\gamma = 2$; the reference's command-line *default* is 1 (`--pixpro-p` in `contrast/option.py`), a trap: the
+# released scripts pass 2 (`tools/pixpro_base_r50_100ep.sh`, line 34). The cell also prints
 # the mean weight that pixels of the same object and of the rest of the image receive.
 
 # %%
@@ -362,6 +366,9 @@ def backbone_features(backbone:nn.Module, x:Tensor) -> Tensor:  # [N, C, H, W]
     if f.ndim != 4: raise ConfigError('backbone', type(backbone).__name__, f'a C5 map [N, C, H, W], got shape {tuple(f.shape)}')
     return f
 
+
+# %%
+#| exports
 def feature_channels(backbone:nn.Module, image_size:int=64) -> int:
     "C of the backbone's feature map: its `num_features`, else measured by a dry run in eval mode."
     if isinstance(getattr(backbone, 'num_features', None), int): return backbone.num_features
@@ -413,9 +420,11 @@ test_fail(lambda: backbone_features(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten
 # moves once per optimiser step.
 #
 # > **Ours.** `step` and `total_steps` are registered **buffers**, so they are part of `state_dict()` and every
-# > checkpoint. The reference keeps $k$ in a plain attribute and restarts it from the start epoch on resume, so a
-# > resumed run's momentum is not the planned one; here loading a checkpoint restores the schedule exactly (tested
-# > below). The reference also hard-codes a 7x7 average pool in the instance branch, which breaks for any other
+# > checkpoint. The reference keeps $k$ in a plain attribute, set at construction from `--start-epoch`
+# > (`contrast/models/PixPro.py`, line 134); on resume that is still 1 when the model is built, because `main` in
+# > `main_pretrain.py` builds the model before `load_checkpoint` sets `args.start_epoch`, so a resumed run's momentum
+# > restarts at 0.99 instead of following the planned schedule. Here loading a checkpoint restores the schedule
+# > exactly (tested below). The reference also hard-codes a 7x7 average pool in the instance branch, which breaks for any other
 # > image size; we pool adaptively.
 # >
 # > **Ours.** `instance_loss` is the reference's `regression_loss` method (`contrast/models/PixPro.py` lines
@@ -433,6 +442,9 @@ class PixProOutput(NamedTuple):
     instance: Tensor  # instance loss, both directions; 0 when the branch is off
     momentum: float  # the EMA momentum used by this call's target update (nan when there was none)
 
+
+# %%
+#| exports
 def instance_loss(p:Tensor,  # [N, D] online predictions, L2-normalised
                   z:Tensor,  # [N, D] target projections, L2-normalised
                  ) -> Tensor:  # scalar in [-2, 2]
@@ -534,6 +546,9 @@ def _online(self:PixPro, x:Tensor) -> tuple[Tensor|None, Tensor|None]:
         inst = F.normalize(F.adaptive_avg_pool2d(self.predictor(self.instance_projector(f)), 1).flatten(1), dim=1)  # [N, D]
     return pix, inst
 
+
+# %%
+#| exports
 @torch.no_grad()
 def _target(self:PixPro, x:Tensor) -> tuple[Tensor|None, Tensor|None]:
     "Target outputs of one view, no gradient: (pixel [N, D, H, W] or None, instance [N, D] or None)."
@@ -733,7 +748,7 @@ except ValueError: pass
 # > buffers of a network that no gradient reaches.
 
 # %%
-#| export
+#| exports
 class OnlineNet(nn.Module):
     "The online half of a `PixPro` model, sharing its modules: what DDP wraps. `forward(v1, v2)` -> both views' outputs."
     def __init__(self, model:PixPro):
@@ -771,3 +786,15 @@ test_eq(float(a), float(b))
 #   reference does not do; the instance branch pools adaptively, so any image size works.
 # - `OnlineNet(model)` is the online half of a model, sharing its modules: the training loop wraps it in DDP and
 #   passes it as `model(..., online=...)`, so the target stays outside DDP.
+#
+# ## Exercises
+#
+# 1. Replace the PPM's unnormalised weights by a softmax over $j$ of $\cos(x_i, x_j)/0.1$ and compare Figure 1's maps
+#    and the printed same-object and rest-of-image weights with those of $\gamma = 2$. What does the normalisation
+#    take away?
+# 2. Train `tiny_pixpro()` for a few dozen steps on `SyntheticScenes` with `ppm_layers` 0, 1 and 2 and record the
+#    loss. Why is the loss not a fair way to compare the three (see the previous chapter on what the loss measures)?
+# 3. Resume a run in the middle: save `model.state_dict()` after 5 steps of a 10-step schedule, load it into a fresh
+#    `PixPro` and check that its next training step uses `momentum_at(5, 10)`. Then set `model.step` to 0 after
+#    loading, which is what the reference's resume amounts to, and print how far the momentum is off.
+# 4. Compute `momentum_horizon` for your own data set and GPUs, and how many steps short of $K$ the run stops.

@@ -44,8 +44,12 @@ from nbdev.showdoc import show_doc
 # 3. named recipes (`get_recipe('pixpro_r50_100ep')`), frozen dataclasses whose fields use the glossary's names and
 #    which say where each value comes from, and which values are *ours*.
 #
-# The reference here is the PixPro code (zdaxie/PixPro, `contrast/lars.py`, `contrast/lr_scheduler.py`,
-# `main_pretrain.py`, `tools/pixpro_base_r50_{100,400}ep.sh`), read as described in the spec, section 6.
+# The reference here is the PixPro code, zdaxie/PixPro at commit e390d6b: `contrast/lars.py` (`add_weight_decay`,
+# lines 7-31; `LARS.apply_adaptive_lrs` and `LARS.step`, lines 109-152), `contrast/lr_scheduler.py`
+# (`GradualWarmupScheduler`, lines 6-62; `get_scheduler`, lines 65-85), `main_pretrain.py` (the LARS branch of
+# `build_model`, lines 39-45, with the linear scaling rule on line 43) and the released scripts
+# `tools/pixpro_base_r50_{100,400}ep.sh` (8 processes, `--nproc_per_node=8`, line 9; `--batch-size 128`, line 18;
+# `--optimizer lars --base-lr 1.0 --weight-decay 1e-5 --warmup-epoch 5`, lines 24-27).
 
 # %% [markdown]
 # ## LARS, the reference's semantics
@@ -118,6 +122,9 @@ def _by_device_dtype(params:list[Tensor]) -> list[list[Tensor]]:
     for p in params: buckets.setdefault((p.device, p.dtype), []).append(p)
     return list(buckets.values())
 
+
+# %%
+#| exports
 def _lars_foreach_update(params:list[Tensor],  # parameters of one group, one device and dtype, all with `.grad`
                          state:dict,  # the optimiser's state (per parameter dicts)
                          group:dict,  # the param group: lr, momentum, weight_decay, trust_coefficient, eps, lars
@@ -236,6 +243,9 @@ def _random_lars_setup(seed:int=0, dtype=torch.float64):
               dict(params=[ps[1], ps[3], ps[6]], weight_decay=0.0, lars=False)]  # the 1-D group
     return ps, groups
 
+
+# %%
+#| exports
 def _random_grads(ps:list[Tensor], step:int, seed:int=0):
     "Fresh random gradients for step `step`; ps[5] gets a zero gradient, ps[7] none."
     gen = torch.Generator().manual_seed(1000 * seed + step)
@@ -354,7 +364,9 @@ opt.step()  # a real model step: runs
 #   & W < i < T .
 # \end{cases}$$
 #
-# With $s = 0.01$ the first line is the spec's $\text{lr}/100\,(99\,i/W + 1)$.
+# With $s = 0.01$ the first line is the reference's warm-up, `base_lr / multiplier * ((multiplier - 1.) *
+# last_epoch / warmup_epoch + 1.)` with `multiplier` 100 (`contrast/lr_scheduler.py`, line 29), that is
+# $\text{lr}/100\,(99\,i/W + 1)$; the cosine's $\text{lr}_{\min} = 10^{-6}$ is its `eta_min` (line 69).
 #
 # **Our reading of the reference's scheduler.** The reference chains its `GradualWarmupScheduler` (multiplier 100)
 # with `CosineAnnealingLR(T_max=(epochs - warmup) * iters, eta_min=1e-6)` and calls `scheduler.step()` once after each
@@ -384,6 +396,9 @@ def lr_at(step:int,  # global iteration, 0-based: the lr the optimiser uses for 
     t = (step - warmup_steps) / (total_steps - warmup_steps)
     return final_lr + (base_lr - final_lr) * (1 + math.cos(math.pi * t)) / 2
 
+
+# %%
+#| exports
 def set_lr(optimizer:torch.optim.Optimizer,  # any optimiser
            lr:float,  # the value for this iteration (`lr_at(...)`)
           ):
@@ -465,7 +480,8 @@ test_fail(lambda: scaled_lr(1.0, 0), contains='batch_size=0')
 # ImageNet-1k has 1,281,167 training images. At a global batch of 1024 with `drop_last` (the reference's
 # `DistributedSampler` gives each of the 8 GPUs 160,146 images, 1251 full batches of 128) an epoch is
 # $\lfloor 1281167/1024 \rfloor = 1251$ iterations, so 100 epochs are $T = 125{,}100$ iterations and the 5-epoch
-# warm-up $W = 6255$. The target network's EMA momentum follows its own cosine (spec section 5),
+# warm-up $W = 6255$. The target network's EMA momentum follows its own cosine (the reference's
+# `_momentum_update_key_encoder`, `contrast/models/PixPro.py`, line 165),
 # $m(k) = 1 - (1 - 0.99)\,\bigl(\cos(\pi k/T) + 1\bigr)/2$, from 0.99 to 1.
 #
 # The momentum schedule belongs to the PixPro chapter (`pixpro_rs.pixpro.momentum_at`); the figure uses it and
@@ -494,7 +510,7 @@ T, W = E * N, W_EP * N
 steps = torch.arange(T, dtype=torch.float64)
 lr_curve = [lr_at(i, base_lr=scaled_lr(1.0, 1024), total_steps=T, warmup_steps=W) for i in range(T)]
 m_curve = torch.tensor([momentum_at(k, T, 0.99) for k in range(T)], dtype=torch.float64)
-test_close(m_curve, 1 - (1 - 0.99) * (torch.cos(math.pi * steps / T) + 1) / 2, eps=1e-15)  # spec section 5
+test_close(m_curve, 1 - (1 - 0.99) * (torch.cos(math.pi * steps / T) + 1) / 2, eps=1e-15)  # PixPro.py line 165
 fig, axs = plt.subplots(1, 3, figsize=(12, 3))
 axs[0].plot(steps / N, lr_curve); axs[0].set(title='lr, 100 epochs', xlabel='epoch', ylabel='lr')
 axs[1].plot(steps[:2 * W] / N, lr_curve[:2 * W]); axs[1].axvline(W_EP, ls=':', c='gray')
@@ -505,7 +521,7 @@ print(f'T = {T} iterations, W = {W}; lr(0) = {lr_curve[0]:.3f}, lr(W) = {lr_curv
       f'lr(T-1) = {lr_curve[-1]:.4g}; m(0) = {m_curve[0]:.4f}, m(T-1) = {m_curve[-1]:.9f}')
 
 # %% [markdown]
-# *Figure: the learning rate (left, middle) and the target network's momentum (right) of the 100-epoch PixPro
+# *Figure 1: the learning rate (left, middle) and the target network's momentum (right) of the 100-epoch PixPro
 # ResNet-50 recipe, per iteration, 1251 iterations per epoch.* The warm-up takes the first 5 % of the run; the
 # cosine then spends most of its time at large values and drops steeply in the last third; the momentum rises in
 # mirror image, so the target network freezes just as the learning rate vanishes.
@@ -637,7 +653,9 @@ class PixProRecipe(Recipe):
 
 
 # %% [markdown]
-# The ResNet-RS supervised recipe (spec section 2) is needed by the evaluation chapter (a supervised baseline for
+# The ResNet-RS supervised recipe (Bello et al., "Revisiting ResNets", arXiv 2103.07579, and its released configs,
+# tensorflow/tpu `models/official/resnet/resnet_rs/configs/resnetrs{depth}_i{size}.yaml`: 350 epochs are
+# `train_steps: 109475` at `train_batch_size: 4096`) is needed by the evaluation chapter (a supervised baseline for
 # the transfer tables). Its regularisation depends on the model: dropout, stochastic depth and the RandAugment
 # magnitude grow with depth and image size, so the table below is part of the recipe.
 
@@ -645,7 +663,7 @@ class PixProRecipe(Recipe):
 #| exports
 @dataclass(frozen=True, kw_only=True)
 class SupervisedRecipe(Recipe):
-    "The ResNet-RS supervised ImageNet recipe (spec section 2)."
+    "The ResNet-RS supervised ImageNet recipe (arXiv 2103.07579; tensorflow/tpu `resnet_rs/configs`)."
     label_smoothing: float = 0.1  # of the cross-entropy
     ema_decay: float = 0.9999  # EMA of the weights (warm-up min(decay, (1+t)/(10+t))), BN statistics included
     randaugment_ops: int = 2  # RandAugment operations per image
@@ -660,7 +678,8 @@ class SupervisedRecipe(Recipe):
         check_range('randaugment_magnitude', self.randaugment_magnitude, 0, 30)
         check_range('dropout', self.dropout, 0, 1, high_open=True)
 
-# per arch: (image_size, dropout, stochastic_depth, randaugment_magnitude), the paper's rows in the spec's table
+# per arch: (image_size, dropout, stochastic_depth, randaugment_magnitude): `image_size`, `dropout_rate`,
+# `drop_connect_rate` (null: 0) and `randaug_magnitude` of tensorflow/tpu resnet_rs/configs/resnetrs{depth}_i{size}.yaml
 RESNETRS_SUPERVISED: dict[str, list[tuple]] = {
     'resnetrs50': [(160, 0.25, 0.0, 10)],
     'resnetrs101': [(160, 0.25, 0.0, 10), (192, 0.25, 0.0, 15)],
@@ -731,7 +750,8 @@ def supervised_recipe(arch:str='resnetrs50',  # 'resnetrs50' ... 'resnetrs420'
                 "batch 4096, SGD Nesterov 0.9, lr 0.1 per 256, 5 warm-up epochs, cosine to 0, wd 4e-5 not on BN, "
                 "label smoothing 0.1, EMA 0.9999, RandAugment 2 ops, per-model dropout/SD/magnitude"),
         ours={'devices': "only the global batch 4096 is the paper's (TPU); 32 x 128 is our GPU layout",
-              'warmup_start_factor': "the spec says linear warm-up; we read it as starting from 0, as TF's code does"})
+              'warmup_start_factor': ("linear warm-up from 0, as tensorflow/tpu's learning_rate_schedule "
+                                      "(models/official/resnet/resnet_main.py) does")})
 
 
 # %%

@@ -39,7 +39,7 @@ from tqdm.std import tqdm
 
 from pixpro_rs.core import GLOSSARY, ConfigError, RunLock, atomic_write, check_choice, check_positive, check_range, sweep_temporary
 from pixpro_rs.augment import PixProAugment
-from pixpro_rs.data import ImageFiles, SyntheticScenes, data_fingerprint, make_loader
+from pixpro_rs.data import ImageFiles, SyntheticScenes, data_fingerprint, hold_worker_sigterm, make_loader
 from pixpro_rs.gpu_augment import BatchAugment, ViewLoader, make_crop_loader
 from pixpro_rs.pixpro import METHODS, OnlineNet, PixPro, momentum_horizon
 from pixpro_rs.recipes import LARS, RECIPES, PixProRecipe, get_recipe, lars_param_groups, lr_at, scaled_lr, set_lr
@@ -94,7 +94,7 @@ from accelerate.utils import is_tensorboard_available
 # paper's run and any single value can still be overridden.
 
 # %%
-#| export
+#| exports
 @dataclass
 class TrainConfig:
     "Every parameter of a PixPro pretraining run (glossary names); `None` means: the recipe's value."
@@ -112,6 +112,7 @@ class TrainConfig:
     ppm_layers: int|None = None  # layers of the PPM transform
     instance_weight: float|None = None  # alpha of the instance branch
     method: str|None = None  # 'pixpro', 'pixcontrast' or 'instance'
+    tau: float = 0.3  # temperature of PixContrast (the paper's 0.3)
     output_dir: str|None = None  # None: runs/<recipe>-<arch>-seed<seed>
     seed: int = 0  # initialisation, data order and augmentations
     num_workers: int = 2  # DataLoader workers per process
@@ -152,7 +153,7 @@ assert all(hasattr(get_recipe('pixpro_r50_100ep'), f) for f in RECIPE_FIELDS)
 # what is allowed; the command line turns it into exit code 2.
 
 # %%
-#| export
+#| exports
 _INTS = {'epochs': 1, 'batch_size': 1, 'image_size': 1, 'ppm_layers': 0, 'seed': 0, 'num_workers': 0,
          'max_steps': 0, 'save_every': 1, 'grad_accum': 1, 'synthetic_length': 1, 'synthetic_size': 32,
          'keep_checkpoints': 1, 'prefetch_factor': 1}  # integer parameters and their least value
@@ -164,12 +165,18 @@ def _int(name:str, value:Any, low:int) -> int:
         raise ConfigError(name, value, f'an integer >= {low}')
     return value
 
+
+# %%
+#| exports
 def _bool(name:str, value:Any) -> bool:
     if isinstance(value, str) and value.lower() in ('true', 'false', '1', '0', 'yes', 'no'):
         value = value.lower() in ('true', '1', 'yes')
     if not isinstance(value, bool): raise ConfigError(name, value, 'True or False')
     return value
 
+
+# %%
+#| exports
 def _merged(config, cls:type, names, overrides:dict) -> dict:
     "The defaults of the dataclass `cls`, then `config` (a `cls`, a dict or None), then `overrides`; unknown names refused."
     params = dataclasses.asdict(config) if isinstance(config, cls) else dict(config or {})
@@ -178,17 +185,40 @@ def _merged(config, cls:type, names, overrides:dict) -> dict:
     if params.get('mixed_precision') is False: params['mixed_precision'] = 'no'  # YAML 1.1 reads `no` as False
     return {**dataclasses.asdict(cls()), **params}
 
+
+# %%
+#| exports
+def _check_run(p:dict,  # merged parameters, changed in place
+               bools:tuple,  # the engine's boolean parameters
+              ) -> dict:
+    "The checks every engine shares: the seed's range, the precision, the switches and the resume choice."
+    if p['seed'] >= 2**64: raise ConfigError('seed', p['seed'], 'an integer in [0, 2**64)')
+    check_choice('mixed_precision', p['mixed_precision'], ['no', 'bf16', 'fp16'])
+    if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
+        raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
+    for k in bools: p[k] = _bool(k, p[k])
+    if not isinstance(p['resume'], (str, Path)) or (p['resume'] not in ('auto', 'never') and not Path(p['resume']).is_file()):
+        raise ConfigError('resume', p['resume'], "'auto', 'never' or an existing checkpoint file")
+    p['resume'] = str(p['resume'])
+    return p
+
+
+# %%
+#| exports
 def c5_size(arch:str, image_size:int) -> int:
     "Side of the C5 map of `arch` for `image_size` views, from a forward pass on the meta device."
     with torch.device('meta'):
         return build_meta(arch, num_classes=0).eval().forward_features(torch.empty(1, 3, image_size, image_size)).shape[-1]
 
+
+# %%
+#| exports
 def default_output_dir(recipe:str, arch:str, seed:int) -> str:
     return f'runs/{recipe}-{arch}-seed{seed}'
 
 
 # %%
-#| export
+#| exports
 def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: all defaults)
                    world_size:int=1,  # processes of the run (for the global batch)
                    **overrides,  # parameters overriding `config`'s
@@ -200,26 +230,19 @@ def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: a
     for k in RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
     for k, low in _INTS.items(): p[k] = _int(k, p[k], low)
-    if p['seed'] >= 2**64: raise ConfigError('seed', p['seed'], 'an integer in [0, 2**64)')
     check_choice('arch', p['arch'], MODEL_NAMES)
     check_choice('method', p['method'], METHODS)
-    for k in ('lr', 'gamma'): check_positive(k, p[k])
+    for k in ('lr', 'gamma', 'tau'): check_positive(k, p[k])
     for k in ('weight_decay', 'instance_weight'): check_range(k, p[k], 0)
     check_range('momentum', p['momentum'], 0, 1)
     check_range('threshold', p['threshold'], 0, 10, low_open=True)
     check_choice('ppm_layers', p['ppm_layers'], [0, 1, 2])
-    check_choice('mixed_precision', p['mixed_precision'], ['no', 'bf16', 'fp16'])
-    if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
-        raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
-    for k in BOOLS: p[k] = _bool(k, p[k])
+    _check_run(p, BOOLS)
     if not isinstance(p['data'], (str, Path)) or not str(p['data']) or (p['data'] != 'synthetic' and not Path(p['data']).is_dir()):
         raise ConfigError('data', p['data'], "'synthetic' or an existing folder of images")  # '' would be the current folder
     p['data'] = str(p['data'])
     side = c5_size(p['arch'], p['image_size'])
     if side < 2: raise ConfigError('image_size', p['image_size'], f'a size giving a C5 map of at least 2x2 ({side}x{side} here): 64 or more')
-    if not isinstance(p['resume'], (str, Path)) or (p['resume'] not in ('auto', 'never') and not Path(p['resume']).is_file()):
-        raise ConfigError('resume', p['resume'], "'auto', 'never' or an existing checkpoint file")
-    p['resume'] = str(p['resume'])
     p['output_dir'] = str(p['output_dir'] or default_output_dir(p['recipe'], p['arch'], p['seed']))
     p.update(warmup_epochs=recipe.warmup_epochs, warmup_start_factor=recipe.warmup_start_factor, final_lr=recipe.final_lr,
              optimizer_momentum=recipe.optimizer_momentum, trust_coefficient=recipe.trust_coefficient,
@@ -244,7 +267,7 @@ bad = [dict(arch='resnet51'), dict(recipe='pixpro_r50_200ep'), dict(recipe='resn
        dict(method='byol'), dict(lr=0), dict(lr=-1.), dict(batch_size=0), dict(batch_size=2.5), dict(threshold=0),
        dict(threshold=10.5), dict(data='/no/such/folder'), dict(image_size=32), dict(mixed_precision='fp8'),
        dict(resume='/no/such.pt'), dict(epochs=0), dict(ppm_layers=3), dict(momentum=1.5), dict(gammma=2.), dict(data=''),
-       dict(seed=2**64), dict(seed=-1)]
+       dict(seed=2**64), dict(seed=-1), dict(tau=0)]
 for kw in bad:
     name = next(iter(kw))
     try: resolve_config(**kw); raise AssertionError(f'accepted {kw}')
@@ -252,6 +275,7 @@ for kw in bad:
         test_eq(e.name, 'parameter' if name == 'gammma' else name)
         print(e)
 test_eq(resolve_config(mixed_precision=False)['mixed_precision'], 'no')  # `mixed_precision: no` in a YAML file
+test_eq(resolve_config(method='pixcontrast', tau=0.2)['tau'], 0.2)  # PixContrast's temperature is a parameter too
 
 # %% [markdown]
 # ## Checkpoints
@@ -268,7 +292,7 @@ test_eq(resolve_config(mixed_precision=False)['mixed_precision'], 'no')  # `mixe
 # > schedule's position: a resumed run starts the target's momentum at 0.99 again.
 
 # %%
-#| export
+#| exports
 CHECKPOINT_FORMAT = 'pixpro_rs.train/1'
 
 def rng_state() -> dict:
@@ -277,6 +301,9 @@ def rng_state() -> dict:
     return {'python': random.getstate(), 'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
+
+# %%
+#| exports
 def set_rng_state(state:dict):
     "Restore what `rng_state` saved."
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
@@ -287,25 +314,37 @@ def set_rng_state(state:dict):
 
 
 # %%
-#| export
+#| exports
 def checkpoint_path(output_dir:str|Path, step:int) -> Path:
     return Path(output_dir)/'checkpoints'/f'step-{step:08d}.pt'
 
+
+# %%
+#| exports
 def checkpoint_step(path:str|Path) -> int|None:
     "The step in a checkpoint's name `step-<step>.pt` (None for any other name)."
     name = Path(path).name
     digits = name[len('step-'):-len('.pt')] if name.startswith('step-') and name.endswith('.pt') else ''
     return int(digits) if digits.isdigit() else None
 
+
+# %%
+#| exports
 def list_checkpoints(output_dir:str|Path) -> list[Path]:
     "The run's checkpoints, oldest first: ordered by their step, not by their names' spelling."
     found = [p for p in (Path(output_dir)/'checkpoints').glob('step-*.pt') if checkpoint_step(p) is not None]
     return sorted(found, key=checkpoint_step)
 
+
+# %%
+#| exports
 def save_checkpoint(path:str|Path, state:dict) -> Path:
     "Write `state` atomically (temporary file + rename)."
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
+
+# %%
+#| exports
 def load_checkpoint(path:str|Path,
                     format:str=CHECKPOINT_FORMAT,  # the engine's format tag (fine-tuning has its own)
                    ) -> dict:
@@ -379,7 +418,7 @@ test_eq(checkpoint_step('step-00000007.pt.unreadable'), None)
 # run was written, which therefore ran with the parameter's default: that is the value it is compared with.
 
 # %%
-#| export
+#| exports
 RUN_ONLY = ('output_dir', 'resume', 'overwrite', 'max_steps', 'num_workers', 'save_every', 'keep_checkpoints', 'progress',
             'channels_last', 'compile', 'prefetch_factor', 'gpu_augment')  # speed switches: rounding, not the run
 
@@ -408,7 +447,7 @@ test_eq(run_differences(older, resolve_config(grad_accum=2), dataclasses.asdict(
 # config's parameters already describe, just the count.
 
 # %%
-#| export
+#| exports
 def data_identity(*datasets) -> dict:
     "`data_files` and `data_digest` of a run's datasets: their folders' fingerprint, or the size of generated data."
     if not all(hasattr(d, 'files') for d in datasets): return dict(data_files=sum(map(len, datasets)), data_digest=None)
@@ -422,14 +461,18 @@ def data_identity(*datasets) -> dict:
 # the main process once every other check has passed too.
 
 # %%
-#| export
-class RunPlan(NamedTuple):
+#| exports
+@dataclass
+class RunPlan:
     "What `prepare_output_dir` decided; nothing is written before `start_output_dir` carries it out."
     resume: Path|None  # the checkpoint to continue from (None: start at step 0)
-    state: dict|None  # its content, loaded once
+    state: dict|None  # its content, loaded once (`restore` empties it once the weights are in place)
     fresh: bool  # clear the folder's checkpoints and metrics first (overwrite=True, or a run that saved no checkpoint)
     set_aside: tuple = ()  # (checkpoint, reason) pairs renamed to `<name>.<reason>`: 'unreadable' or 'superseded'
 
+
+# %%
+#| exports
 def _refuse_if_different(old:dict, c:dict, defaults:dict, name:str, value:str, allowed:str):
     "`ConfigError` if the saved config `old` is not the run `c`; a changed image folder is named as such."
     diff = run_differences(old, c, defaults)
@@ -437,12 +480,18 @@ def _refuse_if_different(old:dict, c:dict, defaults:dict, name:str, value:str, a
         raise ConfigError('data', c['data'], f'the images the run in {value} started with; the folder changed: ' + '; '.join(diff))
     if diff: raise ConfigError(name, value, allowed + '; '.join(diff))
 
+
+# %%
+#| exports
 def _read_config(out:Path) -> dict|None:
     "The folder's `config.json` (None if there is none)."
     if not (out/'config.json').exists(): return None
     try: return json.loads((out/'config.json').read_text())
     except (OSError, ValueError) as e: raise ConfigError('output_dir', str(out), f'a folder with a readable config.json ({e}), or overwrite=True') from None
 
+
+# %%
+#| exports
 def _newest_loadable(out:Path, ckpts:list[Path], format:str) -> tuple[Path, dict, list]:
     "The newest checkpoint that loads, its state, and the (path, error) of newer ones that do not."
     bad = []
@@ -452,6 +501,9 @@ def _newest_loadable(out:Path, ckpts:list[Path], format:str) -> tuple[Path, dict
     raise CheckpointError(f'{out}: none of its {len(ckpts)} checkpoints loads ({bad[0][1]}); resume from a file with '
                           'resume=PATH, or start afresh with overwrite=True')
 
+
+# %%
+#| exports
 def prepare_output_dir(c:dict,  # resolved config, with `data_identity`'s keys
                        format:str=CHECKPOINT_FORMAT,  # format tag of the engine's checkpoints
                        defaults:dict|None=None,  # the config class's defaults (None: `TrainConfig`'s), see `run_differences`
@@ -481,6 +533,9 @@ def prepare_output_dir(c:dict,  # resolved config, with `data_identity`'s keys
                                    f'{p.name} is set aside as {p.name}.unreadable')
     return RunPlan(path, state, False, tuple((p, 'unreadable') for p, _ in bad))
 
+
+# %%
+#| exports
 def start_output_dir(c:dict,  # resolved config
                      plan:RunPlan,  # from `prepare_output_dir`
                      files:tuple=('metrics.jsonl', 'metrics.csv', 'encoder.safetensors'),  # what a fresh start clears
@@ -497,6 +552,9 @@ def start_output_dir(c:dict,  # resolved config
         p.rename(p.with_name(f'{p.name}.{why}'))
     return atomic_write(out/'config.json', lambda t: Path(t).write_text(json.dumps(c, indent=1)))
 
+
+# %%
+#| exports
 def prune_checkpoints(output_dir:str|Path,
                       keep:int,  # checkpoints to keep, `written` included
                       written:Path,  # the checkpoint just written: never deleted
@@ -564,10 +622,13 @@ test_fail(lambda: prepare_output_dir(cfg), contains='(in step-00000040.pt)')
 # the steps a killed run did after its last checkpoint do not appear twice.
 
 # %%
-#| export
+#| exports
 class NonFiniteLossError(RuntimeError):
     "The loss became NaN or infinite; the message names the step and the last good checkpoint."
 
+
+# %%
+#| exports
 class TrainResult(NamedTuple):
     "What `train` returns."
     output_dir: Path  # the run's folder
@@ -576,6 +637,9 @@ class TrainResult(NamedTuple):
     model: PixPro  # the trained model (online and target networks), on the training device
     config: dict  # the resolved config
 
+
+# %%
+#| exports
 METRIC_COLUMNS = ('step', 'epoch', 'loss', 'pixel', 'instance', 'lr', 'momentum', 'images_per_s', 'data_s', 'time_s')
 
 def _write_metrics(out:Path, metrics:list[dict], columns:tuple=METRIC_COLUMNS):
@@ -586,10 +650,16 @@ def _write_metrics(out:Path, metrics:list[dict], columns:tuple=METRIC_COLUMNS):
             w = csv.DictWriter(f, columns, extrasaction='ignore'); w.writeheader(); w.writerows(metrics)
     atomic_write(out/'metrics.csv', csv_)
 
+
+# %%
+#| exports
 def build_dataset(c:dict):
     "The training images of a resolved config: `SyntheticScenes` or an `ImageFiles` folder."
     return SyntheticScenes(c['synthetic_length'], c['synthetic_size']) if c['data'] == 'synthetic' else ImageFiles(c['data'])
 
+
+# %%
+#| exports
 def build_model(c:dict,
                 total_steps:int,  # K, the momentum schedule's horizon (`momentum_horizon`)
                ) -> PixPro:
@@ -598,8 +668,11 @@ def build_model(c:dict,
     zero_gamma = {'zero_init_residual': True} if c['arch'] == 'resnet50' else {}  # as the reference's ResNet-50
     return PixPro(create_model(c['arch'], num_classes=0, **zero_gamma), method=c['method'], threshold=c['threshold'],
                   gamma=c['gamma'], ppm_layers=c['ppm_layers'], instance_weight=c['instance_weight'],
-                  momentum=c['momentum'], total_steps=total_steps)
+                  momentum=c['momentum'], tau=c['tau'], total_steps=total_steps)
 
+
+# %%
+#| exports
 def speed_up(model:PixPro,  # on its training device
              channels_last:bool=False,  # NHWC weights (the views must be NHWC too: `to_memory_format`)
              compile:bool=False,  # torch.compile each network, in place
@@ -614,10 +687,16 @@ def speed_up(model:PixPro,  # on its training device
             else: m.compile()
     return model
 
+
+# %%
+#| exports
 def to_memory_format(x:Tensor, channels_last:bool) -> Tensor:
     "A batch of views in the memory format of the model (`channels_last` or contiguous NCHW)."
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
+
+# %%
+#| exports
 def _make_accelerator(c:dict):
     from accelerate import Accelerator
     from accelerate.utils import is_tensorboard_available
@@ -664,22 +743,26 @@ bn3 = [m.bn3.weight for m in r50.modules() if isinstance(m, torchvision.models.r
 test_eq(len(bn3), 2 * 16)  # 16 blocks in the online encoder, 16 in the target
 assert all((w == 0).all() for w in bn3)
 assert all((m.bn2.weight == 1).all() for m in r50.modules() if isinstance(m, torchvision.models.resnet.Bottleneck))
+test_eq(build_model(resolve_config(arch='resnetrs_tiny', method='pixcontrast', tau=0.2), 10).tau, 0.2)
 
 # %% [markdown]
 # **The run's guard.** `RunGuard` holds rule 1 and rule 5 of the run folder for the run's whole life. On entering,
 # the main process takes the folder's lock (the others learn its answer, so every process fails alike) and SIGTERM
 # gets a handler. While the run is setting up, SIGTERM stops it at once (nothing has been trained that a checkpoint
 # could keep); during the loop it only raises a flag that the loop reads at the end of the step; after the loop it is
-# ignored, since the run is finishing anyway. DataLoader workers are forked with the handler and ignore the signal:
-# their parent ends them, after saving.
+# ignored, since the run is finishing anyway. A batch system's SIGTERM also reaches the DataLoader workers: during the
+# loop they ignore it (`hold_worker_sigterm`, the data chapter) and their parent ends them after saving.
 
 # %%
-#| export
+#| exports
 EXIT_PREEMPTED = 143  # the command line's exit code after SIGTERM: 128 + 15, as a shell reports a SIGTERM
 
 class Preempted(RuntimeError):
     "SIGTERM stopped the run; the message names the checkpoint saved at the current step (the same command resumes)."
 
+
+# %%
+#| exports
 class RunGuard:
     "For a run's whole life: the main process holds `RunLock(output_dir)`; SIGTERM becomes a request to stop."
     def __init__(self, output_dir:str|Path, accelerator):
@@ -705,9 +788,15 @@ class RunGuard:
         self.requested = True
         if self.phase == 'setup': raise Preempted('stopped by SIGTERM while starting; this start wrote no checkpoint')
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, exc, tb):
+        hold_worker_sigterm(False)  # DataLoader workers die on SIGTERM again (see the data chapter)
         if self.previous is not None: signal.signal(signal.SIGTERM, self.previous)
         if self.lock is not None: self.lock.release()
+        loop, self.loop = getattr(self, 'loop', None), None  # no reference cycle keeps the loop's workers alive
+        if kind is KeyboardInterrupt and not str(exc):  # Ctrl-C: say where the run stopped and what is on disk
+            where = f'in step {loop.step + 1}' if loop and self.phase != 'setup' else 'while starting'
+            saved = loop.checkpoint if loop else None
+            raise KeyboardInterrupt(f'{where}; ' + (f'the newest checkpoint is {saved}' if saved else 'no checkpoint was written')) from None
 
 
 # %% [markdown]
@@ -731,151 +820,322 @@ assert not d.exists()  # the lock made the folder and took it away again
 
 
 # %% [markdown]
-# The function is long because a training run has many parts, but it reads top to bottom; helpers above hold the
-# parts that have their own tests.
+# ## One skeleton for every engine
+#
+# Pretraining and fine-tuning (a later chapter) differ in their data, model, loss and optimiser, and in nothing else:
+# both resolve a config, guard the folder, count the steps, resume, write checkpoints, gather the losses, log and
+# export. Those shared steps live here as small named units, so that each engine reads as the seven steps and no
+# step is written twice. The loop nests the micro-batches of gradient accumulation inside the optimiser steps, as
+# nanoGPT's `train.py` does:
+#
+# ```python
+# for step in loop:                                   # optimiser steps, from the resume point; stops on SIGTERM
+#     for micro, batch in loop.micro_batches():       # grad_accum micro-batches, resuming mid-epoch
+#         with loop.accumulate(wrapped, micro): ...   # no gradient all-reduce but on the last one
+#     values = loop.gather(parts)                     # every process's losses (+ stop request); NaN check
+#     optimizer.step(); loop.log(...)                 # count the step, one metrics row
+#     if loop.save_due: loop.save(model=..., ...)     # epoch ends, the end, SIGTERM
+# ```
+#
+# `plan_steps` counts the optimiser steps and gives the lr schedule's arguments; `restore` loads a checkpoint's parts;
+# `open_output_dir` carries out the folder's plan once every process has read it; `announce` prints the run's one
+# line; `export_weights` writes the weights for transfer.
 
 # %%
-#| export
+#| exports
+def plan_steps(c:dict,  # resolved config
+               loader,  # this process's loader of micro-batches
+               num_images:int,  # images in the training set (for the message)
+               world_size:int,  # processes
+              ) -> tuple[int, int, dict]:  # steps per epoch, total steps, `lr_at`'s keyword arguments
+    "Optimiser steps per epoch and in all, and the lr schedule; `ConfigError` if the data make less than one step."
+    steps_per_epoch = len(loader) // c['grad_accum']
+    if steps_per_epoch == 0:
+        raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {num_images} images for '
+                          f'{c["global_batch"]} per step (batch_size x grad_accum x {world_size} processes)')
+    total = c['epochs'] * steps_per_epoch
+    return steps_per_epoch, total, dict(base_lr=c['global_lr'], total_steps=total, final_lr=c['final_lr'],
+                                        warmup_steps=c['warmup_epochs'] * steps_per_epoch, start_factor=c['warmup_start_factor'])
+
+
+# %%
+#| exports
+def restore(plan:RunPlan, accelerator, **parts) -> tuple[int, list[dict]]:  # the step reached and its metrics
+    "Load the plan's checkpoint into `parts` (model=..., optimizer=...), with the RNG and loss-scaler states."
+    state, plan.state = plan.state, None  # the weights live in the parts from now on, not twice in memory
+    if state is None: return 0, []
+    for k, obj in parts.items(): obj.load_state_dict(state[k])
+    set_rng_state(state['rng'])
+    if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
+    return state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
+
+
+# %%
+#| exports
+def open_output_dir(c:dict, plan:RunPlan, accelerator, metrics:list[dict],
+                    files:tuple,  # what a fresh start clears (`start_output_dir`)
+                    columns:tuple,  # the metrics.csv columns
+                   ):
+    "Once every process has read the folder, the main process carries out `plan` and rewrites the metrics files."
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        start_output_dir(c, plan, files); _write_metrics(Path(c['output_dir']), metrics, columns)
+
+
+# %%
+#| exports
+def announce(head:str, c:dict, accelerator, total_steps:int, step:int, resumed:Path|None):
+    "The run's one line on the main process: processes, global batch, lr, steps, and where it resumes."
+    if not accelerator.is_main_process: return
+    n = accelerator.num_processes
+    print(f"{head}: {n} process(es) on {accelerator.device.type}, global batch {c['global_batch']} = {c['batch_size']} x "
+          f"{c['grad_accum']} x {n}, lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
+          + (f', resuming at step {step} from {resumed}' if resumed else ''), flush=True)
+
+
+# %%
+#| exports
+def export_weights(path:Path, module:nn.Module, metadata:dict, accelerator) -> Path|None:
+    "`module`'s weights as safetensors (timm's names) with `metadata`, atomically, on the main process."
+    if not accelerator.is_main_process: return None
+    from safetensors.torch import save_file
+    sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return atomic_write(path, lambda t: save_file(sd, str(t), metadata={k: str(v) for k, v in metadata.items()}))
+
+
+# %%
+#| exports
+def to_device(model:nn.Module, accelerator) -> nn.Module:
+    "SyncBN when the processes are GPUs (CPU tensors cannot use it), then the model on the process's device."
+    if accelerator.num_processes > 1 and accelerator.device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(accelerator.device)
+
+
+# %%
+class _Tiny: grad_accum, batch_size, global_batch, epochs, global_lr, final_lr, warmup_epochs, warmup_start_factor = 2, 4, 8, 3, 0.5, 0., 1, 0.01
+c_ = {k: getattr(_Tiny, k) for k in dir(_Tiny) if not k.startswith('_')}
+test_eq(plan_steps(c_, range(9), 36, 1)[:2], (4, 12))  # 9 micro-batches: 4 steps of 2, the ninth left out
+test_eq(plan_steps(c_, range(9), 36, 1)[2]['warmup_steps'], 4)
+test_fail(lambda: plan_steps(c_, range(1), 4, 1), contains='4 images for 8 per step')
+lin = nn.Linear(2, 2); plan = RunPlan(None, {'step': 3, 'metrics': [{'step': 3}, {'step': 4}], 'rng': rng_state(),
+                                             'lin': nn.Linear(2, 2).state_dict()}, False)
+test_eq(restore(plan, _Single(), lin=lin), (3, [{'step': 3}]))  # rows after the checkpoint's step are dropped
+test_eq(plan.state, None)
+
+
+# %% [markdown]
+# `Loop` is the loop's state and its shared steps: the position (resumable in the middle of an epoch: the sampler
+# skips the micro-batches already seen), the timing of each step and of its waits for data, the gathering of every
+# process's losses with the stop request, the non-finite check, the metrics row (to `metrics.jsonl`, TensorBoard and
+# the progress bar), and the checkpoints with their pruning. It also tells the guard where the run is, so Ctrl-C can
+# name the newest checkpoint.
+
+# %%
+#| exports
+class Loop:
+    "The optimiser steps of a run, shared by the engines: position, micro-batches, timing, stop and NaN checks, metrics, checkpoints."
+    def __init__(self, c:dict, accelerator, guard:RunGuard,
+                 loader,  # micro-batches, with `set_epoch(epoch, skip=...)`
+                 steps_per_epoch:int, total_steps:int,
+                 step:int=0, metrics:list|None=None,  # where a resumed run stands (`restore`)
+                 resumed:Path|None=None,  # the checkpoint it resumed from
+                 format:str=CHECKPOINT_FORMAT,  # the checkpoints' format tag
+                 columns:tuple=METRIC_COLUMNS,  # metrics.csv's columns
+                ):
+        self.c, self.accelerator, self.guard, self.loader, self.format, self.columns = c, accelerator, guard, loader, format, columns
+        self.steps_per_epoch, self.step, self.metrics = steps_per_epoch, step, metrics if metrics is not None else []
+        self.end, self.out = min(total_steps, c['max_steps'] or total_steps), Path(c['output_dir'])
+        self.checkpoint, self.saved, self.stop, self._batches = resumed, (step if resumed else None), False, None
+        self.bar = tqdm(total=self.end, initial=step, disable=not (accelerator.is_main_process and c['progress']),
+                        dynamic_ncols=True, mininterval=2 if sys.stderr.isatty() else 30)  # notebooks, logs: every 30 s
+        guard.loop = self
+
+    def __iter__(self):
+        "The steps still to run (numbered from 0); after SIGTERM, `Preempted` once the step's checkpoint is saved."
+        self.guard.phase, self.t_start = 'loop', time.perf_counter()
+        hold_worker_sigterm(True)  # a SIGTERM to the whole job leaves the workers to finish the step
+        while self.step < self.end and not self.stop:
+            self.t_step, self.data_s = time.perf_counter(), 0.0
+            yield self.step
+        hold_worker_sigterm(False); self._batches = None; self.bar.close()
+        if self.stop and self.step < self.end:
+            raise Preempted(f'stopped by SIGTERM after step {self.step}, saved in {self.checkpoint}; run the same command to resume')
+        self.guard.phase = 'finish'
+
+    def micro_batches(self):
+        "This step's `grad_accum` micro-batches as (index, batch); a new epoch, or a resume, positions the sampler."
+        epoch, skip = divmod(self.step, self.steps_per_epoch)
+        if self._batches is None or skip == 0:
+            self._batches = None  # the previous epoch's iterator ends first
+            self.loader.set_epoch(epoch, skip=skip * self.c['grad_accum'])  # the loader counts micro-batches
+            self._batches = iter(self.loader)
+        self.epoch, t0 = epoch, time.perf_counter()
+        for micro in range(self.c['grad_accum']):
+            batch = next(self._batches)
+            self.data_s += time.perf_counter() - t0
+            yield micro, batch
+            t0 = time.perf_counter()
+
+    def accumulate(self, wrapped:nn.Module, micro:int):
+        "DDP's `no_sync` for every micro-batch but the step's last, whose backward all-reduces the gradients."
+        return self.accelerator.no_sync(wrapped) if micro < self.c['grad_accum'] - 1 else nullcontext()
+
+    def gather(self, parts:Tensor) -> list[float]:
+        "Every process's loss `parts` [P] and stop request; `NonFiniteLossError` on a non-finite loss; the means."
+        ranks = self.accelerator.gather(torch.cat([parts.float(), parts.new_tensor([float(self.guard.requested)])])[None])
+        self.loss_per_process = ranks[:, 0].tolist()  # ranks: [processes, P + 1]
+        if not torch.isfinite(ranks).all():
+            raise NonFiniteLossError(f'non-finite loss in step {self.step + 1} (epoch {self.epoch}), per process '
+                                     f'{self.loss_per_process}; the last good checkpoint is {self.checkpoint or "none (no checkpoint yet)"}. '
+                                     'A run resumes only with its own config: start a new run (another output_dir) with a '
+                                     'lower lr or mixed_precision="no", or check the data.')
+        *means, stop = ranks.mean(0).tolist()
+        self.stop = stop > 0  # some process was sent SIGTERM: every process stops after this step
+        return means
+
+    def log(self, **values) -> dict:
+        "Count the step and record its row: `values`, images/s, data wait and time, to the files, trackers and bar."
+        self.step += 1
+        row = dict(step=self.step, epoch=self.step / self.steps_per_epoch, **values,
+                   images_per_s=self.c['global_batch'] / (time.perf_counter() - self.t_step), data_s=self.data_s,
+                   time_s=time.perf_counter() - self.t_start, loss_per_process=self.loss_per_process)
+        self.metrics.append(row)
+        if self.accelerator.is_main_process:
+            with open(self.out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
+            self.accelerator.log({k: row[k] for k in (*values, 'images_per_s')}, step=self.step)
+            self.bar.set_postfix({k: f'{v:.4g}' for k, v in (*values.items(), ('img_s', row['images_per_s']))}, refresh=False)
+            self.bar.update()
+        return row
+
+    @property
+    def evaluation_due(self) -> bool:
+        "The run's last step, or the end of every `save_every`-th epoch: a checkpoint (and, fine-tuning, an evaluation)."
+        epochs, rest = divmod(self.step, self.steps_per_epoch)
+        return self.step == self.end or (rest == 0 and epochs % self.c['save_every'] == 0)
+
+    @property
+    def save_due(self) -> bool:
+        "A checkpoint is due: `evaluation_due`, or a SIGTERM."
+        return self.evaluation_due or self.stop
+
+    def save(self, **parts) -> Path:
+        "Checkpoint this step (`parts`' state dicts, config, metrics, RNG) on the main process, prune, and wait for all."
+        path = checkpoint_path(self.out, self.step)
+        if self.accelerator.is_main_process:
+            scaler = self.accelerator.scaler
+            save_checkpoint(path, {'format': self.format, 'step': self.step, 'config': self.c, 'metrics': self.metrics,
+                                   'rng': rng_state(), 'scaler': scaler.state_dict() if scaler is not None else {},
+                                   **{k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in parts.items()}})
+            _write_metrics(self.out, self.metrics, self.columns)
+            prune_checkpoints(self.out, self.c['keep_checkpoints'], path)
+        self.accelerator.wait_for_everyone()
+        self.checkpoint, self.saved = path, self.step
+        return path
+
+
+# %% [markdown]
+# A loop over a list of six micro-batches, two per step, three steps per epoch, resumed at step 4 (the second step of
+# epoch 1): it positions the sampler at the epoch's third micro-batch, counts and times the steps, wants a checkpoint
+# at the end of the epoch, and stops early with `Preempted` when a SIGTERM was requested, after its checkpoint.
+
+# %%
+class _Batches(list):  # a loader: set_epoch(epoch, skip) then iteration from the skip
+    def set_epoch(self, epoch, skip=0): self.skip = skip
+    def __iter__(self): return iter(self[self.skip:])
+class _Acc(_Single):
+    scaler = None
+    def gather(self, x): return x
+    def wait_for_everyone(self): pass
+    def log(self, *a, **k): pass
+d = Path(tempfile.mkdtemp())
+cfg = {**resolve_config(output_dir=str(d), grad_accum=2, max_steps=0, progress=False), 'epochs': 2, 'keep_checkpoints': 1}
+guard = RunGuard(d, _Acc())
+loop = Loop(cfg, _Acc(), guard, _Batches(range(6)), steps_per_epoch=3, total_steps=6, step=4, metrics=[{'step': 4}])
+seen = []
+for step in loop:
+    seen.append((step, [b for _, b in loop.micro_batches()]))
+    loss, = loop.gather(torch.tensor([0.5]))
+    loop.log(loss=loss)
+    if loop.save_due: loop.save(w=torch.ones(1))
+test_eq(seen, [(4, [2, 3]), (5, [4, 5])])  # skip = 1 step x 2 micro-batches; then the epoch's last step
+test_eq([m['step'] for m in loop.metrics], [4, 5, 6]); test_eq(loop.saved, 6)
+test_eq(load_checkpoint(loop.checkpoint)['w'], torch.ones(1))
+test_eq(guard.phase, 'finish')
+loop = Loop({**cfg, 'epochs': 4}, _Acc(), guard, _Batches(range(6)), 3, 12, step=6)
+guard.requested = True  # SIGTERM arrived during step 7
+def preempted():
+    for step in loop:
+        list(loop.micro_batches()); loop.gather(torch.tensor([0.5])); loop.log(loss=0.5)
+        if loop.save_due: loop.save()
+test_fail(preempted, contains='stopped by SIGTERM after step 7, saved in')
+test_eq([checkpoint_step(p) for p in list_checkpoints(d)], [7])
+test_fail(lambda: loop.gather(torch.tensor([float('nan')])), contains='non-finite loss in step 8')
+
+
+# %% [markdown]
+# With these steps, `train` reads as the seven steps of the chapter's introduction; the comments number them.
+
+# %%
+#| exports
+def build_loader(c:dict, dataset, accelerator):
+    "This process's loader of view pairs; with `gpu_augment` the workers crop and the device does the pixel work."
+    workers, device = c['num_workers'], accelerator.device
+    kw = dict(image_size=c['image_size'], num_workers=workers, seed=c['seed'], rank=accelerator.process_index,
+              world_size=accelerator.num_processes, labels=False, pin_memory=device.type == 'cuda',
+              persistent_workers=workers > 0, prefetch_factor=c['prefetch_factor'] if workers > 0 else None)
+    if not c['gpu_augment']: return make_loader(dataset, c['batch_size'], **kw)
+    batch_augment = BatchAugment(PixProAugment(c['image_size'])).to(device)  # the same crops and decisions (seeds)
+    if c['compile']: batch_augment.compile()
+    return ViewLoader(make_crop_loader(dataset, c['batch_size'], **kw), batch_augment, device)
+
+
+# %%
+#| exports
 def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the defaults, the CPU demo)
           **overrides,  # parameters overriding `config`'s, e.g. `train(arch='resnetrs101')`
          ) -> TrainResult:
     "Pretrain with PixPro: config -> accelerator -> data -> model -> optimiser/schedules -> loop -> checkpoints."
-    # 1. config: everything checked before anything is written
-    c = resolve_config(config, **overrides)
-    accelerator = _make_accelerator(c)
-    c = resolve_config(config, world_size=accelerator.num_processes, **overrides)
-    main, device, out = accelerator.is_main_process, accelerator.device, Path(c['output_dir'])
-    with RunGuard(out, accelerator) as guard:  # the folder locked for the run's life; SIGTERM ends it at a step
-        # 2./3. data: this process's shard; the order and augmentations derive from (seed, epoch, index)
-        dataset = build_dataset(c)
-        c.update(data_identity(dataset))
-        workers = c['num_workers']
-        kw = dict(image_size=c['image_size'], num_workers=workers, seed=c['seed'], rank=accelerator.process_index,
-                  world_size=accelerator.num_processes, labels=False, pin_memory=device.type == 'cuda',
-                  persistent_workers=workers > 0, prefetch_factor=c['prefetch_factor'] if workers > 0 else None)
-        if c['gpu_augment']:  # the same crops and decisions (same seeds), the pixel work batched on the device
-            batch_augment = BatchAugment(PixProAugment(c['image_size'])).to(device)
-            if c['compile']: batch_augment.compile()
-            loader = ViewLoader(make_crop_loader(dataset, c['batch_size'], **kw), batch_augment, device)
-        else: loader = make_loader(dataset, c['batch_size'], **kw)
-        steps_per_epoch = len(loader) // c['grad_accum']
-        if steps_per_epoch == 0:
-            raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(dataset)} images for '
-                              f'{c["global_batch"]} per step (batch_size x grad_accum x {accelerator.num_processes} processes)')
-        total_steps = c['epochs'] * steps_per_epoch
-        schedule = dict(base_lr=c['global_lr'], total_steps=total_steps, warmup_steps=c['warmup_epochs'] * steps_per_epoch,
-                        start_factor=c['warmup_start_factor'], final_lr=c['final_lr'])
-        plan = prepare_output_dir(c)  # resume, fresh start or refusal: nothing written yet
-        # 4. model: the same initialisation on every process; SyncBN only across GPUs
-        horizon = momentum_horizon(len(dataset), accelerator.num_processes, c['batch_size'] * c['grad_accum'], c['epochs'])
-        model = build_model(c, horizon)
-        if accelerator.num_processes > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        speed_up(model.to(device), c['channels_last'], c['compile'])
+    c = resolve_config(config, **overrides)  # 1. config: everything checked before anything is written
+    accelerator = _make_accelerator(c)  # 2. accelerator: the device, the processes, the precision
+    c, world = resolve_config(config, world_size=accelerator.num_processes, **overrides), accelerator.num_processes
+    with RunGuard(c['output_dir'], accelerator) as guard:  # the folder locked for the run's life; SIGTERM stops at a step
+        dataset = build_dataset(c); c.update(data_identity(dataset))  # 3. data: this process's shard
+        loader = build_loader(c, dataset, accelerator)
+        steps_per_epoch, total_steps, schedule = plan_steps(c, loader, len(dataset), world)
+        plan = prepare_output_dir(c)  # resume, fresh start or refusal: still nothing written
+        horizon = momentum_horizon(len(dataset), world, c['batch_size'] * c['grad_accum'], c['epochs'])
+        model = speed_up(to_device(build_model(c, horizon), accelerator), c['channels_last'], c['compile'])  # 4. model
         online = OnlineNet(model)  # what DDP wraps; the target stays outside
-        # 5. optimiser and schedules
-        optimizer = LARS(lars_param_groups(online, c['weight_decay']), lr=c['global_lr'], momentum=c['optimizer_momentum'],
-                         trust_coefficient=c['trust_coefficient'])
-        step, metrics = 0, []
-        if plan.state is not None:
-            state = plan.state
-            model.load_state_dict(state['model']); optimizer.load_state_dict(state['optimizer'])
-            step, metrics = state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
-            set_rng_state(state['rng'])
-            if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
-            del state; plan = plan._replace(state=None)  # the weights live in the model now
-        accelerator.wait_for_everyone()  # every process has read the folder before the main process writes to it
-        if main: start_output_dir(c, plan); _write_metrics(out, metrics)
+        optimizer = LARS(lars_param_groups(online, c['weight_decay']), lr=c['global_lr'],  # 5. optimiser
+                         momentum=c['optimizer_momentum'], trust_coefficient=c['trust_coefficient'])
+        step, metrics = restore(plan, accelerator, model=model, optimizer=optimizer)
+        open_output_dir(c, plan, accelerator, metrics, ('metrics.jsonl', 'metrics.csv', 'encoder.safetensors'), METRIC_COLUMNS)
         online, optimizer = accelerator.prepare(online, optimizer)
-        if main:
+        if accelerator.is_main_process:
             accelerator.init_trackers('tensorboard', config={k: v for k, v in c.items() if isinstance(v, (int, float, str, bool))})
-            print(f"{c['arch']} {c['method']} on {c['data']}: {accelerator.num_processes} process(es) on {device.type}, "
-                  f"global batch {c['global_batch']} = {c['batch_size']} x {c['grad_accum']} x {accelerator.num_processes}, "
-                  f"lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
-                  + (f', resuming at step {step} from {plan.resume}' if plan.resume else ''), flush=True)
-
-        def save(step:int) -> Path:
-            path = checkpoint_path(out, step)
-            if main:
-                state = {'format': CHECKPOINT_FORMAT, 'step': step, 'config': c, 'model': model.state_dict(),
-                         'optimizer': optimizer.state_dict(), 'metrics': metrics, 'rng': rng_state(),
-                         'scaler': accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
-                save_checkpoint(path, state)
-                _write_metrics(out, metrics)
-                prune_checkpoints(out, c['keep_checkpoints'], path)
-            accelerator.wait_for_everyone()
-            return path
-
-        # 6. the loop
-        last_ckpt, end = plan.resume, min(total_steps, c['max_steps'] or total_steps)
-        saved, stop = (step if plan.resume else None), False  # the step of the newest checkpoint; SIGTERM seen
-        bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
-                   mininterval=2 if sys.stderr.isatty() else 30)  # notebooks and log files: a line every 30 s
-        t_start, guard.phase = time.perf_counter(), 'loop'
-        try:
-            while step < end and not stop:
-                epoch, skip = divmod(step, steps_per_epoch)
-                loader.set_epoch(epoch, skip=skip * c['grad_accum'])
-                n_micro = (steps_per_epoch - skip) * c['grad_accum']
-                parts, micro = torch.zeros(4, device=device), 0  # loss, pixel, instance, stop requested
-                t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
-                data_s = 0.0
-                for batch, _ in zip(loader, range(n_micro)):
-                    if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
-                    data_s += time.perf_counter() - t0
-                    v1, v2, c1, c2 = (t.to(device, non_blocking=True) for t in batch[:4])
-                    v1, v2 = to_memory_format(v1, c['channels_last']), to_memory_format(v2, c['channels_last'])
-                    last = micro == c['grad_accum'] - 1
-                    with accelerator.no_sync(online) if not last else nullcontext():
-                        with accelerator.autocast():
-                            o = model(v1, v2, c1, c2, update_target=micro == 0, online=online)
-                        accelerator.backward(o.loss / c['grad_accum'])
-                    parts[:3] += torch.stack([o.loss, o.pixel, o.instance]).detach().float() / c['grad_accum']
-                    if micro == 0: m = o.momentum
-                    micro += 1
-                    if not last: t0 = time.perf_counter(); continue
-                    parts[3] = float(guard.requested)
-                    ranks = accelerator.gather(parts[None])  # [processes, 4]: every rank sees every rank's loss and stop
-                    if not torch.isfinite(ranks).all():
-                        bad = ranks[:, 0].tolist()
-                        raise NonFiniteLossError(f'non-finite loss in step {step + 1} (epoch {epoch}), per process {bad}; the '
-                                                 f'last good checkpoint is {last_ckpt or "none (no checkpoint yet)"}. A run '
-                                                 f'resumes only with its own lr and precision: start a new run (another '
-                                                 f'output_dir) with a lower lr or mixed_precision="no", or check the data.')
-                    optimizer.step(); optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    dt = time.perf_counter() - t_step  # all the step's micro-batches
-                    loss, pixel, instance, stop = ranks.mean(0).tolist()
-                    stop = stop > 0  # some process was sent SIGTERM
-                    row = dict(step=step, epoch=step / steps_per_epoch, loss=loss, pixel=pixel, instance=instance, lr=lr,
-                               momentum=m, images_per_s=c['global_batch'] / dt, data_s=data_s,
-                               time_s=time.perf_counter() - t_start, loss_per_process=ranks[:, 0].tolist())
-                    metrics.append(row)
-                    if main:
-                        with open(out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-                        accelerator.log({k: row[k] for k in METRIC_COLUMNS[2:-2]}, step=step)
-                        bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.3g}', m=f'{m:.4f}', img_s=f"{row['images_per_s']:.1f}", refresh=False)
-                        bar.update()
-                    parts.zero_(); micro, data_s = 0, 0.0
-                    t_step = t0 = time.perf_counter()
-                    if step >= end or stop: break
-                done_epoch = step % steps_per_epoch == 0
-                if step == end or stop or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0):
-                    last_ckpt, saved = save(step), step
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f'interrupted in step {step + 1}; ' + (f'the newest checkpoint is {last_ckpt}'
-                                    if last_ckpt else 'no checkpoint was written')) from None
-        bar.close()
-        if stop and step < end: raise Preempted(f'stopped by SIGTERM after step {step}, saved in {last_ckpt}; run the same command to resume')
-        # 7. the end: the final checkpoint (unless the run was already complete) and the online encoder for transfer
-        guard.phase = 'finish'
-        if saved != step: last_ckpt = save(step)
-        if main:
-            from safetensors.torch import save_file
-            enc = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
-            atomic_write(out/'encoder.safetensors', lambda t: save_file(enc, str(t), metadata={'arch': c['arch']}))
+        announce(f"{c['arch']} {c['method']} on {c['data']}", c, accelerator, total_steps, step, plan.resume)
+        loop = Loop(c, accelerator, guard, loader, steps_per_epoch, total_steps, step, metrics, plan.resume)
+        for step in loop:  # 6. the loop: optimiser steps of grad_accum micro-batches each
+            set_lr(optimizer, lr := lr_at(step, **schedule))
+            parts = torch.zeros(3, device=accelerator.device)  # the step's loss, pixel and instance parts
+            for micro, batch in loop.micro_batches():
+                v1, v2, c1, c2 = (t.to(accelerator.device, non_blocking=True) for t in batch[:4])
+                v1, v2 = (to_memory_format(v, c['channels_last']) for v in (v1, v2))  # [B, 3, S, S] each
+                with loop.accumulate(online, micro):
+                    with accelerator.autocast():
+                        o = model(v1, v2, c1, c2, update_target=micro == 0, online=online)  # the target moves once a step
+                    accelerator.backward(o.loss / c['grad_accum'])
+                parts += torch.stack([o.loss, o.pixel, o.instance]).detach().float() / c['grad_accum']
+                if micro == 0: m = o.momentum
+            loss, pixel, instance = loop.gather(parts)
+            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+            loop.log(loss=loss, pixel=pixel, instance=instance, lr=lr, momentum=m)
+            if loop.save_due: loop.save(model=model, optimizer=optimizer)
+        if loop.saved != loop.step: loop.save(model=model, optimizer=optimizer)  # 7. the end: the final checkpoint
+        export_weights(loop.out/'encoder.safetensors', model.encoder, {'arch': c['arch']}, accelerator)  # for transfer
         del online, optimizer, loader  # drop every reference to DDP/gloo objects before the process group ends
         accelerator.end_training()
-    return TrainResult(out, last_ckpt, metrics, model, c)
+    return TrainResult(loop.out, loop.checkpoint, loop.metrics, model, c)
 
 
 # %% [markdown]
@@ -904,6 +1164,19 @@ test_eq(len((r.output_dir/'metrics.jsonl').read_text().splitlines()), 16)
 backbone = create_model('resnetrs_tiny', num_classes=0)
 load_pretrained(backbone, r.output_dir/'encoder.safetensors')
 for k, v in backbone.state_dict().items(): test_eq(v, r.model.encoder.state_dict()[k].cpu())
+
+# %% [markdown]
+# Figure 1 draws the tiny run's metrics rows: the loss of each step, and the two schedules the loop applies, the
+# learning rate (linear warm-up over the first epoch from 1 % of its peak, then cosine to 1e-6) and the target's
+# momentum (cosine from 0.99 to 1 over the horizon $K = 16$).
+
+# %%
+steps = [m['step'] for m in r.metrics]
+fig, axs = plt.subplots(1, 3, figsize=(11, 2.8))
+for ax, key in zip(axs, ('loss', 'lr', 'momentum')):
+    ax.plot(steps, [m[key] for m in r.metrics], marker='.'); ax.set(xlabel='step', title=key); ax.grid(alpha=.3)
+fig.suptitle('Figure 1: a tiny run (resnetrs_tiny, 2 epochs of 8 steps): loss, learning rate, target momentum')
+fig.tight_layout()
 
 # %% [markdown]
 # ### Resume is exact
@@ -1037,15 +1310,18 @@ test_eq(sorted(p.name for p in (keep/'checkpoints').iterdir()),
 # | 143 | SIGTERM (preemption): a checkpoint was saved at the current step | the same command resumes exactly |
 
 # %%
-#| export
+#| exports
 _TYPES = {f.name: (bool if f.name in BOOLS else int if f.name in _INTS else
-                   float if f.name in ('lr', 'weight_decay', 'momentum', 'threshold', 'gamma', 'instance_weight') else str)
+                   float if f.name in ('lr', 'weight_decay', 'momentum', 'threshold', 'gamma', 'instance_weight', 'tau') else str)
           for f in dataclasses.fields(TrainConfig)}
 
 def _flag_bool(s:str) -> bool:
     try: return _bool('flag', s)
     except ConfigError: raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}') from None
 
+
+# %%
+#| exports
 def config_parser(cls:type,  # the config dataclass: one flag per field
                   prog:str, description:str,
                   types:dict,  # field -> type (bool, int, float or str)
@@ -1061,11 +1337,17 @@ def config_parser(cls:type,  # the config dataclass: one flag per field
                        help=f'{glossary[f.name]} (default: {"the recipe" if f.name in recipe_fields else f.default})')
     return p
 
+
+# %%
+#| exports
 def cli_parser() -> argparse.ArgumentParser:
     "The command line's parser: one flag per `TrainConfig` field, with the glossary as help."
     return config_parser(TrainConfig, 'pixpro-train', 'PixPro pretraining (pixpro_rs). Parameters left out take the '
                          'recipe\'s values; see the training chapter of the docs.', _TYPES)
 
+
+# %%
+#| exports
 def read_params(path:str|Path,
                 names:tuple=PARAMETERS,  # the parameters a file may set
                ) -> dict:
@@ -1078,6 +1360,9 @@ def read_params(path:str|Path,
     for k in params: check_choice(f'parameter in {path}', k, names)
     return params
 
+
+# %%
+#| exports
 def run_command(argv:list[str]|None,
                 parser:argparse.ArgumentParser,  # from `config_parser`
                 run:Callable[[dict], Any],  # runs the job from the parameters
@@ -1099,6 +1384,9 @@ def run_command(argv:list[str]|None,
         print(f'{parser.prog}: interrupted' + (f' {e}' if str(e) else ''), file=sys.stderr); return 130
     return 0
 
+
+# %%
+#| exports
 def main(argv:list[str]|None=None) -> int:
     "The command line: parse, train, and turn bad input into one clear line and an exit code."
     return run_command(argv, cli_parser(), lambda params: train(TrainConfig(**params)))
@@ -1156,3 +1444,15 @@ test_eq(len((tmp/'cli'/'metrics.csv').read_text().splitlines()), 1 + 4)
 #   has the same parameters.
 # - Not tested here, because they need GPUs: SyncBN across GPUs, fp16 loss scaling, and multi-node runs. They are
 #   Accelerate's and PyTorch's code paths behind the same switches.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Run the tiny configuration with `grad_accum=2` and half the `batch_size`: which metrics change, and which stay
+#    equal to the run with the full batch? (Hint: BN's statistics are per micro-batch.)
+# 2. Start `pixpro-train` in a folder, send it SIGTERM from another terminal (`kill PID`) in the middle of an epoch,
+#    and compare the checkpoint it leaves with `max_steps` set to the same step. Then run the command again.
+# 3. Truncate the newest checkpoint of a finished run (`truncate -s 4096 FILE`) and start the run again. What does
+#    `resume='auto'` do, what does the folder look like afterwards, and why is the bad file kept?
+# 4. `momentum_horizon` rounds down the reference's way. For a 1,000-image folder, 2 processes and a batch of 64 per
+#    process, how many steps does an epoch have, what is $K$ for 10 epochs, and what is the momentum at the last step?

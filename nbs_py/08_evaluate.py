@@ -55,10 +55,12 @@ torch.set_num_threads(1)  # nbdev_test runs notebooks side by side on 2 cores: s
 
 
 # %% [markdown]
-# PixPro is judged by what its features do for *someone else's* task: the paper fine-tunes detectors and segmenters
-# (spec section 7: Pascal VOC Faster R-CNN, COCO Mask R-CNN, Cityscapes). Those runs take GPU-days. What users of
-# the earlier dense self-supervised code bases ask about most is the transfer protocol (spec section 8): *how do I
-# check my checkpoint quickly?* and *how do I get the weights into my detection library?* This chapter answers both:
+# PixPro is judged by what its features do for *someone else's* task: the paper (Xie et al., arXiv 2011.10043)
+# fine-tunes detectors and segmenters: Faster R-CNN R50-C4 on Pascal VOC, Mask R-CNN R50-FPN and R50-C4 on COCO, and
+# semantic segmentation on Cityscapes (the reference's README at commit e390d6b lists the detection results with
+# their detectron2 configs; the segmentation code was never released, which users of the reference keep asking for:
+# zdaxie/PixPro issues #2 and #23). Those runs take GPU-days. Two questions come before them: *how do I check my
+# checkpoint quickly?* and *how do I get the weights into my detection library?* This chapter answers both:
 #
 # | unit | what it does |
 # |---|---|
@@ -80,7 +82,8 @@ torch.set_num_threads(1)  # nbdev_test runs notebooks side by side on 2 cores: s
 # A PixPro training checkpoint (written by the training chapter) is a `torch.save` dict with
 # `'model'`, the state dict of a `PixPro` module, and `'config'`, the resolved run configuration (with at least `arch`
 # and `image_size`). The state dict holds two encoders: `encoder.*`, the **online** network trained by gradients, and
-# `target.encoder.*`, its momentum copy. Transfer uses the online encoder, as the reference does (spec section 7).
+# `target.encoder.*`, its momentum copy. Transfer uses the online encoder, as the reference does: its converter
+# keeps only the keys under `module.encoder.` (`transfer/detection/convert_pretrain_to_d2.py`, lines 16-17).
 # `load_backbone` also takes a plain backbone state dict (`.pth`/`.safetensors`, e.g. a timm checkpoint), a `PixPro`
 # module or a backbone module, and always returns a copy in eval mode with gradients off: a probe can never change
 # the caller's model.
@@ -206,6 +209,9 @@ def resize_crop(x:Tensor,  # image [3, H, W] uint8, or label map [H, W]
     if x.ndim == 2: return TF.center_crop(TF.resize(x[None], size, InterpolationMode.NEAREST_EXACT), [size, size])[0]
     return TF.center_crop(TF.resize(x, size, InterpolationMode.BILINEAR, antialias=True), [size, size])
 
+
+# %%
+#| exports
 def normalize_images(images:Tensor) -> Tensor:  # [N, 3, H, W] uint8 -> float
     "Scale to [0, 1] and normalise with ImageNet's mean and std, as in pretraining."
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
@@ -319,17 +325,26 @@ def confusion_matrix(pred:Tensor,  # predicted class per pixel (or per image), a
             raise ConfigError(name, f'values {int(v.min())}..{int(v.max())}', f'classes 0..{num_classes - 1} (or {ignore_index} in target)')
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).view(num_classes, num_classes).cpu()
 
+
+# %%
+#| exports
 def iou_per_class(conf:Tensor) -> Tensor:  # [K] float64, nan where a class is in neither labels nor predictions
     "TP / (TP + FP + FN) per class from a confusion matrix (rows true, columns predicted)."
     conf = conf.double()
     tp, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
 
+
+# %%
+#| exports
 def miou(conf:Tensor) -> float:
     "Mean IoU over the classes present in the labels or the predictions (nan if there is none)."
     iou = iou_per_class(conf)
     return float(iou.nanmean()) if (~iou.isnan()).any() else math.nan
 
+
+# %%
+#| exports
 def pixel_accuracy(conf:Tensor) -> float:
     "Correctly classified pixels / counted pixels (nan if none was counted)."
     return float(conf.diag().sum() / conf.sum()) if conf.sum() > 0 else math.nan
@@ -448,6 +463,9 @@ def _num_classes(ds:Dataset) -> int|None:
     if isinstance(getattr(ds, 'num_classes', None), int): return ds.num_classes
     return len(ds.classes) if hasattr(ds, 'classes') else None
 
+
+# %%
+#| exports
 def _probe_data(backbone:nn.Module, ds:Dataset, image_size:int, features:str, dense:bool,
                 batch_size:int=64) -> tuple[Tensor, Tensor]:
     "Features of every image of `ds` at `image_size`, and its labels [N] (int64) or label maps [N, S, S] (uint8)."
@@ -477,6 +495,9 @@ class LinearProbeResult:
     chance: float  # top-1 of always answering the training set's most frequent class
     head: ProbeHead  # the trained classifier, on pooled C5
 
+
+# %%
+#| exports
 def linear_probe(backbone:nn.Module,  # frozen (see `extract_features`); e.g. from `load_backbone`
                  train:Dataset,  # (uint8 image [3, H, W], class) pairs: ClassFolders, SyntheticScenes ...
                  val:Dataset,  # the same, for the reported accuracy
@@ -576,6 +597,9 @@ VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', '
 class MaskError(BadImageError):
     "An image/label-map pair that cannot be used (unreadable or non-index mask, size mismatch, unknown label); names the files."
 
+
+# %%
+#| exports
 def load_mask(path:str|Path) -> Tensor:  # [H, W] int64
     "Class indices of a palette ('P', as Pascal VOC) or 8-bit grayscale ('L') PNG; the palette's colours are not used."
     path = Path(path)
@@ -794,7 +818,7 @@ test_eq(int(dp.confusion.sum()), 100 * 96 * 96)
 for k, v in backbone.state_dict().items(): test_eq(v, state[k])
 
 # %% [markdown]
-# The figure shows what such a probe sees: scenes of the validation set, their label maps, and the probe's
+# Figure 1 shows what such a probe sees: scenes of the validation set, their label maps, and the probe's
 # prediction from the frozen features of the random network. At stride 16 the prediction is blobby, and it
 # mostly finds *where* objects are rather than *which* class they belong to: that is what pretraining must add.
 
@@ -810,7 +834,7 @@ for ax, name in zip(axes[:, 0], ('image', 'label map', 'dense probe')): ax.set_y
 names = ['background', *dense_val.classes]
 fig.legend([Patch(color=cmap(k)) for k in range(5)], names, loc='lower center', ncol=5, fontsize=8, frameon=False)
 for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
-fig.suptitle(f'Dense probe (1x1 conv on C4 + C5) of a random-init resnetrs_tiny: mIoU {dp.miou:.2f}, chance {dp.chance_miou:.2f}')
+fig.suptitle(f'Figure 1: dense probe (1x1 conv on C4 + C5) of a random-init resnetrs_tiny: mIoU {dp.miou:.2f}, chance {dp.chance_miou:.2f}')
 plt.tight_layout(rect=(0, 0.04, 1, 1)); plt.show()
 
 # %% [markdown]
@@ -857,7 +881,7 @@ EXPORT_FORMATS = ('timm', 'torchvision', 'detectron2')
 TIMM_ARCHS = tuple(a for a, c in RS_CONFIGS.items() if c.paper) + ('resnet50',)  # archs timm builds by name
 
 def to_detectron2(sd:dict) -> dict:
-    "The reference's renaming of a torchvision ResNet-50 state dict for detectron2 (spec section 7)."
+    "The reference's renaming of a torchvision ResNet-50 state dict for detectron2 (`convert_pretrain_to_d2.py` l. 19-27)."
     out = {}
     for k, v in sd.items():
         if 'layer' not in k: k = 'stem.' + k  # conv1, bn1
@@ -866,6 +890,9 @@ def to_detectron2(sd:dict) -> dict:
         out[k.replace('downsample.0', 'shortcut').replace('downsample.1', 'shortcut.norm')] = v
     return out
 
+
+# %%
+#| exports
 def from_detectron2(sd:dict) -> dict:
     "The inverse of `to_detectron2`: detectron2's ResNet-50 names back to torchvision's."
     out = {}
@@ -878,7 +905,10 @@ def from_detectron2(sd:dict) -> dict:
 
 
 # %% [markdown]
-# The mapping of spec section 7, on the keys that matter (the stem, a block with a shortcut, a last block), and the
+# The reference's mapping (zdaxie/PixPro at commit e390d6b, `transfer/detection/convert_pretrain_to_d2.py`, lines
+# 19-27: drop the prefix, `stem.` for keys outside the stages, `layer{t}` -> `res{t+1}`, `bn{t}` -> `conv{t}.norm`,
+# `downsample.0/1` -> `shortcut`/`shortcut.norm`), on the keys that matter (the stem, a block with a shortcut, a last
+# block), and the
 # inverse, on every key of ResNet-50:
 
 # %%
@@ -1022,7 +1052,10 @@ with torch.no_grad(): test_close(back.eval().forward_features(x), want, eps=1e-5
 # freeze the stem (`frozen_stages=1`) and keep BN in eval mode (`norm_eval=True`), so compare like with like; for
 # multi-GPU detection, synchronise BN as the reference's detectron2 configs do (SyncBN).
 #
-# **detectron2** (ResNet-50 only), the reference's settings (spec section 7):
+# **detectron2** (ResNet-50 only), the reference's settings: `Pascal_VOC_R_50_C4_24k_PixPro.yaml` (zdaxie/PixPro at
+# commit e390d6b, `transfer/detection/configs/`) sets the pixel mean and std, `STRIDE_IN_1X1: False` and RGB input; the
+# synchronised batch norm comes from the detectron2 configs of MoCo that the reference builds on (its README
+# acknowledges facebookresearch/moco; `detection/configs/Base-RCNN-C4-BN.yaml` there sets `NORM: "naiveSyncBN"`):
 #
 # ```yaml
 # MODEL:
@@ -1064,6 +1097,19 @@ with torch.no_grad(): test_close(back.eval().forward_features(x), want, eps=1e-5
 #   `timm.create_model(arch, num_classes=0)`, usable from mmdetection), `'torchvision'` and `'detectron2'`
 #   (ResNet-50; the reference's key mapping, with its inverse `from_detectron2`). No classifier in any export. Every
 #   format round-trips to the same features.
+#
+# ## Exercises
+#
+# 1. Pretrain `resnetrs_tiny` on the synthetic scenes for a few hundred steps with the training chapter's
+#    `train(TrainConfig(arch='resnetrs_tiny', ...))`, then run `dense_probe` and `linear_probe` on its checkpoint
+#    exactly as above. By how much does each score move from the random network's, and which of the two moves first?
+# 2. Probe C5 alone (`features='c5'`) against C4 + C5 on the same scenes. What does the finer C4 map add to the mIoU,
+#    and why does it matter more for small objects?
+# 3. Let BN statistics drift, as the reference's linear evaluation does: compute the features with the backbone in
+#    `train()` mode and compare the probe's score and its spread over three seeds with the frozen version.
+# 4. Export a checkpoint with `export_backbone(..., 'detectron2', ...)`, load the pickle back, and check with
+#    `from_detectron2` that every tensor matches the encoder's state dict. Which keys would a detectron2 R50-C4 model
+#    still initialise at random?
 
 # %%
 #| hide

@@ -58,11 +58,12 @@ torch.set_num_threads(1)  # nbdev_test runs notebooks side by side on 2 cores
 
 
 # %% [markdown]
-# The paper's headline transfer result is object detection: Faster R-CNN fine-tuned on Pascal VOC
-# (trainval07+12, evaluated on test07) reaches 58.8 AP from a 100-epoch PixPro ResNet-50 against 53.5 from supervised
-# ImageNet weights and 33.8 from scratch (spec section 7). The reference runs it in detectron2, whose ResNet cannot hold
-# ResNet-RS weights (the evaluation chapter explains why). torchvision's detection models take *any* module that
-# returns a dict of feature maps, so this chapter builds the detector from our own backbone, with nothing to register:
+# The paper's headline transfer result (Xie et al., arXiv 2011.10043) is object detection: Faster R-CNN R50-C4
+# fine-tuned on Pascal VOC (trainval07+12, evaluated on test07) reaches 58.8 AP from a 100-epoch PixPro ResNet-50
+# against 53.5 from supervised ImageNet weights and 33.8 from scratch (Table 1). The reference runs it in detectron2,
+# whose ResNet cannot hold ResNet-RS weights (the evaluation chapter explains why). torchvision's detection models take
+# *any* module that returns a dict of feature maps, so this chapter builds the detector from our own backbone, with
+# nothing to register:
 #
 # | unit | what it does |
 # |---|---|
@@ -71,6 +72,18 @@ torch.set_num_threads(1)  # nbdev_test runs notebooks side by side on 2 cores
 # | `finetune_detector` | SGD with warm-up and step decay, horizontal flips, seeded minibatches |
 # | `voc_ap`, `class_ap`, `mean_ap`, `evaluate_detector` | Pascal VOC's AP (11-point or all-point) per class, mAP, AP50/AP75/AP |
 # | `voc_target`, `VOCBoxes`, `main` | Pascal VOC through `torchvision.datasets.VOCDetection`; `python -m pixpro_rs.detection` |
+#
+# | ResNet-50 weights | pretraining epochs | AP | AP50 | AP75 |
+# |---|---|---|---|---|
+# | scratch (random init) | - | 33.8 | 60.2 | 33.1 |
+# | supervised ImageNet | 100 | 53.5 | 81.3 | 58.8 |
+# | MoCo v2 | 800 | 57.6 | 82.7 | 64.4 |
+# | PixPro | 100 | 58.8 | 83.0 | 66.5 |
+# | PixPro | 400 | 60.2 | 83.8 | 67.7 |
+#
+# *Table 1: Pascal VOC detection (Faster R-CNN R50-C4 in detectron2, trainval07+12, test07), as the reference's
+# README at commit e390d6b lists it (zdaxie/PixPro, "Pascal VOC object detection, Faster-RCNN with C4"; the paper's
+# abstract quotes the 60.2). Not measured by us.*
 
 # %% [markdown]
 # ## Boxes from instance maps
@@ -229,7 +242,7 @@ print(f'{len(train_boxes)} training scenes, {sum(n_boxes)} boxes (mean {np.mean(
 fig, axes = plt.subplots(1, 5, figsize=(13, 2.9))
 for ax, (image, target), i in zip(axes, train_boxes, range(5)):
     draw_boxes(ax, image, target['boxes'], target['labels'], scenes.classes)
-fig.suptitle("Figure 1. SyntheticScenes with their objects' boxes (classes: shape + texture)", fontsize=9)
+fig.suptitle("Figure 1: SyntheticScenes with their objects' boxes (classes: shape + texture)", fontsize=9)
 plt.tight_layout(); plt.show()
 for image, target in train_boxes:
     b = target['boxes']
@@ -337,6 +350,9 @@ def frozen_bn(module:nn.Module) -> nn.Module:
     for name, child in module.named_children(): setattr(module, name, frozen_bn(child))
     return module
 
+
+# %%
+#| exports
 STAGES = (('conv1', 'bn1', 'maxpool'), ('layer1',), ('layer2',), ('layer3',), ('layer4',))  # the units `trainable_layers` counts
 
 def freeze_backbone(backbone:nn.Module,  # from `create_model(arch, num_classes=0)` or `load_backbone`
@@ -485,8 +501,14 @@ def hflip(image:Tensor, target:dict) -> tuple[Tensor, dict]:
     boxes = target['boxes'][:, [2, 1, 0, 3]] * torch.tensor([-1., 1., -1., 1.]) + torch.tensor([W, 0., W, 0.])
     return image.flip(-1), {**target, 'boxes': boxes}
 
+
+# %%
+#| exports
 def _collate(batch): return batch  # a list of (image, target): images may differ in size
 
+
+# %%
+#| exports
 def finetune_detector(model:FasterRCNN,  # e.g. from `build_detector`; trained in place
                       dataset:Dataset,  # (uint8 image [3, H, W], {'boxes', 'labels'}) pairs
                       steps:int=300,  # optimiser steps (iterations)
@@ -560,7 +582,7 @@ fig, ax = plt.subplots(figsize=(7, 3))
 smooth = lambda v, k=10: np.convolve(v, np.ones(k) / k, mode='valid')
 for k in hist: ax.plot(smooth(hist[k]), label=k, lw=2 if k == 'loss' else 1)
 ax.set_xlabel('step'); ax.set_ylabel('loss (mean of 10 steps)'); ax.set_yscale('log'); ax.legend(fontsize=7)
-ax.set_title('Figure 2. Fine-tuning Faster R-CNN (resnetrs_tiny, random init) on 128 px scenes', fontsize=9)
+ax.set_title('Figure 2: Fine-tuning Faster R-CNN (resnetrs_tiny, random init) on 128 px scenes', fontsize=9)
 plt.tight_layout(); plt.show()
 assert all(np.isfinite(v).all() for v in hist.values()) and len(hist['loss']) == 200
 assert np.mean(hist['loss'][-20:]) < 0.8 * np.mean(hist['loss'][:10])
@@ -705,6 +727,9 @@ def mean_ap(predictions:list,  # per image: {'boxes' [n, 4], 'scores' [n], 'labe
     valid = [a for a in aps if not math.isnan(a)]
     return (sum(valid) / len(valid) if valid else math.nan), aps
 
+
+# %%
+#| exports
 @torch.no_grad()
 def predict(model:FasterRCNN, images:list, batch_size:int=8, device:str|torch.device='cpu') -> list[dict]:
     "Detections (boxes in the images' own coordinates, scores, labels) for uint8 images, in eval mode; mode restored."
@@ -716,6 +741,9 @@ def predict(model:FasterRCNN, images:list, batch_size:int=8, device:str|torch.de
     finally: model.train(was)
     return out
 
+
+# %%
+#| exports
 def evaluate_detector(model:FasterRCNN,  # a detector in torchvision's format
                       dataset:Dataset,  # (uint8 image, target) pairs; targets may have 'difficult'
                       use_07_metric:bool=True,  # 11-point (VOC2007 test) or all-point
@@ -758,7 +786,7 @@ fig, ax = plt.subplots(figsize=(6, 2.6))
 ax.bar(scenes.classes, res['per_class'], color='tab:blue')
 ax.axhline(res['AP50'], color='k', ls='--', lw=1, label=f"mAP (AP50) {res['AP50']:.3f}")
 ax.set_ylim(0, 1); ax.set_ylabel('AP50 (11-point)'); ax.legend(fontsize=8)
-ax.set_title('Figure 3. AP50 per class on 40 validation scenes after 200 steps', fontsize=9)
+ax.set_title('Figure 3: AP50 per class on 40 validation scenes after 200 steps', fontsize=9)
 plt.tight_layout(); plt.show()
 for k in ('AP50', 'AP75', 'AP'): assert 0 <= res[k] <= 1, (k, res[k])
 assert res['AP75'] <= res['AP50'] + 1e-9
@@ -770,7 +798,7 @@ for ax, (image, target), p in zip(axes, val_boxes, res['predictions']):
     keep = p['scores'] > 0.3
     draw_boxes(ax, image, target['boxes'], target['labels'], scenes.classes, color='white')
     draw_boxes(ax, image, p['boxes'][keep], p['labels'][keep], scenes.classes, p['scores'][keep], color='yellow')
-fig.suptitle('Figure 4. Detections with score > 0.3 (yellow, class and score) and ground truth (white) on validation scenes', fontsize=9)
+fig.suptitle('Figure 4: Detections with score > 0.3 (yellow, class and score) and ground truth (white) on validation scenes', fontsize=9)
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
@@ -905,7 +933,7 @@ test_fail(lambda: voc_target({'annotation': {'filename': 'x.jpg', 'object': [{'n
 # | detector | Faster R-CNN **R50-C4** (RoI head on C4, res5 as the box head) | Faster R-CNN **FPN** (P2..P6, 2-layer MLP box head) |
 # | backbone | torchvision ResNet-50 | any `arch` (ResNet-RS, or `resnet50`) |
 # | batch norm | SyncBN, trained | `'frozen'` by default with weights; `--norm syncbn` under DDP to match |
-# | schedule | 24k iterations (spec); detectron2's VOC R50-C4 config: 16 images, lr 0.02, x0.1 at 18k and 22k, warm-up 100 | the same by default |
+# | schedule | 24k iterations (the reference's `Pascal_VOC_R_50_C4_24k_PixPro.yaml`); MoCo's detectron2 VOC R50-C4 configs, which it builds on (facebookresearch/moco `detection/configs/pascal_voc_R_50_C4_24k.yaml` and its base `Base-RCNN-C4-BN.yaml`): 16 images, lr 0.02, x0.1 at 18k and 22k, warm-up 100 | the same by default |
 # | input | shorter side 480..800 (step 32) in training, 800 in test, max 1333 | the same (`min_size` tuple) |
 # | devices | 8 GPUs | one device: 16 images of 800 px on one GPU need a large one; otherwise lower `--batch-size` and scale `--lr` linearly |
 #
@@ -934,6 +962,9 @@ def cli_parser() -> argparse.ArgumentParser:
     p.add_argument('--output-dir', required=True)
     return p
 
+
+# %%
+#| exports
 def _voc_sets(root:str, spec:str) -> Dataset:
     "'2007-trainval,2012-trainval' -> the concatenation of those VOCBoxes."
     sets = []
@@ -943,6 +974,9 @@ def _voc_sets(root:str, spec:str) -> Dataset:
         sets.append(VOCBoxes(root, year, split))
     return sets[0] if len(sets) == 1 else ConcatDataset(sets)
 
+
+# %%
+#| exports
 def main(argv:list[str]|None=None) -> dict:
     "The Pascal VOC protocol from the command line; returns (and writes) the results."
     a = cli_parser().parse_args(argv)
@@ -996,6 +1030,19 @@ assert (tmp/'voc_run'/'detector.pt').is_file() and 0 <= r['AP50'] <= 1 and math.
 #   (0.50:0.95), with known answers on hand-made boxes.
 # - `VOCBoxes` reads Pascal VOC through torchvision's `VOCDetection`, `voc_target` converts its annotations;
 #   `python -m pixpro_rs.detection --voc-root ...` runs the paper's VOC protocol, with an FPN detector instead of C4.
+#
+# ## Exercises
+#
+# 1. Fine-tune the same detector from a short PixPro pretraining of `resnetrs_tiny` (the training chapter) instead of
+#    random init, with the same 200 steps and seed, and compare AP50 and AP with Figures 2 and 3. Is the difference
+#    larger than between two random-init runs with different seeds?
+# 2. Evaluate the detections of Figure 4 with all-point AP instead of VOC07's 11-point AP (`class_ap`'s option). Which
+#    classes change most, and why do classes with few validation objects move more?
+# 3. Start from a pretrained checkpoint and fine-tune once with `norm='frozen'` and once with `norm='bn'` for the same
+#    200 steps of batch 4. Compare the loss curves as in Figure 2: what do frozen statistics buy with such small
+#    batches?
+# 4. Count the boxes `instance_boxes` drops at `min_area` 3/120 and at 10/120 on the 160 training scenes. How does the
+#    choice change AP on the validation scenes?
 
 # %%
 #| hide

@@ -40,10 +40,10 @@ from pixpro_rs.data import ClassFolders, PairLoader, PairSampler, SyntheticScene
 from pixpro_rs.evaluate import load_backbone
 from pixpro_rs.recipes import RESNETRS_SUPERVISED, SupervisedRecipe, lr_at, scaled_lr, set_lr, supervised_recipe
 from pixpro_rs.resnet_rs import RS_CONFIGS, CheckpointError, create_model
-from pixpro_rs.train import (NonFiniteLossError, Preempted, RUN_ONLY, RunGuard, _bool, _int, _merged, _write_metrics,
-                             c5_size, checkpoint_path, config_parser, data_identity, default_output_dir, list_checkpoints,
-                             load_checkpoint, prepare_output_dir, prune_checkpoints, RunPlan, read_params, rng_state, run_command,
-                             run_differences, save_checkpoint, set_rng_state, start_output_dir, to_memory_format)
+from pixpro_rs.train import (Loop, RUN_ONLY, RunGuard, RunPlan, _bool, _check_run, _int, _merged, _write_metrics,
+                             announce, c5_size, config_parser, data_identity, default_output_dir, export_weights,
+                             load_checkpoint, open_output_dir, plan_steps, prepare_output_dir, read_params, restore,
+                             run_command, to_device, to_memory_format)
 
 # %%
 #| hide
@@ -72,28 +72,28 @@ if os.environ.get('IN_TEST'): torch.set_num_threads(1)  # under nbdev_test, besi
 # PixPro's pretraining (chapters 05-07) produces an encoder; someone then has to *train with it*. The ResNet-RS
 # paper (Bello et al., "Revisiting ResNets: Improved Training and Scaling Strategies", NeurIPS 2021) showed that
 # three quarters of the gain of its models over a plain ResNet come from the training recipe, not from the
-# architecture (spec section 2: the additive study goes from 79.0 to 83.4 top-1 on ResNet-200, and the regularisers
-# plus the lower weight decay give +3.2 of it). A fair comparison of a PixPro initialisation with a random one must
+# architecture (its additive study on ResNet-200: 79.0 top-1 with the baseline recipe, 82.2 with the improved training
+# methods alone, 83.4 with SE and ResNet-D; Bello et al., arXiv 2103.07579). A fair comparison of a PixPro initialisation with a random one must
 # therefore use that recipe, under one engine, in both arms. This chapter is that engine: `finetune(config)`, with
 # `init='scratch'` or `init='runs/.../encoder.safetensors'`.
 #
 # The recipe, with where each value comes from (the ResNet-RS paper and the TF configs of `tensorflow/tpu`,
-# `models/official/resnet/resnet_rs/configs/resnetrs*_i*.yaml`, read as in the spec; *ours* where we had to choose):
+# `models/official/resnet/resnet_rs/configs/resnetrs*_i*.yaml`; *ours* where we had to choose):
 #
 # | hyper-parameter | value | source |
 # |---|---|---|
 # | epochs, global batch | 350, 4096 = `batch_size` x `grad_accum` x processes (128 x 1 x 32 in the recipes; 128 x 4 x 8 GPUs with `grad_accum=4`) | paper; configs `train_steps: 109475` (= 350 x 1281167 / 4096), `train_batch_size: 4096` |
-# | optimiser | SGD, momentum 0.9, Nesterov | configs `momentum: 0.9`; Nesterov per the spec (TF1 `MomentumOptimizer(use_nesterov=True)`) |
+# | optimiser | SGD, momentum 0.9, Nesterov | configs `momentum: 0.9`; Nesterov: `tf.train.MomentumOptimizer(..., use_nesterov=True)` in tensorflow/tpu `models/official/resnet/resnet_main.py` (`resnet_model_fn`) |
 # | learning rate | 0.1 x global batch / 256 (1.6 at 4096) | configs `base_learning_rate: 0.1`; `scaled_lr` |
 # | schedule | 5 epochs linear from 0, then cosine to 0 | paper; `lr_at(start_factor=0, final_lr=0)` |
 # | weight decay | 4e-5, not on BN | configs `weight_decay: 4.0e-05`; paper section 5.2 (1e-4 hurts once dropout / SD are on) |
 # | label smoothing | 0.1 | configs `label_smoothing: 0.1` |
-# | EMA of weights | 0.9999, warm-up $\min(0.9999, \frac{1+t}{10+t})$, BN statistics averaged too, the EMA is evaluated | configs `moving_average_decay: 0.9999`, `bn_momentum: 0`; spec section 2 |
+# | EMA of weights | 0.9999, warm-up $\min(0.9999, \frac{1+t}{10+t})$, BN statistics averaged too, the EMA is evaluated | configs `moving_average_decay: 0.9999`, `bn_momentum: 0`; the warm-up is TensorFlow's `tf.train.ExponentialMovingAverage(decay, num_updates)` rule |
 # | RandAugment | 2 ops, magnitude 10 (RS-50, RS-101 at 160) or 15 (the others) on TF's scale | configs `randaug_num_layers`, `randaug_magnitude`; `RESNETRS_SUPERVISED` |
 # | dropout before the classifier | 0.25, 0.4 for RS-350 at 320 and RS-420 | configs `dropout_rate`; `RESNETRS_SUPERVISED` |
 # | stochastic depth | 0 up to RS-152, 0.1 from RS-200 | configs `drop_connect_rate`; `RESNETRS_SUPERVISED` |
-# | train crop | Inception crop, area 0.08-1, aspect 3/4-4/3, flip, bicubic | spec; TF `_decode_and_random_crop` |
-# | eval crop | centre crop $s/(s + \mathrm{round}(s/7))$ of the shorter side, resized to $s$, bicubic | spec (see the **Ours** note below) |
+# | train crop | Inception crop, area 0.08-1, aspect 3/4-4/3, flip, bicubic | tensorflow/tpu `models/official/resnet/resnet_preprocessing.py`, `_decode_and_random_crop` (`area_range=(0.08, 1.0)`, `aspect_ratio_range=(3/4, 4/3)`, `resize_bicubic`) |
+# | eval crop | centre crop $s/(s + \mathrm{round}(s/7))$ of the shorter side, resized to $s$, bicubic | *ours* (see the **Ours** note below); TF: `_decode_and_center_crop`, `CROP_PADDING = 32` |
 #
 # All of it is already data in the recipes chapter (`supervised_recipe(arch, image_size)` and `RESNETRS_SUPERVISED`);
 # this chapter adds the parts that are code: RandAugment on TF's scale, the EMA that also averages BN statistics,
@@ -108,7 +108,7 @@ if os.environ.get('IN_TEST'): torch.set_num_threads(1)  # under nbdev_test, besi
 # smoothing, EMA decay, RandAugment, Nesterov, weight decay, warm-up from 0, cosine to 0) and says why for the rest.
 
 # %%
-#| export
+#| exports
 _DEMO_FT = SupervisedRecipe(
     name='finetune_demo_cpu', arch='resnetrs_tiny', image_size=64, epochs=12, batch_size=32, devices=1, lr=1.0,
     weight_decay=4e-5, warmup_epochs=1, warmup_start_factor=0.0, final_lr=0.0, optimizer='sgd_nesterov',
@@ -166,7 +166,7 @@ test_fail(lambda: get_finetune_recipe('pixpro_r50_100ep'), contains="invalid rec
 # meaningless; 0.1 is the floor TF and torchvision reach at $m=10$).
 
 # %%
-#| export
+#| exports
 _ENHANCE = ('Brightness', 'Color', 'Contrast', 'Sharpness')
 
 def _stretched(fn, scale:float, op:str):
@@ -180,6 +180,9 @@ def _stretched(fn, scale:float, op:str):
         return out
     return stretched
 
+
+# %%
+#| exports
 class TFRandAugment(v2.RandAugment):
     "torchvision's RandAugment with `magnitude` on TF's scale (level = m/10 x max, also for m > 10); uint8 images."
     def __init__(self,
@@ -296,19 +299,22 @@ test_ne(TFRandAugment(2, 10)(x), x)
 # deviation. Evaluation: the centre square of side $\frac{s}{s + \mathrm{round}(s/7)}$ of the shorter side (0.875 of
 # it: 224 of 256, 160 of 183), resized to $s$, bicubic.
 #
-# > **Ours.** The spec's $\mathrm{round}(s/7)$ keeps the crop fraction at 0.875 for every size. TF's
-# > `resnet_preprocessing.py` (the version we could read) pads with a constant `CROP_PADDING = 32`, i.e. a fraction
-# > $s/(s + 32)$: 0.875 at 224 but 0.833 at 160. We follow the spec; the difference moves evaluation numbers by a few
+# > **Ours.** $\mathrm{round}(s/7)$ keeps the crop fraction at 0.875 for every size. TF's `resnet_preprocessing.py`
+# > (`_decode_and_center_crop`) pads with a constant `CROP_PADDING = 32`, i.e. a fraction
+# > $s/(s + 32)$: 0.875 at 224 but 0.833 at 160. We keep 0.875 at every size; the difference moves evaluation numbers by a few
 # > tenths at most and is the same for every initialisation compared.
 
 # %%
-#| export
+#| exports
 def eval_crop_size(short_side:int,  # shorter side of the image
                    image_size:int,  # s, the evaluation size
                   ) -> int:
     "Side of the centre crop: `short_side * s / (s + round(s/7))` (0.875 of it), at least 1."
     return max(1, int(short_side * image_size / (image_size + round(image_size / 7))))
 
+
+# %%
+#| exports
 class EvalTransform:
     "Centre crop of `eval_crop_size`, bicubic resize to `image_size`, ImageNet normalisation. [3, H, W] uint8 -> float."
     def __init__(self, image_size:int): self.image_size = image_size
@@ -318,6 +324,9 @@ class EvalTransform:
         return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
     def __repr__(self): return f'EvalTransform({self.image_size})'
 
+
+# %%
+#| exports
 def train_transform(image_size:int,  # s
                     randaugment_ops:int=2, randaugment_magnitude:float=10,  # see `TFRandAugment`
                    ) -> v2.Compose:
@@ -373,7 +382,7 @@ fig.suptitle('Figure 1: Inception crop + flip + RandAugment(2 ops) at magnitude 
 # crops an uninterrupted one would have seen.
 
 # %%
-#| export
+#| exports
 class Augmented(Dataset):
     "`(transform(image), label)` for `(index, sample_seed)` keys: the transform's random draws depend only on the seed."
     def __init__(self, dataset:Dataset, transform):
@@ -386,6 +395,9 @@ class Augmented(Dataset):
             torch.manual_seed(s)
             return self.transform(img), int(label)
 
+
+# %%
+#| exports
 def train_loader(dataset:Dataset,  # (uint8 image, label) pairs
                  transform,  # e.g. `train_transform(...)`
                  batch_size:int, *, num_workers:int=0, seed:int=0, rank:int=0, world_size:int=1,
@@ -398,6 +410,9 @@ def train_loader(dataset:Dataset,  # (uint8 image, label) pairs
                         **extra)
     return PairLoader(loader, sampler, dataset, seed, rank)
 
+
+# %%
+#| exports
 def eval_loader(dataset:Dataset, image_size:int, batch_size:int, *, num_workers:int=0, rank:int=0,
                 world_size:int=1) -> DataLoader:
     "This rank's share (`rank::world_size`, nothing repeated) of the evaluation images, in order."
@@ -415,7 +430,7 @@ def eval_loader(dataset:Dataset, image_size:int, batch_size:int, *, num_workers:
 # Color and Sharpness operations touch exactly these cues at random, which keeps the task from being trivial.
 
 # %%
-#| export
+#| exports
 LOOKS = ('photo', 'gray', 'blurred')
 
 class SceneLooks(Dataset):
@@ -470,7 +485,7 @@ test_eq(sorted(int(y) for l in el for _, ys in l for y in ys), sorted(int(y) for
 # checkpoint of another architecture fails with a `CheckpointError` naming the file.
 
 # %%
-#| export
+#| exports
 def build_classifier(arch:str,  # a ResNet-RS name
                      num_classes:int,  # K
                      init:str='scratch',  # 'scratch' or a checkpoint `load_backbone` reads
@@ -518,7 +533,7 @@ test_eq(len([mod for mod in create_model('resnetrs200', 10, drop_path_rate=0.1).
 # > PyTorch recipes do (the issue asks for it). A few hundred bias values out of 36M weights in RS-50.
 
 # %%
-#| export
+#| exports
 def param_groups(model:nn.Module,  # the classifier
                  weight_decay:float,  # on weights with more than one dimension
                 ) -> list[dict]:
@@ -559,7 +574,7 @@ test_eq((g[0]['weight_decay'], g[1]['weight_decay']), (4e-5, 0.0))
 # alone; we keep PyTorch's 0.1 in the raw model, chapter 01); integer buffers (`num_batches_tracked`) are copied.
 
 # %%
-#| export
+#| exports
 class ModelEMA(nn.Module):
     "EMA of a model's parameters AND floating buffers (BN statistics), decay min(decay, (1+t)/(10+t)); integers copied."
     def __init__(self,
@@ -629,7 +644,7 @@ sd = ema.state_dict(); test_eq(set(sd), {'updates', 'module.0.weight', 'module.0
 # sum them; `top1` is their ratio.
 
 # %%
-#| export
+#| exports
 @torch.no_grad()
 def evaluate(model:nn.Module,  # a classifier (or `ModelEMA`)
              loader,  # batches (images [B, 3, s, s] float, labels [B])
@@ -673,10 +688,8 @@ test_ne(m.bn1.running_mean, before['bn1.running_mean'])  # training-mode forward
 # `grad_accum`, `channels_last` and `compile` are pretraining's (see the loop below).
 
 # %%
-#| export
+#| exports
 FINETUNE_GLOSSARY = {**GLOSSARY,
-    'init': "'scratch' or a checkpoint: a PixPro training checkpoint (its online encoder), an encoder.safetensors or a "
-            "backbone file",
     'channels_last': "NHWC memory format for the classifier, its EMA and the images (faster convolutions on GPUs)",
     'compile': "compile the classifier and its EMA in place with nn.Module.compile (torch.compile)"}
 
@@ -736,7 +749,7 @@ assert all(hasattr(_DEMO_FT, f) for f in FT_RECIPE_FIELDS)
 # (the dataclass's defaults, then the config, then the overrides, unknown names refused), `_int`, `_bool`, `c5_size`.
 
 # %%
-#| export
+#| exports
 _FT_INTS = {'epochs': 1, 'batch_size': 1, 'image_size': 32, 'warmup_epochs': 0, 'randaugment_ops': 0, 'seed': 0,
             'num_workers': 0, 'max_steps': 0, 'save_every': 1, 'grad_accum': 1, 'synthetic_length': 4,
             'synthetic_size': 32, 'keep_checkpoints': 1}
@@ -749,6 +762,9 @@ def _class_folders(root:Path) -> tuple[ClassFolders, ClassFolders]:
         raise ConfigError('data', str(root), f'the same class folders in train/ and val/ ({len(train.classes)} vs {len(val.classes)})')
     return train, val
 
+
+# %%
+#| exports
 def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the parameters (None: all defaults)
                             world_size:int=1,  # processes of the run (for the global batch)
                             **overrides,  # parameters overriding `config`'s
@@ -759,7 +775,6 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
     for k in FT_RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
     for k, low in _FT_INTS.items(): p[k] = _int(k, p[k], low)
-    if p['seed'] >= 2**64: raise ConfigError('seed', p['seed'], 'an integer in [0, 2**64)')
     check_choice('arch', p['arch'], RS_ARCHS)
     check_positive('lr', p['lr']); check_range('weight_decay', p['weight_decay'], 0)
     check_range('warmup_epochs', p['warmup_epochs'], 0, p['epochs'])
@@ -767,10 +782,7 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
     check_range('ema_decay', p['ema_decay'], 0, 1, high_open=True)
     check_range('randaugment_magnitude', p['randaugment_magnitude'], 0, 30)
     for k in ('dropout', 'stochastic_depth'): check_range(k, p[k], 0, 1, high_open=True)
-    check_choice('mixed_precision', p['mixed_precision'], ['no', 'bf16', 'fp16'])
-    if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
-        raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
-    for k in FT_BOOLS: p[k] = _bool(k, p[k])
+    _check_run(p, FT_BOOLS)
     if not isinstance(p['data'], (str, Path)): raise ConfigError('data', p['data'], "'looks', 'synthetic' or a folder")
     p['data'] = str(p['data'])
     if p['data'] == 'looks':
@@ -788,9 +800,6 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
     if not isinstance(p['init'], (str, Path)) or (p['init'] != 'scratch' and not Path(p['init']).is_file()):
         raise ConfigError('init', p['init'], "'scratch' or an existing checkpoint file (PixPro checkpoint, encoder.safetensors)")
     p['init'] = str(p['init'])
-    if not isinstance(p['resume'], (str, Path)) or (p['resume'] not in ('auto', 'never') and not Path(p['resume']).is_file()):
-        raise ConfigError('resume', p['resume'], "'auto', 'never' or an existing checkpoint file")
-    p['resume'] = str(p['resume'])
     p['output_dir'] = str(p['output_dir'] or default_output_dir(p['recipe'], p['arch'], p['seed']))
     p.update(warmup_start_factor=recipe.warmup_start_factor, final_lr=recipe.final_lr, optimizer=recipe.optimizer,
              optimizer_momentum=recipe.optimizer_momentum, world_size=int(world_size),
@@ -834,17 +843,23 @@ for kw in bad:
 # skipped for the newest that loads, and SIGTERM saves a checkpoint at the current step.
 
 # %%
-#| export
+#| exports
 FT_CHECKPOINT_FORMAT = 'pixpro_rs.finetune/1'
 
 def load_finetune_checkpoint(path:str|Path) -> dict:
     "Load a fine-tuning checkpoint (`weights_only=True`); a file that is not one raises `CheckpointError` naming it."
     return load_checkpoint(path, FT_CHECKPOINT_FORMAT)
 
+
+# %%
+#| exports
 def prepare_finetune_dir(c:dict) -> RunPlan:
     "A fresh start, a resume (its checkpoint loaded), or a `ConfigError` for a folder holding a different run."
     return prepare_output_dir(c, FT_CHECKPOINT_FORMAT, dataclasses.asdict(FinetuneConfig()))  # the training engine's rule
 
+
+# %%
+#| exports
 FT_METRIC_COLUMNS = ('step', 'epoch', 'loss', 'lr', 'ema_decay', 'top1', 'top1_ema', 'images_per_s', 'data_s', 'time_s')
 
 def _write_ft_metrics(out:Path, metrics:list[dict]):
@@ -889,7 +904,7 @@ def _write_ft_metrics(out:Path, metrics:list[dict]):
 # compiled module keeps the compiled function of the original, bound to the original's weights.
 
 # %%
-#| export
+#| exports
 class FinetuneResult(NamedTuple):
     "What `finetune` returns."
     output_dir: Path  # the run's folder
@@ -899,6 +914,9 @@ class FinetuneResult(NamedTuple):
     ema: ModelEMA  # its EMA; `ema.module` is the evaluated model
     config: dict  # the resolved config
 
+
+# %%
+#| exports
 def build_datasets(c:dict) -> tuple[Dataset, Dataset]:
     "(train, val) of a resolved config: SceneLooks or SyntheticScenes (seeds 0 and 1), or train/ and val/ class folders."
     if c['data'] == 'looks':
@@ -908,10 +926,27 @@ def build_datasets(c:dict) -> tuple[Dataset, Dataset]:
                 SyntheticScenes(max(c['synthetic_length'] // 4, 1), c['synthetic_size'], num_classes=c['num_classes'], seed=1))
     return _class_folders(Path(c['data']))
 
+
+# %%
+#| exports
+def build_ft_loaders(c:dict, train_ds:Dataset, val_ds:Dataset, accelerator) -> tuple:
+    "This process's training loader (the recipe's augmentation) and validation loader."
+    rank, world, workers = accelerator.process_index, accelerator.num_processes, c['num_workers']
+    loader = train_loader(train_ds, train_transform(c['image_size'], c['randaugment_ops'], c['randaugment_magnitude']),
+                          c['batch_size'], num_workers=workers, seed=c['seed'], rank=rank, world_size=world,
+                          pin_memory=accelerator.device.type == 'cuda')
+    return loader, eval_loader(val_ds, c['image_size'], c['batch_size'], num_workers=workers, rank=rank, world_size=world)
+
+
+# %%
+#| exports
 def _make_ft_accelerator(c:dict):
     from accelerate import Accelerator
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c['mixed_precision'])
 
+
+# %%
+#| exports
 def speed_up_classifier(model:nn.Module,  # on its training device; never a copy of a compiled module
                         channels_last:bool=False,  # NHWC weights (the images must be NHWC too: `to_memory_format`)
                         compile:bool=False,  # `nn.Module.compile()`: in place, the state dict's names unchanged
@@ -950,152 +985,70 @@ for a, b in zip(compiled.parameters(), ref.parameters()): test_close(a.grad, b.g
 
 
 # %%
-#| export
+#| exports
+def evaluate_step(loop:Loop, models:dict, val_loader, accelerator, channels_last:bool=False) -> dict:
+    "Top-1 of each model (e.g. {'top1': model, 'top1_ema': ema.module}) on the validation set, into the step's row."
+    for k, m in models.items():
+        correct, n = accelerator.reduce(evaluate(m, val_loader, accelerator.device, accelerator.autocast, channels_last), 'sum')
+        loop.metrics[-1][k] = float(correct / n)
+    if accelerator.is_main_process:
+        _write_ft_metrics(loop.out, loop.metrics)
+        loop.bar.write(f'step {loop.metrics[-1]["step"]}: ' + ', '.join(f'{k} {loop.metrics[-1][k]:.3f}' for k in models))
+    return loop.metrics[-1]
+
+
+# %%
+#| exports
 def finetune(config:FinetuneConfig|dict|None=None,  # the run's parameters (None: the CPU demo)
              **overrides,  # parameters overriding `config`'s, e.g. `finetune(init='runs/x/encoder.safetensors')`
             ) -> FinetuneResult:
     "Supervised training with the ResNet-RS recipe, from scratch or a PixPro encoder; evaluates the EMA model."
-    # 1. config: everything checked before anything is written
-    c = resolve_finetune_config(config, **overrides)
-    accelerator = _make_ft_accelerator(c)
-    c = resolve_finetune_config(config, world_size=accelerator.num_processes, **overrides)
-    main, device, out = accelerator.is_main_process, accelerator.device, Path(c['output_dir'])
-    with RunGuard(out, accelerator) as guard:  # the folder locked for the run's life; SIGTERM ends it at a step
-        # 2./3. data: this process's shard; order and augmentations derive from (seed, epoch, index)
-        train_ds, val_ds = build_datasets(c)
-        c.update(data_identity(train_ds, val_ds))
-        rank, world = accelerator.process_index, accelerator.num_processes
-        loader = train_loader(train_ds, train_transform(c['image_size'], c['randaugment_ops'], c['randaugment_magnitude']),
-                              c['batch_size'], num_workers=c['num_workers'], seed=c['seed'], rank=rank, world_size=world,
-                              pin_memory=device.type == 'cuda')
-        val_loader = eval_loader(val_ds, c['image_size'], c['batch_size'], num_workers=c['num_workers'], rank=rank, world_size=world)
-        steps_per_epoch = len(loader) // c['grad_accum']
-        if steps_per_epoch == 0:
-            raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(train_ds)} images for '
-                              f'{c["global_batch"]} per step (batch_size x grad_accum x {world} processes)')
-        total_steps = c['epochs'] * steps_per_epoch
-        schedule = dict(base_lr=c['global_lr'], total_steps=total_steps, warmup_steps=c['warmup_epochs'] * steps_per_epoch,
-                        start_factor=c['warmup_start_factor'], final_lr=c['final_lr'])
-        plan = prepare_finetune_dir(c)  # resume, fresh start or refusal: nothing written yet
-        # 4. model and its EMA: the same initialisation on every process; SyncBN only across GPUs
-        model = build_classifier(c['arch'], c['num_classes'], c['init'], c['dropout'], c['stochastic_depth'], c['seed'])
-        if world > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(device).train()
-        ema = ModelEMA(model, c['ema_decay']).to(device)  # before compiling: a compiled module's copy runs the original
+    c = resolve_finetune_config(config, **overrides)  # 1. config: everything checked before anything is written
+    accelerator = _make_ft_accelerator(c)  # 2. accelerator
+    c, world = resolve_finetune_config(config, world_size=accelerator.num_processes, **overrides), accelerator.num_processes
+    with RunGuard(c['output_dir'], accelerator) as guard:  # the folder locked for the run's life; SIGTERM stops at a step
+        train_ds, val_ds = build_datasets(c); c.update(data_identity(train_ds, val_ds))  # 3. data: this process's shards
+        loader, val_loader = build_ft_loaders(c, train_ds, val_ds, accelerator)
+        steps_per_epoch, total_steps, schedule = plan_steps(c, loader, len(train_ds), world)
+        plan = prepare_finetune_dir(c)  # resume, fresh start or refusal: still nothing written
+        model = to_device(build_classifier(c['arch'], c['num_classes'], c['init'], c['dropout'], c['stochastic_depth'],
+                                           c['seed']), accelerator).train()  # 4. the model and its EMA
+        ema = ModelEMA(model, c['ema_decay']).to(accelerator.device)  # before compiling: a compiled module's copy runs the original
         for m in (model, ema.module): speed_up_classifier(m, c['channels_last'], c['compile'])
-        # 5. optimiser: SGD Nesterov, weight decay on conv / linear weights only
-        optimizer = torch.optim.SGD(param_groups(model, c['weight_decay']), lr=c['global_lr'],
+        optimizer = torch.optim.SGD(param_groups(model, c['weight_decay']), lr=c['global_lr'],  # 5. optimiser
                                     momentum=c['optimizer_momentum'], nesterov=c['optimizer'] == 'sgd_nesterov')
         criterion = nn.CrossEntropyLoss(label_smoothing=c['label_smoothing'])
-        step, metrics, pending_eval = 0, [], False
-        if plan.state is not None:
-            state = plan.state
-            model.load_state_dict(state['model']); ema.load_state_dict(state['ema']); optimizer.load_state_dict(state['optimizer'])
-            step, metrics = state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
-            set_rng_state(state['rng'])
-            if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
-            pending_eval = state.get('pending_eval', False)  # saved, then stopped before its evaluation ended
-            del state; plan = plan._replace(state=None)
-        accelerator.wait_for_everyone()  # every process has read the folder before the main process writes to it
-        if main: start_output_dir(c, plan, ('metrics.jsonl', 'metrics.csv', 'model.safetensors')); _write_ft_metrics(out, metrics)
+        pending = bool(plan.state and plan.state.get('pending_eval'))  # saved, then stopped before its evaluation ended
+        step, metrics = restore(plan, accelerator, model=model, ema=ema, optimizer=optimizer)
+        open_output_dir(c, plan, accelerator, metrics, ('metrics.jsonl', 'metrics.csv', 'model.safetensors'), FT_METRIC_COLUMNS)
         wrapped, optimizer = accelerator.prepare(model, optimizer)
-        if main:
-            print(f"{c['arch']} ({c['init']}) on {c['data']}, {c['num_classes']} classes: {world} process(es) on {device.type}, "
-                  f"global batch {c['global_batch']} = {c['batch_size']} x {c['grad_accum']} x {world}, "
-                  f"lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
-                  + (f', resuming at step {step} from {plan.resume}' if plan.resume else ''), flush=True)
-
-        def save(step:int, pending_eval:bool) -> Path:  # written before evaluating: a failed evaluation loses nothing
-            path = checkpoint_path(out, step)
-            if main:
-                state = {'format': FT_CHECKPOINT_FORMAT, 'step': step, 'config': c, 'model': model.state_dict(),
-                         'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(), 'metrics': metrics, 'rng': rng_state(),
-                         'scaler': accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                         'pending_eval': pending_eval}
-                save_checkpoint(path, state)
-                _write_ft_metrics(out, metrics)
-                prune_checkpoints(out, c['keep_checkpoints'], path)
-            accelerator.wait_for_everyone()
-            return path
-
-        def evaluate_step():  # both models on the validation set, into the step's metrics row
-            raw = accelerator.reduce(evaluate(model, val_loader, device, accelerator.autocast, c['channels_last']), 'sum')
-            avg = accelerator.reduce(evaluate(ema.module, val_loader, device, accelerator.autocast, c['channels_last']), 'sum')
-            metrics[-1].update(top1=float(raw[0] / raw[1]), top1_ema=float(avg[0] / avg[1]))
-            if main:
-                _write_ft_metrics(out, metrics)
-                bar.write(f"step {metrics[-1]['step']}: top-1 {metrics[-1]['top1']:.3f}, EMA {metrics[-1]['top1_ema']:.3f}")
-
-        # 6. the loop
-        last_ckpt, end = plan.resume, min(total_steps, c['max_steps'] or total_steps)
-        saved, stop = (step if plan.resume else None), False
-        bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
-                   mininterval=2 if sys.stderr.isatty() else 30)
-        if pending_eval: evaluate_step()
-        t_start, guard.phase = time.perf_counter(), 'loop'
-        try:
-            while step < end and not stop:
-                epoch, skip = divmod(step, steps_per_epoch)
-                loader.set_epoch(epoch, skip=skip * c['grad_accum'])  # the loader counts micro-batches
-                n_micro = (steps_per_epoch - skip) * c['grad_accum']
-                parts, micro, data_s = torch.zeros(2, device=device), 0, 0.0  # loss, stop requested
-                t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
-                for (x, y), _ in zip(loader, range(n_micro)):
-                    if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
-                    data_s += time.perf_counter() - t0
-                    x, y = to_memory_format(x.to(device, non_blocking=True), c['channels_last']), y.to(device, non_blocking=True)
-                    last = micro == c['grad_accum'] - 1
-                    with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():  # all-reduce on the last only
-                        with accelerator.autocast():
-                            loss = criterion(wrapped(x).float(), y)  # BN in training mode
-                        accelerator.backward(loss / c['grad_accum'])
-                    parts[0] += loss.detach().float() / c['grad_accum']
-                    micro += 1
-                    if not last: t0 = time.perf_counter(); continue
-                    parts[1] = float(guard.requested)
-                    ranks = accelerator.gather(parts[None])  # [processes, 2]
-                    if not torch.isfinite(ranks).all():
-                        raise NonFiniteLossError(f'non-finite loss in step {step + 1} (epoch {epoch}), per process '
-                                                 f'{ranks[:, 0].tolist()}; the last good checkpoint is '
-                                                 f'{last_ckpt or "none (no checkpoint yet)"}.')
-                    optimizer.step(); optimizer.zero_grad(set_to_none=True)
-                    d = ema.update(model)
-                    step += 1
-                    dt = time.perf_counter() - t_step
-                    loss_mean, stop = ranks.mean(0).tolist()
-                    stop = stop > 0  # some process was sent SIGTERM
-                    row = dict(step=step, epoch=step / steps_per_epoch, loss=loss_mean, lr=lr, ema_decay=d,
-                               images_per_s=c['global_batch'] / dt, data_s=data_s, time_s=time.perf_counter() - t_start)
-                    metrics.append(row)
-                    if main:
-                        with open(out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-                        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f'{lr:.3g}', refresh=False); bar.update()
-                    parts.zero_(); micro, data_s = 0, 0.0
-                    t_step = t0 = time.perf_counter()
-                    if step >= end or stop: break
-                done_epoch = step % steps_per_epoch == 0
-                evaluation_due = step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0)
-                if evaluation_due or stop:
-                    last_ckpt, saved = save(step, pending_eval=evaluation_due), step
-                    if evaluation_due and not stop: evaluate_step()
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f'interrupted in step {step + 1}; ' + (f'the newest checkpoint is {last_ckpt}'
-                                    if last_ckpt else 'no checkpoint was written')) from None
-        bar.close()
-        if stop and step < end: raise Preempted(f'stopped by SIGTERM after step {step}, saved in {last_ckpt}; run the same command to resume')
-        # 7. the end: the final checkpoint (unless the run was already complete) and the EMA model's weights
-        guard.phase = 'finish'
-        if saved != step:
-            last_ckpt = save(step, pending_eval=True)
-            evaluate_step()
-        if main:
-            from safetensors.torch import save_file
-            sd = {k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}
-            atomic_write(out/'model.safetensors', lambda t: save_file(sd, str(t), metadata={
-                'arch': c['arch'], 'num_classes': str(c['num_classes']), 'weights': 'ema'}))
+        announce(f"{c['arch']} ({c['init']}) on {c['data']}, {c['num_classes']} classes", c, accelerator, total_steps, step, plan.resume)
+        loop = Loop(c, accelerator, guard, loader, steps_per_epoch, total_steps, step, metrics, plan.resume,
+                    FT_CHECKPOINT_FORMAT, FT_METRIC_COLUMNS)
+        evaluation = lambda: evaluate_step(loop, {'top1': model, 'top1_ema': ema.module}, val_loader, accelerator, c['channels_last'])
+        if pending: evaluation()
+        for step in loop:  # 6. the loop: optimiser steps of grad_accum micro-batches each
+            set_lr(optimizer, lr := lr_at(step, **schedule))
+            step_loss = torch.zeros(1, device=accelerator.device)
+            for micro, (x, y) in loop.micro_batches():
+                x, y = to_memory_format(x.to(accelerator.device, non_blocking=True), c['channels_last']), y.to(accelerator.device)
+                with loop.accumulate(wrapped, micro):
+                    with accelerator.autocast():
+                        loss = criterion(wrapped(x).float(), y)  # BN in training mode
+                    accelerator.backward(loss / c['grad_accum'])
+                step_loss += loss.detach().float() / c['grad_accum']
+            loss, = loop.gather(step_loss)
+            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+            loop.log(loss=loss, lr=lr, ema_decay=ema.update(model))
+            if loop.save_due:  # saved before evaluating: a failed evaluation loses no training
+                loop.save(model=model, ema=ema, optimizer=optimizer, pending_eval=loop.evaluation_due)
+                if loop.evaluation_due and not loop.stop: evaluation()
+        if loop.saved != loop.step:  # 7. the end: the final checkpoint and evaluation, the EMA model's weights
+            loop.save(model=model, ema=ema, optimizer=optimizer, pending_eval=True); evaluation()
+        export_weights(loop.out/'model.safetensors', ema.module, dict(arch=c['arch'], num_classes=c['num_classes'], weights='ema'), accelerator)
         del wrapped, optimizer, loader, val_loader  # drop every reference to DDP/gloo objects before the process group ends
         accelerator.end_training()
-    return FinetuneResult(out, last_ckpt, metrics, model, ema, c)
+    return FinetuneResult(loop.out, loop.checkpoint, loop.metrics, model, ema, c)
 
 
 # %% [markdown]
@@ -1255,7 +1208,7 @@ assert last < first and evals[-1]['top1'] > chance + 0.1 and evals[-1]['top1_ema
 # ```
 
 # %%
-#| export
+#| exports
 _FT_FLOATS = ('lr', 'weight_decay', 'label_smoothing', 'ema_decay', 'randaugment_magnitude', 'dropout', 'stochastic_depth')
 _FT_TYPES = {f.name: (bool if f.name in FT_BOOLS else
                       int if f.name in _FT_INTS or f.name == 'num_classes' else float if f.name in _FT_FLOATS else str)
@@ -1267,10 +1220,16 @@ def finetune_parser() -> argparse.ArgumentParser:
                          '(pixpro_rs). Parameters left out take the recipe\'s values; see the fine-tuning chapter.',
                          _FT_TYPES, FINETUNE_GLOSSARY, FT_RECIPE_FIELDS)
 
+
+# %%
+#| exports
 def read_finetune_params(path:str|Path) -> dict:
     "Parameters from a YAML file of `FinetuneConfig` names; errors name the file."
     return read_params(path, FT_PARAMETERS)
 
+
+# %%
+#| exports
 def main(argv:list[str]|None=None) -> int:
     "The command line: parse, fine-tune, and turn bad input into one clear line and an exit code."
     return run_command(argv, finetune_parser(), lambda params: finetune(FinetuneConfig(**params)), FT_PARAMETERS)

@@ -43,6 +43,8 @@ import io
 import subprocess
 from contextlib import redirect_stdout
 
+import matplotlib.pyplot as plt
+import numpy as np
 from fastcore.test import test_eq, test_fail
 from nbdev.showdoc import show_doc
 
@@ -56,8 +58,8 @@ if os.environ.get('IN_TEST'): torch.set_num_threads(1)  # under nbdev_test, besi
 
 # %% [markdown]
 # Pretraining is expensive: the paper's 400-epoch ResNet-50 run sees 512 million view pairs, and a user of the
-# reference code reported 58 hours for 100 epochs on 8 V100s, about 77 images per second per GPU, with data loading
-# often the bottleneck (spec section 6). Before making anything faster we need to know where the time goes, so this
+# reference code reported about 58 hours for 100 epochs of ImageNet on an 8-GPU DGX-1 with 32 GB V100s (zdaxie/PixPro
+# issue #7, "Any information about pretraining time"), about 77 images per second per GPU. Before making anything faster we need to know where the time goes, so this
 # chapter is a measuring instrument first:
 #
 # 1. **the step**: one PixPro training step (two views through the online network forward and backward, two target
@@ -74,7 +76,7 @@ if os.environ.get('IN_TEST'): torch.set_num_threads(1)  # under nbdev_test, besi
 # A figure without its machine is meaningless, so every result records where it was measured.
 
 # %%
-#| export
+#| exports
 def _cpu_model() -> str:
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
@@ -82,6 +84,9 @@ def _cpu_model() -> str:
     except OSError: pass
     return platform.processor() or platform.machine()
 
+
+# %%
+#| exports
 def machine_info() -> dict:
     "CPU, GPU and library versions of this machine, for the record of a benchmark."
     info = dict(cpu=_cpu_model(), cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
@@ -108,7 +113,7 @@ assert m['cpu_cores'] >= 1 and m['torch'] == torch.__version__ and (m['gpu'] is 
 # `speed_up` switches.
 
 # %%
-#| export
+#| exports
 PRECISIONS = ('fp32', 'bf16')
 
 @dataclass(frozen=True)
@@ -132,6 +137,9 @@ class BenchCase:
         return (f"{self.arch} {self.image_size}px b{self.batch_size} {self.precision}"
                 f"{' NHWC' if self.channels_last else ''}{' compiled' if self.compile else ''}")
 
+
+# %%
+#| exports
 def grid(**axes) -> list[BenchCase]:
     "Every combination of the given axes (lists of values for `BenchCase` fields), the other fields at their defaults."
     names = [f.name for f in dataclasses.fields(BenchCase)]
@@ -153,16 +161,22 @@ test_fail(lambda: BenchCase(precision='fp16'), contains="'fp32', 'bf16'")
 # and kept in memory; each step copies them to the device as the engine does (`non_blocking` from pinned memory).
 
 # %%
-#| export
+#| exports
 def sample_batch(batch_size:int, image_size:int, seed:int=0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     "A batch `(view1, view2, coord1, coord2)` of real PixPro pairs from SyntheticScenes (on the CPU)."
     scenes, aug = SyntheticScenes(batch_size, max(image_size, 128), seed=seed), PixProAugment(image_size)
     pairs = [aug(scenes[i][0], torch.Generator().manual_seed(seed * 100_003 + i)) for i in range(batch_size)]
     return tuple(torch.stack(t) for t in zip(*pairs))
 
+
+# %%
+#| exports
 def _sync(device:torch.device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
+
+# %%
+#| exports
 def _peak_memory_gib(device:torch.device) -> float:
     "Peak memory: allocated on the GPU since the last reset, or this process's resident high-water mark on the CPU."
     if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**30
@@ -188,7 +202,7 @@ assert not torch.equal(v1, v2) and ((c1[:, 2:] > c1[:, :2]) | True).all()
 # rather than between the online and target forwards as in the engine (same arithmetic, same cost).
 
 # %%
-#| export
+#| exports
 def bench_step(case:BenchCase,  # what to measure
                steps:int=10,  # timed steps (each of the two measurements)
                warmup:int=3,  # untimed steps first
@@ -266,7 +280,7 @@ test_fail(lambda: bench_step(BenchCase('resnetrs_tiny', 64, 4), steps=0), contai
 # pixels to about 3.
 
 # %%
-#| export
+#| exports
 def step_flops(arch:str, image_size:int, method:str='pixpro') -> int:
     "Floating-point operations (2 per multiply-add) of one PixPro training step, per image (= per pair of views)."
     from torch.utils.flop_counter import FlopCounterMode
@@ -278,6 +292,9 @@ def step_flops(arch:str, image_size:int, method:str='pixpro') -> int:
             sum(o.sum() for o in outs).backward()  # a stand-in for the loss, whose few MFLOPs are left out
     return counter.get_total_flops() // 2
 
+
+# %%
+#| exports
 def supervised_flops(arch:str, image_size:int) -> int:
     "FLOPs of one supervised training step (forward + backward) per image, for comparison."
     from torch.utils.flop_counter import FlopCounterMode
@@ -301,13 +318,16 @@ assert 20e9 < f_sup < 30e9  # the well-known ~4.1 GMACs forward x 3 for forward 
 # run, which is what the chip really delivers.
 
 # %%
-#| export
+#| exports
 PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0, 'RTX 4090': 165.0}  # dense, datasheets
 
 def datasheet_peak(gpu_name:str|None) -> float|None:
     "The vendor's dense bf16 TFLOP/s for a GPU name (None when unknown)."
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if gpu_name and k in gpu_name), None)
 
+
+# %%
+#| exports
 def matmul_tflops(n:int=8192, reps:int=10, device:str='cuda') -> float:
     "Measured bf16 matrix-product rate (TFLOP/s) of an n x n x n product, the practical peak of the chip."
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -330,7 +350,7 @@ assert matmul_tflops(64, 2, 'cpu') > 0
 # doubles the batch until a step runs out of memory, then bisects between the last success and the first failure.
 
 # %%
-#| export
+#| exports
 def search_largest(fits:Callable[[int], bool],  # does this batch size fit?
                    start:int=64, limit:int=8192,
                   ) -> tuple[int, int|None]:  # (largest size seen to fit (0: none), smallest seen not to (None: none))
@@ -345,6 +365,9 @@ def search_largest(fits:Callable[[int], bool],  # does this batch size fit?
         else: bad = mid
     return ok, bad
 
+
+# %%
+#| exports
 def max_batch(case:BenchCase, start:int=64, limit:int=8192, device:str|None=None) -> int:
     "The largest batch (within 1/16 of the true one) of `case` for which a training step fits in device memory."
     fits = lambda b: bench_step(dataclasses.replace(case, batch_size=b), steps=1, warmup=1, device=device)['error'] is None
@@ -376,7 +399,7 @@ assert max_batch(BenchCase('resnetrs_tiny', 64), start=64, limit=256) == 256
 # searched answers.
 
 # %%
-#| export
+#| exports
 def estimate_max_batch(arch:str,  # the backbone
                        batch_size:int,  # the batch of the measured step
                        peak_gib:float,  # its peak device memory (`bench_step`'s peak_memory_gib)
@@ -407,7 +430,7 @@ test_fail(lambda: estimate_max_batch('resnetrs50', 128, 0.1, 80.0), contains='pe
 # second in total and per worker.
 
 # %%
-#| export
+#| exports
 def make_jpeg_folder(root:str|Path,
                      n:int=256,  # files
                      size:tuple=(375, 500),  # (H, W) of each image
@@ -424,6 +447,9 @@ def make_jpeg_folder(root:str|Path,
         else: os.link(src, f)
     return root
 
+
+# %%
+#| exports
 def bench_data(root:str|Path,  # a folder of images
                image_size:int=224, batch_size:int=64, num_workers:int=2,
                batches:int=20,  # timed batches (after the workers' first batch)
@@ -476,7 +502,7 @@ with tempfile.TemporaryDirectory() as d:
 # augmentation path are needed.
 
 # %%
-#| export
+#| exports
 TRAIN_SKIP = 5  # first steps of a training-engine run left out of its figures (start-up, compilation)
 
 def train_config(root:str|Path, case:BenchCase, num_workers:int, steps:int, gpu_augment:bool=False,
@@ -489,6 +515,9 @@ def train_config(root:str|Path, case:BenchCase, num_workers:int, steps:int, gpu_
                        output_dir=None if output_dir is None else str(output_dir), progress=False, overwrite=True,
                        gpu_augment=gpu_augment)
 
+
+# %%
+#| exports
 def bench_train(root:str|Path,  # a folder of images
                 case:BenchCase,
                 num_workers:int=4, steps:int=30,
@@ -522,7 +551,7 @@ def bench_train(root:str|Path,  # a folder of images
 # | `gpu` | ResNet-50 and ResNet-RS-50 at 224 px, batch 128: fp32/bf16 x NCHW/NHWC, + compile | the GPU figures |
 
 # %%
-#| export
+#| exports
 PRESETS = {
     'smoke': dict(arch=['resnetrs_tiny'], image_size=[64], batch_size=[4], precision=['fp32', 'bf16'], steps=1, warmup=1),
     'cpu': dict(arch=['resnetrs50'], image_size=[96], batch_size=[16], precision=['fp32', 'bf16'],
@@ -547,6 +576,9 @@ def add_derived(rows:list[dict]) -> list[dict]:
         r['speedup'] = r['images_per_s'] / base['images_per_s'] if base and base.get('images_per_s') and r.get('images_per_s') else None
     return rows
 
+
+# %%
+#| exports
 def format_table(rows:list[dict], columns:tuple=COLUMNS) -> str:
     "A markdown table of benchmark rows."
     def cell(v):
@@ -576,27 +608,39 @@ assert format_table(rows).count('\n') == 3
 # the value and what is allowed, with exit code 2, and nothing has been measured.
 
 # %%
-#| export
+#| exports
 DATA_BATCH = 64  # pairs per batch of the data-pipeline benchmark (`--data_workers`)
 
 def _bools(name:str, s:str) -> list[bool]:
     "A comma-separated list of true/false values (`--compile 0,1`)."
     return [_bool(name, x) for x in s.split(',')]
 
+
+# %%
+#| exports
 def _ints(name:str, s:str, low:int) -> list[int]:
     "A comma-separated list of integers >= `low` (`--batch_size 64,128`)."
     try: return [_int(name, int(x), low) for x in s.split(',')]
     except ValueError: raise ConfigError(name, s, f'comma-separated integers >= {low}') from None  # ConfigError too
 
+
+# %%
+#| exports
 def _one_int(name:str, s:str, low:int) -> int:
     "One integer >= `low` (`--steps 20`)."
     try: return _int(name, int(s), low)
     except ValueError: raise ConfigError(name, s, f'an integer >= {low}') from None
 
+
+# %%
+#| exports
 def _choices(name:str, s:str, allowed) -> list[str]:
     "A comma-separated list of names, each one of `allowed` (`--arch resnet50,resnetrs50`)."
     return [check_choice(name, x, allowed) for x in s.split(',')]
 
+
+# %%
+#| exports
 def check_device(device:str|None) -> str:
     "`device` if this machine has it: cpu, cuda or cuda:N (N < the number of GPUs); None: cuda if available, else cpu."
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -606,6 +650,9 @@ def check_device(device:str|None) -> str:
         raise ConfigError('device', device, f"one of {', '.join(allowed)}" if n else "'cpu' (this machine has no CUDA device)")
     return device
 
+
+# %%
+#| exports
 def check_output(name:str, path:str) -> Path:
     "`path` if a file can be written there: not a folder, in an existing folder where we may write."
     path = Path(path)
@@ -614,6 +661,9 @@ def check_output(name:str, path:str) -> Path:
     except OSError as e: raise ConfigError(name, str(path), f'a file in an existing, writable folder ({e.strerror})') from None
     return path
 
+
+# %%
+#| exports
 def check_data_dir(data_dir:str,
                    needs:dict[str, int],  # {what reads the folder: images it needs}
                   ) -> Path:
@@ -631,11 +681,14 @@ def check_data_dir(data_dir:str,
 # (an unknown flag, a missing value) are one line too.
 
 # %%
-#| export
+#| exports
 class _Parser(argparse.ArgumentParser):
     "argparse, with its errors on one line and the module's name, like `check_args`'s."
     def error(self, message:str): self.exit(2, f'pixpro_rs.bench: error: {message}\n')
 
+
+# %%
+#| exports
 def cli_parser() -> argparse.ArgumentParser:
     p = _Parser(prog='python -m pixpro_rs.bench', description='Benchmark the PixPro training step '
                 '(and optionally the data pipeline) over a grid; values are comma-separated lists.')
@@ -656,6 +709,9 @@ def cli_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', metavar='PATH', help='write the results and the machine to this JSON file')
     return p
 
+
+# %%
+#| exports
 def check_args(args:argparse.Namespace) -> dict:
     "Every flag parsed and checked before the first measurement: the plan of the run, or a `ConfigError`."
     # the step grid: the preset, then the flags given
@@ -690,6 +746,9 @@ def check_args(args:argparse.Namespace) -> dict:
     plan['json'] = check_output('json', args.json) if args.json is not None else None
     return plan
 
+
+# %%
+#| exports
 def run(args:argparse.Namespace) -> dict:
     "Run the benchmark the parsed flags describe; returns {'machine', 'steps', 'max_batch', 'data', 'train'}."
     p = check_args(args)  # everything, before the first measurement
@@ -718,6 +777,9 @@ def run(args:argparse.Namespace) -> dict:
                     print(out['train'][-1], file=sys.stderr, flush=True)
     return out
 
+
+# %%
+#| exports
 def main(argv:list[str]|None=None) -> int:
     "`python -m pixpro_rs.bench`: print the tables; bad flags give one line and exit code 2."
     args = cli_parser().parse_args(argv)
@@ -863,6 +925,22 @@ print(format_table(add_derived(h200['steps'])))
 # the step. The largest batch that fits (bf16, NHWC, uncompiled) is printed below; the recipes' 128 per GPU uses a
 # tenth of the memory.
 
+# %% [markdown]
+# Figure 1 puts the same rows side by side: for each configuration of ResNet-50 and ResNet-RS-50, the time the step
+# spends per image in each phase (step time / batch), so that lower is faster and the bars show where the time goes.
+
+# %%
+rows = [r for r in h200['steps'] if r['arch'] in ('resnet50', 'resnetrs50')]
+phases = ('copy_s', 'forward_s', 'backward_s', 'optimizer_s', 'ema_s')
+fig, ax = plt.subplots(figsize=(10, 5))
+left = np.zeros(len(rows))
+for ph in phases:
+    us = np.array([r[ph] / r['batch_size'] * 1e6 for r in rows])  # microseconds per image
+    ax.barh(range(len(rows)), us, left=left, label=ph[:-2]); left += us
+ax.set_yticks(range(len(rows)), [r['label'].replace(' 224px', '') for r in rows]); ax.invert_yaxis()
+ax.set(xlabel='microseconds per image (two views), by phase', title='Figure 1: where a PixPro step spends its time on an H200')
+ax.legend(ncols=5, loc='lower right'); ax.grid(axis='x', alpha=.3); fig.tight_layout()
+
 # %%
 print('largest batch per GPU at 224 px (searched):', h200['max_batch'])
 peak, matmul = datasheet_peak(h200['machine']['gpu']), h200['machine']['matmul_bf16_tflops']
@@ -958,7 +1036,7 @@ for arch, r in best.items():
 
 # %% [markdown]
 # For comparison, the reference code's reported cost was 58 hours for 100 epochs of ResNet-50 on 8 V100s, i.e. 464
-# GPU-hours (spec section 6). A multi-node run is the same command on every machine, with its rank:
+# GPU-hours (zdaxie/PixPro issue #7). A multi-node run is the same command on every machine, with its rank:
 #
 # ```bash
 # # 4 machines x 8 GPUs, global batch 4096: on machine k (k = 0..3)
@@ -988,3 +1066,15 @@ torch.set_num_threads(_threads)
 #   1831 images/s, short of 2000 (the unmeasured leads are listed under the targets). The largest batch was searched
 #   for ResNet-50 and RS-50 and is estimated from measured peak memory for the rest of the family; the family's
 #   cost on paper is in the table above.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Run `python -m pixpro_rs.bench --preset cpu` on your machine. Which switch helps most, and is `channels_last`
+#    without bf16 faster or slower than the plain step? Why might a CPU differ from a GPU here?
+# 2. From Figure 1, estimate what a fused optimiser and EMA (a single kernel each) could gain at most for the
+#    compiled ResNet-RS-50 step. Compare with the target of 2,500 images/s.
+# 3. `estimate_max_batch` assumes memory grows linearly with the batch. Check the assumption with the peak memory of
+#    two batch sizes in the benchmark's JSON.
+# 4. Time the data pipeline with `--data_workers 1,2` on a folder of your own JPEG files. How many workers would one
+#    H200 need to keep the compiled ResNet-50 step fed?

@@ -58,6 +58,7 @@ gamma = None  # PPM sharpness (2)
 ppm_layers = None  # layers of the PPM transform g (1)
 instance_weight = None  # weight of the instance branch (0: off)
 method = None  # 'pixpro', 'pixcontrast' or 'instance'
+tau = 0.3  # temperature of PixContrast (0.3)
 output_dir = None  # None: runs/<recipe>-<arch>-seed<seed> (relative to where the notebook runs)
 seed = 0  # initialisation, data order and augmentations
 num_workers = 2  # DataLoader workers
@@ -93,7 +94,7 @@ from pixpro_rs.train import TrainConfig, build_model, train
 result = train(TrainConfig(
     recipe=recipe, arch=arch, data=data, epochs=epochs, batch_size=batch_size, image_size=image_size, lr=lr,
     weight_decay=weight_decay, momentum=momentum, threshold=threshold, gamma=gamma, ppm_layers=ppm_layers,
-    instance_weight=instance_weight, method=method, output_dir=output_dir, seed=seed, num_workers=num_workers,
+    instance_weight=instance_weight, method=method, tau=tau, output_dir=output_dir, seed=seed, num_workers=num_workers,
     mixed_precision=mixed_precision, max_steps=max_steps, save_every=save_every, resume=resume, overwrite=overwrite,
     grad_accum=grad_accum, synthetic_length=synthetic_length, synthetic_size=synthetic_size,
     keep_checkpoints=keep_checkpoints, progress=progress, channels_last=channels_last, compile=compile,

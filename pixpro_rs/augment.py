@@ -90,6 +90,7 @@ def sample_jitter(brightness:float=0.4,  # factor drawn in [max(0, 1-b), 1+b]
     return (order, u(max(0, 1 - brightness), 1 + brightness), u(max(0, 1 - contrast), 1 + contrast),
             u(max(0, 1 - saturation), 1 + saturation), u(-hue, hue))
 
+# %% ../nbs/02_augment.ipynb #eebbbd82
 def color_jitter(x:Tensor,  # [3, H, W] float in [0, 1]
                  order:tuple[int, ...],  # permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue
                  b:float, c:float, s:float, h:float,  # the factors, as drawn by `sample_jitter`
@@ -112,12 +113,14 @@ def pil_blur_kernel(sigma:float,  # PIL's `radius`, the standard deviation of th
     box = np.ones(2 * l + 3); box[[0, -1]] = a; box /= box.sum()
     return torch.from_numpy(np.convolve(np.convolve(box, box), box)).float()
 
+# %% ../nbs/02_augment.ipynb #5cf4f98e
 def _blur_matrix(n:int, k:Tensor) -> Tensor:
     "[n, n] matrix M with (M @ v)[i] = sum_t k[t] v[clamp(i + t - R)], i.e. the filter with repeated edges."
     R = (len(k) - 1) // 2
     idx = (torch.arange(n)[:, None] + torch.arange(-R, R + 1)[None]).clamp_(0, n - 1)  # [n, 2R+1]
     return torch.zeros(n, n).scatter_add_(1, idx, k.expand(n, -1).contiguous())
 
+# %% ../nbs/02_augment.ipynb #b67ce3d6
 def _banded(x:Tensor, m:Tensor, R:int, dim:int, block:int=32) -> Tensor:
     "`m` applied along `dim` (-1: x @ m.T, -2: m @ x), in column blocks that skip the zeros outside the band."
     n, out = x.shape[dim], torch.empty_like(x)
@@ -127,6 +130,7 @@ def _banded(x:Tensor, m:Tensor, R:int, dim:int, block:int=32) -> Tensor:
         else: out[..., s:s + block, :] = m[s:s + block, lo:hi] @ x[..., lo:hi, :]
     return out
 
+# %% ../nbs/02_augment.ipynb #292abbb4
 def gaussian_blur(x:Tensor,  # [C, H, W] float
                   sigma:float,  # standard deviation in pixels (PIL's radius)
                  ) -> Tensor:  # [C, H, W]
@@ -233,6 +237,7 @@ class PixProAugment:
 # %% ../nbs/02_augment.ipynb #24000c67
 def _coin(p:float, g) -> bool: return bool(torch.rand(1, generator=g).item() < p)
 
+# %% ../nbs/02_augment.ipynb #cfa0f5b2
 def _draw_view(self:PixProAugment, img_h:int, img_w:int, view:int, g) -> ViewParams:
     top, left, h, w = sample_crop(img_h, img_w, self.scale, self.ratio, g)
     flip = _coin(self.flip_p, g)
@@ -243,6 +248,7 @@ def _draw_view(self:PixProAugment, img_h:int, img_w:int, view:int, g) -> ViewPar
     solarize = _coin(self.solarize_p[view], g)
     return ViewParams(top, left, h, w, img_h, img_w, flip, jitter, gray, sigma if blur else None, solarize)
 
+# %% ../nbs/02_augment.ipynb #68fdc7ff
 def _draw(self:PixProAugment,
           img_h:int, img_w:int,  # size of the source image
           generator:torch.Generator|None=None,  # source of all randomness (None: torch's global generator)
@@ -264,6 +270,7 @@ def to_rgb_tensor(img:Image.Image|Tensor) -> Tensor:  # [3, H, W] uint8
     if img.shape[0] != 3: raise ConfigError('img', tuple(img.shape), 'a uint8 tensor with 1 or 3 channels first')
     return img
 
+# %% ../nbs/02_augment.ipynb #82be210d
 def _call(self:PixProAugment,
           img:Image.Image|Tensor,  # PIL image or uint8 [3, H, W] tensor
           generator:torch.Generator|None=None,  # source of all randomness (None: torch's global generator)

@@ -47,6 +47,7 @@ def _cpu_model() -> str:
     except OSError: pass
     return platform.processor() or platform.machine()
 
+# %% ../nbs/13_bench.ipynb #886455b6
 def machine_info() -> dict:
     "CPU, GPU and library versions of this machine, for the record of a benchmark."
     info = dict(cpu=_cpu_model(), cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
@@ -82,6 +83,7 @@ class BenchCase:
         return (f"{self.arch} {self.image_size}px b{self.batch_size} {self.precision}"
                 f"{' NHWC' if self.channels_last else ''}{' compiled' if self.compile else ''}")
 
+# %% ../nbs/13_bench.ipynb #bdf97571
 def grid(**axes) -> list[BenchCase]:
     "Every combination of the given axes (lists of values for `BenchCase` fields), the other fields at their defaults."
     names = [f.name for f in dataclasses.fields(BenchCase)]
@@ -96,9 +98,11 @@ def sample_batch(batch_size:int, image_size:int, seed:int=0) -> tuple[Tensor, Te
     pairs = [aug(scenes[i][0], torch.Generator().manual_seed(seed * 100_003 + i)) for i in range(batch_size)]
     return tuple(torch.stack(t) for t in zip(*pairs))
 
+# %% ../nbs/13_bench.ipynb #200cda91
 def _sync(device:torch.device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
+# %% ../nbs/13_bench.ipynb #c2b7956b
 def _peak_memory_gib(device:torch.device) -> float:
     "Peak memory: allocated on the GPU since the last reset, or this process's resident high-water mark on the CPU."
     if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**30
@@ -172,6 +176,7 @@ def step_flops(arch:str, image_size:int, method:str='pixpro') -> int:
             sum(o.sum() for o in outs).backward()  # a stand-in for the loss, whose few MFLOPs are left out
     return counter.get_total_flops() // 2
 
+# %% ../nbs/13_bench.ipynb #c3abd8f7
 def supervised_flops(arch:str, image_size:int) -> int:
     "FLOPs of one supervised training step (forward + backward) per image, for comparison."
     from torch.utils.flop_counter import FlopCounterMode
@@ -188,6 +193,7 @@ def datasheet_peak(gpu_name:str|None) -> float|None:
     "The vendor's dense bf16 TFLOP/s for a GPU name (None when unknown)."
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if gpu_name and k in gpu_name), None)
 
+# %% ../nbs/13_bench.ipynb #6c309d8e
 def matmul_tflops(n:int=8192, reps:int=10, device:str='cuda') -> float:
     "Measured bf16 matrix-product rate (TFLOP/s) of an n x n x n product, the practical peak of the chip."
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -212,6 +218,7 @@ def search_largest(fits:Callable[[int], bool],  # does this batch size fit?
         else: bad = mid
     return ok, bad
 
+# %% ../nbs/13_bench.ipynb #eaba2edd
 def max_batch(case:BenchCase, start:int=64, limit:int=8192, device:str|None=None) -> int:
     "The largest batch (within 1/16 of the true one) of `case` for which a training step fits in device memory."
     fits = lambda b: bench_step(dataclasses.replace(case, batch_size=b), steps=1, warmup=1, device=device)['error'] is None
@@ -250,6 +257,7 @@ def make_jpeg_folder(root:str|Path,
         else: os.link(src, f)
     return root
 
+# %% ../nbs/13_bench.ipynb #7516235d
 def bench_data(root:str|Path,  # a folder of images
                image_size:int=224, batch_size:int=64, num_workers:int=2,
                batches:int=20,  # timed batches (after the workers' first batch)
@@ -294,6 +302,7 @@ def train_config(root:str|Path, case:BenchCase, num_workers:int, steps:int, gpu_
                        output_dir=None if output_dir is None else str(output_dir), progress=False, overwrite=True,
                        gpu_augment=gpu_augment)
 
+# %% ../nbs/13_bench.ipynb #6bc28b71
 def bench_train(root:str|Path,  # a folder of images
                 case:BenchCase,
                 num_workers:int=4, steps:int=30,
@@ -338,6 +347,7 @@ def add_derived(rows:list[dict]) -> list[dict]:
         r['speedup'] = r['images_per_s'] / base['images_per_s'] if base and base.get('images_per_s') and r.get('images_per_s') else None
     return rows
 
+# %% ../nbs/13_bench.ipynb #580fb29d
 def format_table(rows:list[dict], columns:tuple=COLUMNS) -> str:
     "A markdown table of benchmark rows."
     def cell(v):
@@ -354,20 +364,24 @@ def _bools(name:str, s:str) -> list[bool]:
     "A comma-separated list of true/false values (`--compile 0,1`)."
     return [_bool(name, x) for x in s.split(',')]
 
+# %% ../nbs/13_bench.ipynb #af4a46df
 def _ints(name:str, s:str, low:int) -> list[int]:
     "A comma-separated list of integers >= `low` (`--batch_size 64,128`)."
     try: return [_int(name, int(x), low) for x in s.split(',')]
     except ValueError: raise ConfigError(name, s, f'comma-separated integers >= {low}') from None  # ConfigError too
 
+# %% ../nbs/13_bench.ipynb #20c09914
 def _one_int(name:str, s:str, low:int) -> int:
     "One integer >= `low` (`--steps 20`)."
     try: return _int(name, int(s), low)
     except ValueError: raise ConfigError(name, s, f'an integer >= {low}') from None
 
+# %% ../nbs/13_bench.ipynb #9e4a6137
 def _choices(name:str, s:str, allowed) -> list[str]:
     "A comma-separated list of names, each one of `allowed` (`--arch resnet50,resnetrs50`)."
     return [check_choice(name, x, allowed) for x in s.split(',')]
 
+# %% ../nbs/13_bench.ipynb #0a7d596e
 def check_device(device:str|None) -> str:
     "`device` if this machine has it: cpu, cuda or cuda:N (N < the number of GPUs); None: cuda if available, else cpu."
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -377,6 +391,7 @@ def check_device(device:str|None) -> str:
         raise ConfigError('device', device, f"one of {', '.join(allowed)}" if n else "'cpu' (this machine has no CUDA device)")
     return device
 
+# %% ../nbs/13_bench.ipynb #fd371a43
 def check_output(name:str, path:str) -> Path:
     "`path` if a file can be written there: not a folder, in an existing folder where we may write."
     path = Path(path)
@@ -385,6 +400,7 @@ def check_output(name:str, path:str) -> Path:
     except OSError as e: raise ConfigError(name, str(path), f'a file in an existing, writable folder ({e.strerror})') from None
     return path
 
+# %% ../nbs/13_bench.ipynb #0a6fa6de
 def check_data_dir(data_dir:str,
                    needs:dict[str, int],  # {what reads the folder: images it needs}
                   ) -> Path:
@@ -401,6 +417,7 @@ class _Parser(argparse.ArgumentParser):
     "argparse, with its errors on one line and the module's name, like `check_args`'s."
     def error(self, message:str): self.exit(2, f'pixpro_rs.bench: error: {message}\n')
 
+# %% ../nbs/13_bench.ipynb #a2c90ab8
 def cli_parser() -> argparse.ArgumentParser:
     p = _Parser(prog='python -m pixpro_rs.bench', description='Benchmark the PixPro training step '
                 '(and optionally the data pipeline) over a grid; values are comma-separated lists.')
@@ -421,6 +438,7 @@ def cli_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', metavar='PATH', help='write the results and the machine to this JSON file')
     return p
 
+# %% ../nbs/13_bench.ipynb #fb365825
 def check_args(args:argparse.Namespace) -> dict:
     "Every flag parsed and checked before the first measurement: the plan of the run, or a `ConfigError`."
     # the step grid: the preset, then the flags given
@@ -455,6 +473,7 @@ def check_args(args:argparse.Namespace) -> dict:
     plan['json'] = check_output('json', args.json) if args.json is not None else None
     return plan
 
+# %% ../nbs/13_bench.ipynb #c1c7986b
 def run(args:argparse.Namespace) -> dict:
     "Run the benchmark the parsed flags describe; returns {'machine', 'steps', 'max_batch', 'data', 'train'}."
     p = check_args(args)  # everything, before the first measurement
@@ -483,6 +502,7 @@ def run(args:argparse.Namespace) -> dict:
                     print(out['train'][-1], file=sys.stderr, flush=True)
     return out
 
+# %% ../nbs/13_bench.ipynb #9ea0c155
 def main(argv:list[str]|None=None) -> int:
     "`python -m pixpro_rs.bench`: print the tables; bad flags give one line and exit code 2."
     args = cli_parser().parse_args(argv)

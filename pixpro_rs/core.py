@@ -31,6 +31,7 @@ GLOSSARY: dict[str, str] = {
     'arch': "backbone name, e.g. 'resnetrs50' ... 'resnetrs420' or 'resnet50' (torchvision's, the PixPro paper's)",
     'num_classes': "size of the classifier; 0 builds a backbone without classifier",
     'image_size': "side in pixels of each augmented view (224 gives a 7x7 C5 map, 160 gives 5x5)",
+    'init': "weights a supervised run starts from: 'scratch', or a PixPro checkpoint (its online encoder), an encoder.safetensors or a backbone file",
     # data
     'data': "'synthetic' (the embedded SyntheticScenes) or a path to a folder of images",
     'batch_size': "images per device per step; the global batch is batch_size x processes x accumulation",
@@ -124,6 +125,7 @@ def check_range(name:str,  # parameter name
     if high is not None and (value >= high if high_open else value > high): raise ConfigError(name, value, allowed)
     return value
 
+# %% ../nbs/00_core.ipynb #9ac38249
 def check_positive(name:str, value:float) -> float:
     "Return `value` if it is a finite number > 0, else raise `ConfigError`."
     return check_range(name, value, 0, None, low_open=True)
@@ -142,6 +144,7 @@ def _umask() -> int:
     m = os.umask(0o022); os.umask(m)  # racy only against another thread changing the umask meanwhile
     return m
 
+# %% ../nbs/00_core.ipynb #6becebb0
 def _out_of_space(e:BaseException,  # what the write raised
                   tmp:Path,  # the partial file, not yet removed
                  ) -> tuple[bool, int, int]:  # (the disk was full, bytes written, bytes free)
@@ -154,6 +157,7 @@ def _out_of_space(e:BaseException,  # what the write raised
     # without the partial file the folder would have free + written bytes; below written + margin, the disk was full
     return (isinstance(e, OSError) and e.errno in nospace) or 0 <= free < _SPACE_MARGIN, written, free
 
+# %% ../nbs/00_core.ipynb #f4a867b7
 def atomic_write(path:str|Path,  # destination file
                  write:Callable[[Path], None],  # writes the content to the temporary path it is given
                 ) -> Path:

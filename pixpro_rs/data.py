@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -28,12 +29,13 @@ from .core import ConfigError, check_positive
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'SHAPES', 'TEXTURES', 'SCENE_CLASSES', 'BadImageError', 'load_image', 'find_images',
            'data_fingerprint', 'ImageFiles', 'ClassFolders', 'derive_seed', 'SyntheticScenes', 'PairSampler',
-           'TwoViews', 'PairLoader', 'make_loader']
+           'TwoViews', 'hold_worker_sigterm', 'PairLoader', 'make_loader']
 
 # %% ../nbs/03_data.ipynb #2f58e8fe
 class BadImageError(OSError):
     "An image file that cannot be decoded; the message names the file."
 
+# %% ../nbs/03_data.ipynb #f3446adf
 warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision are deprecated')
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, Image.DecompressionBombError)  # what PIL raises on bad data
 
@@ -48,6 +50,7 @@ def _pil_rgb(img:Image.Image) -> Tensor:  # [3, H, W] uint8
     if img.mode != 'RGB': img = img.convert('RGB')
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
+# %% ../nbs/03_data.ipynb #de77504f
 def load_image(path:str|Path) -> Tensor:  # [3, H, W] uint8 RGB
     "Decode an image file to a uint8 RGB tensor; raise `BadImageError` naming the file if it cannot be read."
     path = Path(path)
@@ -141,6 +144,7 @@ class ImageFiles(_Files):
     def __getitem__(self, i:int) -> Tensor: return self._read(i)[1]  # [3, H, W] uint8
     def __repr__(self): return f'ImageFiles({str(self.root)!r}, {len(self)} images)'
 
+# %% ../nbs/03_data.ipynb #3a23638e
 class ClassFolders(_Files):
     "ImageNet-style `root/<class>/**/<image>`: images with the index of their class folder as label."
     def __init__(self, root:str|Path, extensions:tuple=IMAGE_EXTENSIONS, strict:bool=False):
@@ -182,6 +186,7 @@ def _shape_mask(shape:str, du:Tensor, dv:Tensor, r:float) -> Tensor:
     for a in (0, 2 * math.pi / 3, 4 * math.pi / 3): m &= du * math.cos(a) + dv * math.sin(a) < 0.6 * r
     return m
 
+# %% ../nbs/03_data.ipynb #e71fc7a9
 def _texture(texture:str, du:Tensor, dv:Tensor, period:float) -> Tensor:
     "Binary texture in {0, 1} on rotated coordinates."
     u, v = du / period, dv / period
@@ -296,12 +301,25 @@ class TwoViews(Dataset):
         return out + (label,) if (label is not None and self.labels) else out
 
 # %% ../nbs/03_data.ipynb #69554b2f
+_HOLD_SIGTERM = multiprocessing.RawValue('b', 0)  # shared with forked workers: 1 while a training loop runs
+
+def hold_worker_sigterm(hold:bool):
+    "While `hold`, DataLoader workers ignore SIGTERM: a job's SIGTERM reaches them too, and their parent saves first."
+    _HOLD_SIGTERM.value = int(hold)
+
+# %% ../nbs/03_data.ipynb #964fc2aa
+def _worker_sigterm(signum, frame):
+    if _HOLD_SIGTERM.value: return  # the parent finishes its step, saves, then ends this worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL); os.kill(os.getpid(), signal.SIGTERM)  # otherwise: die, as by default
+
+# %% ../nbs/03_data.ipynb #07f8d47b
 def _seed_worker(worker_id:int):
-    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; leave SIGTERM to the parent."
+    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; SIGTERM as `hold_worker_sigterm` says."
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a job's SIGTERM reaches the workers too: the parent saves, then ends them
+    signal.signal(signal.SIGTERM, _worker_sigterm)
 
+# %% ../nbs/03_data.ipynb #dd95aa9c
 class PairLoader:
     "Batches of `(view1 [B,3,S,S], view2, coord1 [B,4], coord2[, label [B]])`; `set_epoch` before each epoch."
     def __init__(self, loader:DataLoader, sampler:PairSampler, dataset:Dataset, seed:int, rank:int):
@@ -321,6 +339,7 @@ class PairLoader:
             warnings.warn(f'epoch {self.epoch}: {len(bad)} unreadable image(s) skipped so far: '
                           + ', '.join(map(str, bad[:5])) + (' ...' if len(bad) > 5 else ''))
 
+# %% ../nbs/03_data.ipynb #457bc1d2
 def make_loader(dataset:Dataset,  # images or (image, label) pairs: ImageFiles, ClassFolders, SyntheticScenes...
                 batch_size:int,  # pairs per batch on this process
                 *,

@@ -111,6 +111,7 @@ def frozen_bn(module:nn.Module) -> nn.Module:
     for name, child in module.named_children(): setattr(module, name, frozen_bn(child))
     return module
 
+# %% ../nbs/09_detection.ipynb #e0acceba
 STAGES = (('conv1', 'bn1', 'maxpool'), ('layer1',), ('layer2',), ('layer3',), ('layer4',))  # the units `trainable_layers` counts
 
 def freeze_backbone(backbone:nn.Module,  # from `create_model(arch, num_classes=0)` or `load_backbone`
@@ -173,8 +174,10 @@ def hflip(image:Tensor, target:dict) -> tuple[Tensor, dict]:
     boxes = target['boxes'][:, [2, 1, 0, 3]] * torch.tensor([-1., 1., -1., 1.]) + torch.tensor([W, 0., W, 0.])
     return image.flip(-1), {**target, 'boxes': boxes}
 
+# %% ../nbs/09_detection.ipynb #66a50654
 def _collate(batch): return batch  # a list of (image, target): images may differ in size
 
+# %% ../nbs/09_detection.ipynb #4556437d
 def finetune_detector(model:FasterRCNN,  # e.g. from `build_detector`; trained in place
                       dataset:Dataset,  # (uint8 image [3, H, W], {'boxes', 'labels'}) pairs
                       steps:int=300,  # optimiser steps (iterations)
@@ -284,6 +287,7 @@ def mean_ap(predictions:list,  # per image: {'boxes' [n, 4], 'scores' [n], 'labe
     valid = [a for a in aps if not math.isnan(a)]
     return (sum(valid) / len(valid) if valid else math.nan), aps
 
+# %% ../nbs/09_detection.ipynb #febce8d6
 @torch.no_grad()
 def predict(model:FasterRCNN, images:list, batch_size:int=8, device:str|torch.device='cpu') -> list[dict]:
     "Detections (boxes in the images' own coordinates, scores, labels) for uint8 images, in eval mode; mode restored."
@@ -295,6 +299,7 @@ def predict(model:FasterRCNN, images:list, batch_size:int=8, device:str|torch.de
     finally: model.train(was)
     return out
 
+# %% ../nbs/09_detection.ipynb #2e5e4e4b
 def evaluate_detector(model:FasterRCNN,  # a detector in torchvision's format
                       dataset:Dataset,  # (uint8 image, target) pairs; targets may have 'difficult'
                       use_07_metric:bool=True,  # 11-point (VOC2007 test) or all-point
@@ -383,6 +388,7 @@ def cli_parser() -> argparse.ArgumentParser:
     p.add_argument('--output-dir', required=True)
     return p
 
+# %% ../nbs/09_detection.ipynb #b62da313
 def _voc_sets(root:str, spec:str) -> Dataset:
     "'2007-trainval,2012-trainval' -> the concatenation of those VOCBoxes."
     sets = []
@@ -392,6 +398,7 @@ def _voc_sets(root:str, spec:str) -> Dataset:
         sets.append(VOCBoxes(root, year, split))
     return sets[0] if len(sets) == 1 else ConcatDataset(sets)
 
+# %% ../nbs/09_detection.ipynb #33c0c588
 def main(argv:list[str]|None=None) -> dict:
     "The Pascal VOC protocol from the command line; returns (and writes) the results."
     a = cli_parser().parse_args(argv)

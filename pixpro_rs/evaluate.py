@@ -94,6 +94,7 @@ def resize_crop(x:Tensor,  # image [3, H, W] uint8, or label map [H, W]
     if x.ndim == 2: return TF.center_crop(TF.resize(x[None], size, InterpolationMode.NEAREST_EXACT), [size, size])[0]
     return TF.center_crop(TF.resize(x, size, InterpolationMode.BILINEAR, antialias=True), [size, size])
 
+# %% ../nbs/08_evaluate.ipynb #b7290959
 def normalize_images(images:Tensor) -> Tensor:  # [N, 3, H, W] uint8 -> float
     "Scale to [0, 1] and normalise with ImageNet's mean and std, as in pretraining."
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
@@ -141,17 +142,20 @@ def confusion_matrix(pred:Tensor,  # predicted class per pixel (or per image), a
             raise ConfigError(name, f'values {int(v.min())}..{int(v.max())}', f'classes 0..{num_classes - 1} (or {ignore_index} in target)')
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).view(num_classes, num_classes).cpu()
 
+# %% ../nbs/08_evaluate.ipynb #4c51b9c6
 def iou_per_class(conf:Tensor) -> Tensor:  # [K] float64, nan where a class is in neither labels nor predictions
     "TP / (TP + FP + FN) per class from a confusion matrix (rows true, columns predicted)."
     conf = conf.double()
     tp, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
 
+# %% ../nbs/08_evaluate.ipynb #5db02137
 def miou(conf:Tensor) -> float:
     "Mean IoU over the classes present in the labels or the predictions (nan if there is none)."
     iou = iou_per_class(conf)
     return float(iou.nanmean()) if (~iou.isnan()).any() else math.nan
 
+# %% ../nbs/08_evaluate.ipynb #468e2eee
 def pixel_accuracy(conf:Tensor) -> float:
     "Correctly classified pixels / counted pixels (nan if none was counted)."
     return float(conf.diag().sum() / conf.sum()) if conf.sum() > 0 else math.nan
@@ -209,6 +213,7 @@ def _num_classes(ds:Dataset) -> int|None:
     if isinstance(getattr(ds, 'num_classes', None), int): return ds.num_classes
     return len(ds.classes) if hasattr(ds, 'classes') else None
 
+# %% ../nbs/08_evaluate.ipynb #7451ba63
 def _probe_data(backbone:nn.Module, ds:Dataset, image_size:int, features:str, dense:bool,
                 batch_size:int=64) -> tuple[Tensor, Tensor]:
     "Features of every image of `ds` at `image_size`, and its labels [N] (int64) or label maps [N, S, S] (uint8)."
@@ -227,7 +232,7 @@ def _probe_data(backbone:nn.Module, ds:Dataset, image_size:int, features:str, de
     if y.min() < 0 or y.max() > 255: raise ConfigError('labels', f'values {int(y.min())}..{int(y.max())}', '0..254 and 255 (ignore)')
     return torch.cat(feats), y.to(torch.uint8)
 
-# %% ../nbs/08_evaluate.ipynb #7451ba63
+# %% ../nbs/08_evaluate.ipynb #4a50dfe9
 @dataclass
 class LinearProbeResult:
     "What `linear_probe` returns."
@@ -236,6 +241,7 @@ class LinearProbeResult:
     chance: float  # top-1 of always answering the training set's most frequent class
     head: ProbeHead  # the trained classifier, on pooled C5
 
+# %% ../nbs/08_evaluate.ipynb #b38319bf
 def linear_probe(backbone:nn.Module,  # frozen (see `extract_features`); e.g. from `load_backbone`
                  train:Dataset,  # (uint8 image [3, H, W], class) pairs: ClassFolders, SyntheticScenes ...
                  val:Dataset,  # the same, for the reported accuracy
@@ -261,6 +267,7 @@ VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', '
 class MaskError(BadImageError):
     "An image/label-map pair that cannot be used (unreadable or non-index mask, size mismatch, unknown label); names the files."
 
+# %% ../nbs/08_evaluate.ipynb #a02728d6
 def load_mask(path:str|Path) -> Tensor:  # [H, W] int64
     "Class indices of a palette ('P', as Pascal VOC) or 8-bit grayscale ('L') PNG; the palette's colours are not used."
     path = Path(path)
@@ -380,7 +387,7 @@ EXPORT_FORMATS = ('timm', 'torchvision', 'detectron2')
 TIMM_ARCHS = tuple(a for a, c in RS_CONFIGS.items() if c.paper) + ('resnet50',)  # archs timm builds by name
 
 def to_detectron2(sd:dict) -> dict:
-    "The reference's renaming of a torchvision ResNet-50 state dict for detectron2 (spec section 7)."
+    "The reference's renaming of a torchvision ResNet-50 state dict for detectron2 (`convert_pretrain_to_d2.py` l. 19-27)."
     out = {}
     for k, v in sd.items():
         if 'layer' not in k: k = 'stem.' + k  # conv1, bn1
@@ -389,6 +396,7 @@ def to_detectron2(sd:dict) -> dict:
         out[k.replace('downsample.0', 'shortcut').replace('downsample.1', 'shortcut.norm')] = v
     return out
 
+# %% ../nbs/08_evaluate.ipynb #daf0d20d
 def from_detectron2(sd:dict) -> dict:
     "The inverse of `to_detectron2`: detectron2's ResNet-50 names back to torchvision's."
     out = {}

@@ -35,18 +35,18 @@ from .data import ClassFolders, PairLoader, PairSampler, SyntheticScenes, _seed_
 from .evaluate import load_backbone
 from .recipes import RESNETRS_SUPERVISED, SupervisedRecipe, lr_at, scaled_lr, set_lr, supervised_recipe
 from .resnet_rs import RS_CONFIGS, CheckpointError, create_model
-from .train import (NonFiniteLossError, Preempted, RUN_ONLY, RunGuard, _bool, _int, _merged, _write_metrics,
-                             c5_size, checkpoint_path, config_parser, data_identity, default_output_dir, list_checkpoints,
-                             load_checkpoint, prepare_output_dir, prune_checkpoints, RunPlan, read_params, rng_state, run_command,
-                             run_differences, save_checkpoint, set_rng_state, start_output_dir, to_memory_format)
+from .train import (Loop, RUN_ONLY, RunGuard, RunPlan, _bool, _check_run, _int, _merged, _write_metrics,
+                             announce, c5_size, config_parser, data_identity, default_output_dir, export_weights,
+                             load_checkpoint, open_output_dir, plan_steps, prepare_output_dir, read_params, restore,
+                             run_command, to_device, to_memory_format)
 
 # %% auto #0
 __all__ = ['FINETUNE_RECIPES', 'LOOKS', 'FINETUNE_GLOSSARY', 'FT_RECIPE_FIELDS', 'FT_PARAMETERS', 'FT_BOOLS', 'RS_ARCHS',
            'FT_CHECKPOINT_FORMAT', 'FT_METRIC_COLUMNS', 'get_finetune_recipe', 'TFRandAugment', 'eval_crop_size',
            'EvalTransform', 'train_transform', 'Augmented', 'train_loader', 'eval_loader', 'SceneLooks',
            'build_classifier', 'param_groups', 'ModelEMA', 'evaluate', 'FinetuneConfig', 'resolve_finetune_config',
-           'load_finetune_checkpoint', 'prepare_finetune_dir', 'FinetuneResult', 'build_datasets',
-           'speed_up_classifier', 'finetune', 'finetune_parser', 'read_finetune_params', 'main']
+           'load_finetune_checkpoint', 'prepare_finetune_dir', 'FinetuneResult', 'build_datasets', 'build_ft_loaders',
+           'speed_up_classifier', 'evaluate_step', 'finetune', 'finetune_parser', 'read_finetune_params', 'main']
 
 # %% ../nbs/11_finetune.ipynb #454934e0
 _DEMO_FT = SupervisedRecipe(
@@ -89,6 +89,7 @@ def _stretched(fn, scale:float, op:str):
         return out
     return stretched
 
+# %% ../nbs/11_finetune.ipynb #f44b2e57
 class TFRandAugment(v2.RandAugment):
     "torchvision's RandAugment with `magnitude` on TF's scale (level = m/10 x max, also for m > 10); uint8 images."
     def __init__(self,
@@ -127,6 +128,7 @@ def eval_crop_size(short_side:int,  # shorter side of the image
     "Side of the centre crop: `short_side * s / (s + round(s/7))` (0.875 of it), at least 1."
     return max(1, int(short_side * image_size / (image_size + round(image_size / 7))))
 
+# %% ../nbs/11_finetune.ipynb #3eea640b
 class EvalTransform:
     "Centre crop of `eval_crop_size`, bicubic resize to `image_size`, ImageNet normalisation. [3, H, W] uint8 -> float."
     def __init__(self, image_size:int): self.image_size = image_size
@@ -136,6 +138,7 @@ class EvalTransform:
         return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
     def __repr__(self): return f'EvalTransform({self.image_size})'
 
+# %% ../nbs/11_finetune.ipynb #daa60a27
 def train_transform(image_size:int,  # s
                     randaugment_ops:int=2, randaugment_magnitude:float=10,  # see `TFRandAugment`
                    ) -> v2.Compose:
@@ -161,6 +164,7 @@ class Augmented(Dataset):
             torch.manual_seed(s)
             return self.transform(img), int(label)
 
+# %% ../nbs/11_finetune.ipynb #8905c0df
 def train_loader(dataset:Dataset,  # (uint8 image, label) pairs
                  transform,  # e.g. `train_transform(...)`
                  batch_size:int, *, num_workers:int=0, seed:int=0, rank:int=0, world_size:int=1,
@@ -173,6 +177,7 @@ def train_loader(dataset:Dataset,  # (uint8 image, label) pairs
                         **extra)
     return PairLoader(loader, sampler, dataset, seed, rank)
 
+# %% ../nbs/11_finetune.ipynb #ecdc53b8
 def eval_loader(dataset:Dataset, image_size:int, batch_size:int, *, num_workers:int=0, rank:int=0,
                 world_size:int=1) -> DataLoader:
     "This rank's share (`rank::world_size`, nothing repeated) of the evaluation images, in order."
@@ -276,8 +281,6 @@ def evaluate(model:nn.Module,  # a classifier (or `ModelEMA`)
 
 # %% ../nbs/11_finetune.ipynb #60e7a00d
 FINETUNE_GLOSSARY = {**GLOSSARY,
-    'init': "'scratch' or a checkpoint: a PixPro training checkpoint (its online encoder), an encoder.safetensors or a "
-            "backbone file",
     'channels_last': "NHWC memory format for the classifier, its EMA and the images (faster convolutions on GPUs)",
     'compile': "compile the classifier and its EMA in place with nn.Module.compile (torch.compile)"}
 
@@ -337,6 +340,7 @@ def _class_folders(root:Path) -> tuple[ClassFolders, ClassFolders]:
         raise ConfigError('data', str(root), f'the same class folders in train/ and val/ ({len(train.classes)} vs {len(val.classes)})')
     return train, val
 
+# %% ../nbs/11_finetune.ipynb #96c2d623
 def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the parameters (None: all defaults)
                             world_size:int=1,  # processes of the run (for the global batch)
                             **overrides,  # parameters overriding `config`'s
@@ -347,7 +351,6 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
     for k in FT_RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
     for k, low in _FT_INTS.items(): p[k] = _int(k, p[k], low)
-    if p['seed'] >= 2**64: raise ConfigError('seed', p['seed'], 'an integer in [0, 2**64)')
     check_choice('arch', p['arch'], RS_ARCHS)
     check_positive('lr', p['lr']); check_range('weight_decay', p['weight_decay'], 0)
     check_range('warmup_epochs', p['warmup_epochs'], 0, p['epochs'])
@@ -355,10 +358,7 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
     check_range('ema_decay', p['ema_decay'], 0, 1, high_open=True)
     check_range('randaugment_magnitude', p['randaugment_magnitude'], 0, 30)
     for k in ('dropout', 'stochastic_depth'): check_range(k, p[k], 0, 1, high_open=True)
-    check_choice('mixed_precision', p['mixed_precision'], ['no', 'bf16', 'fp16'])
-    if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
-        raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
-    for k in FT_BOOLS: p[k] = _bool(k, p[k])
+    _check_run(p, FT_BOOLS)
     if not isinstance(p['data'], (str, Path)): raise ConfigError('data', p['data'], "'looks', 'synthetic' or a folder")
     p['data'] = str(p['data'])
     if p['data'] == 'looks':
@@ -376,9 +376,6 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
     if not isinstance(p['init'], (str, Path)) or (p['init'] != 'scratch' and not Path(p['init']).is_file()):
         raise ConfigError('init', p['init'], "'scratch' or an existing checkpoint file (PixPro checkpoint, encoder.safetensors)")
     p['init'] = str(p['init'])
-    if not isinstance(p['resume'], (str, Path)) or (p['resume'] not in ('auto', 'never') and not Path(p['resume']).is_file()):
-        raise ConfigError('resume', p['resume'], "'auto', 'never' or an existing checkpoint file")
-    p['resume'] = str(p['resume'])
     p['output_dir'] = str(p['output_dir'] or default_output_dir(p['recipe'], p['arch'], p['seed']))
     p.update(warmup_start_factor=recipe.warmup_start_factor, final_lr=recipe.final_lr, optimizer=recipe.optimizer,
              optimizer_momentum=recipe.optimizer_momentum, world_size=int(world_size),
@@ -393,10 +390,12 @@ def load_finetune_checkpoint(path:str|Path) -> dict:
     "Load a fine-tuning checkpoint (`weights_only=True`); a file that is not one raises `CheckpointError` naming it."
     return load_checkpoint(path, FT_CHECKPOINT_FORMAT)
 
+# %% ../nbs/11_finetune.ipynb #ac2f2e81
 def prepare_finetune_dir(c:dict) -> RunPlan:
     "A fresh start, a resume (its checkpoint loaded), or a `ConfigError` for a folder holding a different run."
     return prepare_output_dir(c, FT_CHECKPOINT_FORMAT, dataclasses.asdict(FinetuneConfig()))  # the training engine's rule
 
+# %% ../nbs/11_finetune.ipynb #fdce7c66
 FT_METRIC_COLUMNS = ('step', 'epoch', 'loss', 'lr', 'ema_decay', 'top1', 'top1_ema', 'images_per_s', 'data_s', 'time_s')
 
 def _write_ft_metrics(out:Path, metrics:list[dict]):
@@ -413,6 +412,7 @@ class FinetuneResult(NamedTuple):
     ema: ModelEMA  # its EMA; `ema.module` is the evaluated model
     config: dict  # the resolved config
 
+# %% ../nbs/11_finetune.ipynb #886a357e
 def build_datasets(c:dict) -> tuple[Dataset, Dataset]:
     "(train, val) of a resolved config: SceneLooks or SyntheticScenes (seeds 0 and 1), or train/ and val/ class folders."
     if c['data'] == 'looks':
@@ -422,10 +422,21 @@ def build_datasets(c:dict) -> tuple[Dataset, Dataset]:
                 SyntheticScenes(max(c['synthetic_length'] // 4, 1), c['synthetic_size'], num_classes=c['num_classes'], seed=1))
     return _class_folders(Path(c['data']))
 
+# %% ../nbs/11_finetune.ipynb #3905ffb4
+def build_ft_loaders(c:dict, train_ds:Dataset, val_ds:Dataset, accelerator) -> tuple:
+    "This process's training loader (the recipe's augmentation) and validation loader."
+    rank, world, workers = accelerator.process_index, accelerator.num_processes, c['num_workers']
+    loader = train_loader(train_ds, train_transform(c['image_size'], c['randaugment_ops'], c['randaugment_magnitude']),
+                          c['batch_size'], num_workers=workers, seed=c['seed'], rank=rank, world_size=world,
+                          pin_memory=accelerator.device.type == 'cuda')
+    return loader, eval_loader(val_ds, c['image_size'], c['batch_size'], num_workers=workers, rank=rank, world_size=world)
+
+# %% ../nbs/11_finetune.ipynb #b077c12d
 def _make_ft_accelerator(c:dict):
     from accelerate import Accelerator
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c['mixed_precision'])
 
+# %% ../nbs/11_finetune.ipynb #f97f46d4
 def speed_up_classifier(model:nn.Module,  # on its training device; never a copy of a compiled module
                         channels_last:bool=False,  # NHWC weights (the images must be NHWC too: `to_memory_format`)
                         compile:bool=False,  # `nn.Module.compile()`: in place, the state dict's names unchanged
@@ -436,151 +447,67 @@ def speed_up_classifier(model:nn.Module,  # on its training device; never a copy
     return model
 
 # %% ../nbs/11_finetune.ipynb #6af691d7
+def evaluate_step(loop:Loop, models:dict, val_loader, accelerator, channels_last:bool=False) -> dict:
+    "Top-1 of each model (e.g. {'top1': model, 'top1_ema': ema.module}) on the validation set, into the step's row."
+    for k, m in models.items():
+        correct, n = accelerator.reduce(evaluate(m, val_loader, accelerator.device, accelerator.autocast, channels_last), 'sum')
+        loop.metrics[-1][k] = float(correct / n)
+    if accelerator.is_main_process:
+        _write_ft_metrics(loop.out, loop.metrics)
+        loop.bar.write(f'step {loop.metrics[-1]["step"]}: ' + ', '.join(f'{k} {loop.metrics[-1][k]:.3f}' for k in models))
+    return loop.metrics[-1]
+
+# %% ../nbs/11_finetune.ipynb #396934cb
 def finetune(config:FinetuneConfig|dict|None=None,  # the run's parameters (None: the CPU demo)
              **overrides,  # parameters overriding `config`'s, e.g. `finetune(init='runs/x/encoder.safetensors')`
             ) -> FinetuneResult:
     "Supervised training with the ResNet-RS recipe, from scratch or a PixPro encoder; evaluates the EMA model."
-    # 1. config: everything checked before anything is written
-    c = resolve_finetune_config(config, **overrides)
-    accelerator = _make_ft_accelerator(c)
-    c = resolve_finetune_config(config, world_size=accelerator.num_processes, **overrides)
-    main, device, out = accelerator.is_main_process, accelerator.device, Path(c['output_dir'])
-    with RunGuard(out, accelerator) as guard:  # the folder locked for the run's life; SIGTERM ends it at a step
-        # 2./3. data: this process's shard; order and augmentations derive from (seed, epoch, index)
-        train_ds, val_ds = build_datasets(c)
-        c.update(data_identity(train_ds, val_ds))
-        rank, world = accelerator.process_index, accelerator.num_processes
-        loader = train_loader(train_ds, train_transform(c['image_size'], c['randaugment_ops'], c['randaugment_magnitude']),
-                              c['batch_size'], num_workers=c['num_workers'], seed=c['seed'], rank=rank, world_size=world,
-                              pin_memory=device.type == 'cuda')
-        val_loader = eval_loader(val_ds, c['image_size'], c['batch_size'], num_workers=c['num_workers'], rank=rank, world_size=world)
-        steps_per_epoch = len(loader) // c['grad_accum']
-        if steps_per_epoch == 0:
-            raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(train_ds)} images for '
-                              f'{c["global_batch"]} per step (batch_size x grad_accum x {world} processes)')
-        total_steps = c['epochs'] * steps_per_epoch
-        schedule = dict(base_lr=c['global_lr'], total_steps=total_steps, warmup_steps=c['warmup_epochs'] * steps_per_epoch,
-                        start_factor=c['warmup_start_factor'], final_lr=c['final_lr'])
-        plan = prepare_finetune_dir(c)  # resume, fresh start or refusal: nothing written yet
-        # 4. model and its EMA: the same initialisation on every process; SyncBN only across GPUs
-        model = build_classifier(c['arch'], c['num_classes'], c['init'], c['dropout'], c['stochastic_depth'], c['seed'])
-        if world > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(device).train()
-        ema = ModelEMA(model, c['ema_decay']).to(device)  # before compiling: a compiled module's copy runs the original
+    c = resolve_finetune_config(config, **overrides)  # 1. config: everything checked before anything is written
+    accelerator = _make_ft_accelerator(c)  # 2. accelerator
+    c, world = resolve_finetune_config(config, world_size=accelerator.num_processes, **overrides), accelerator.num_processes
+    with RunGuard(c['output_dir'], accelerator) as guard:  # the folder locked for the run's life; SIGTERM stops at a step
+        train_ds, val_ds = build_datasets(c); c.update(data_identity(train_ds, val_ds))  # 3. data: this process's shards
+        loader, val_loader = build_ft_loaders(c, train_ds, val_ds, accelerator)
+        steps_per_epoch, total_steps, schedule = plan_steps(c, loader, len(train_ds), world)
+        plan = prepare_finetune_dir(c)  # resume, fresh start or refusal: still nothing written
+        model = to_device(build_classifier(c['arch'], c['num_classes'], c['init'], c['dropout'], c['stochastic_depth'],
+                                           c['seed']), accelerator).train()  # 4. the model and its EMA
+        ema = ModelEMA(model, c['ema_decay']).to(accelerator.device)  # before compiling: a compiled module's copy runs the original
         for m in (model, ema.module): speed_up_classifier(m, c['channels_last'], c['compile'])
-        # 5. optimiser: SGD Nesterov, weight decay on conv / linear weights only
-        optimizer = torch.optim.SGD(param_groups(model, c['weight_decay']), lr=c['global_lr'],
+        optimizer = torch.optim.SGD(param_groups(model, c['weight_decay']), lr=c['global_lr'],  # 5. optimiser
                                     momentum=c['optimizer_momentum'], nesterov=c['optimizer'] == 'sgd_nesterov')
         criterion = nn.CrossEntropyLoss(label_smoothing=c['label_smoothing'])
-        step, metrics, pending_eval = 0, [], False
-        if plan.state is not None:
-            state = plan.state
-            model.load_state_dict(state['model']); ema.load_state_dict(state['ema']); optimizer.load_state_dict(state['optimizer'])
-            step, metrics = state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
-            set_rng_state(state['rng'])
-            if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
-            pending_eval = state.get('pending_eval', False)  # saved, then stopped before its evaluation ended
-            del state; plan = plan._replace(state=None)
-        accelerator.wait_for_everyone()  # every process has read the folder before the main process writes to it
-        if main: start_output_dir(c, plan, ('metrics.jsonl', 'metrics.csv', 'model.safetensors')); _write_ft_metrics(out, metrics)
+        pending = bool(plan.state and plan.state.get('pending_eval'))  # saved, then stopped before its evaluation ended
+        step, metrics = restore(plan, accelerator, model=model, ema=ema, optimizer=optimizer)
+        open_output_dir(c, plan, accelerator, metrics, ('metrics.jsonl', 'metrics.csv', 'model.safetensors'), FT_METRIC_COLUMNS)
         wrapped, optimizer = accelerator.prepare(model, optimizer)
-        if main:
-            print(f"{c['arch']} ({c['init']}) on {c['data']}, {c['num_classes']} classes: {world} process(es) on {device.type}, "
-                  f"global batch {c['global_batch']} = {c['batch_size']} x {c['grad_accum']} x {world}, "
-                  f"lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
-                  + (f', resuming at step {step} from {plan.resume}' if plan.resume else ''), flush=True)
-
-        def save(step:int, pending_eval:bool) -> Path:  # written before evaluating: a failed evaluation loses nothing
-            path = checkpoint_path(out, step)
-            if main:
-                state = {'format': FT_CHECKPOINT_FORMAT, 'step': step, 'config': c, 'model': model.state_dict(),
-                         'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(), 'metrics': metrics, 'rng': rng_state(),
-                         'scaler': accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                         'pending_eval': pending_eval}
-                save_checkpoint(path, state)
-                _write_ft_metrics(out, metrics)
-                prune_checkpoints(out, c['keep_checkpoints'], path)
-            accelerator.wait_for_everyone()
-            return path
-
-        def evaluate_step():  # both models on the validation set, into the step's metrics row
-            raw = accelerator.reduce(evaluate(model, val_loader, device, accelerator.autocast, c['channels_last']), 'sum')
-            avg = accelerator.reduce(evaluate(ema.module, val_loader, device, accelerator.autocast, c['channels_last']), 'sum')
-            metrics[-1].update(top1=float(raw[0] / raw[1]), top1_ema=float(avg[0] / avg[1]))
-            if main:
-                _write_ft_metrics(out, metrics)
-                bar.write(f"step {metrics[-1]['step']}: top-1 {metrics[-1]['top1']:.3f}, EMA {metrics[-1]['top1_ema']:.3f}")
-
-        # 6. the loop
-        last_ckpt, end = plan.resume, min(total_steps, c['max_steps'] or total_steps)
-        saved, stop = (step if plan.resume else None), False
-        bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
-                   mininterval=2 if sys.stderr.isatty() else 30)
-        if pending_eval: evaluate_step()
-        t_start, guard.phase = time.perf_counter(), 'loop'
-        try:
-            while step < end and not stop:
-                epoch, skip = divmod(step, steps_per_epoch)
-                loader.set_epoch(epoch, skip=skip * c['grad_accum'])  # the loader counts micro-batches
-                n_micro = (steps_per_epoch - skip) * c['grad_accum']
-                parts, micro, data_s = torch.zeros(2, device=device), 0, 0.0  # loss, stop requested
-                t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
-                for (x, y), _ in zip(loader, range(n_micro)):
-                    if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
-                    data_s += time.perf_counter() - t0
-                    x, y = to_memory_format(x.to(device, non_blocking=True), c['channels_last']), y.to(device, non_blocking=True)
-                    last = micro == c['grad_accum'] - 1
-                    with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():  # all-reduce on the last only
-                        with accelerator.autocast():
-                            loss = criterion(wrapped(x).float(), y)  # BN in training mode
-                        accelerator.backward(loss / c['grad_accum'])
-                    parts[0] += loss.detach().float() / c['grad_accum']
-                    micro += 1
-                    if not last: t0 = time.perf_counter(); continue
-                    parts[1] = float(guard.requested)
-                    ranks = accelerator.gather(parts[None])  # [processes, 2]
-                    if not torch.isfinite(ranks).all():
-                        raise NonFiniteLossError(f'non-finite loss in step {step + 1} (epoch {epoch}), per process '
-                                                 f'{ranks[:, 0].tolist()}; the last good checkpoint is '
-                                                 f'{last_ckpt or "none (no checkpoint yet)"}.')
-                    optimizer.step(); optimizer.zero_grad(set_to_none=True)
-                    d = ema.update(model)
-                    step += 1
-                    dt = time.perf_counter() - t_step
-                    loss_mean, stop = ranks.mean(0).tolist()
-                    stop = stop > 0  # some process was sent SIGTERM
-                    row = dict(step=step, epoch=step / steps_per_epoch, loss=loss_mean, lr=lr, ema_decay=d,
-                               images_per_s=c['global_batch'] / dt, data_s=data_s, time_s=time.perf_counter() - t_start)
-                    metrics.append(row)
-                    if main:
-                        with open(out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-                        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f'{lr:.3g}', refresh=False); bar.update()
-                    parts.zero_(); micro, data_s = 0, 0.0
-                    t_step = t0 = time.perf_counter()
-                    if step >= end or stop: break
-                done_epoch = step % steps_per_epoch == 0
-                evaluation_due = step == end or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0)
-                if evaluation_due or stop:
-                    last_ckpt, saved = save(step, pending_eval=evaluation_due), step
-                    if evaluation_due and not stop: evaluate_step()
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f'interrupted in step {step + 1}; ' + (f'the newest checkpoint is {last_ckpt}'
-                                    if last_ckpt else 'no checkpoint was written')) from None
-        bar.close()
-        if stop and step < end: raise Preempted(f'stopped by SIGTERM after step {step}, saved in {last_ckpt}; run the same command to resume')
-        # 7. the end: the final checkpoint (unless the run was already complete) and the EMA model's weights
-        guard.phase = 'finish'
-        if saved != step:
-            last_ckpt = save(step, pending_eval=True)
-            evaluate_step()
-        if main:
-            from safetensors.torch import save_file
-            sd = {k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}
-            atomic_write(out/'model.safetensors', lambda t: save_file(sd, str(t), metadata={
-                'arch': c['arch'], 'num_classes': str(c['num_classes']), 'weights': 'ema'}))
+        announce(f"{c['arch']} ({c['init']}) on {c['data']}, {c['num_classes']} classes", c, accelerator, total_steps, step, plan.resume)
+        loop = Loop(c, accelerator, guard, loader, steps_per_epoch, total_steps, step, metrics, plan.resume,
+                    FT_CHECKPOINT_FORMAT, FT_METRIC_COLUMNS)
+        evaluation = lambda: evaluate_step(loop, {'top1': model, 'top1_ema': ema.module}, val_loader, accelerator, c['channels_last'])
+        if pending: evaluation()
+        for step in loop:  # 6. the loop: optimiser steps of grad_accum micro-batches each
+            set_lr(optimizer, lr := lr_at(step, **schedule))
+            step_loss = torch.zeros(1, device=accelerator.device)
+            for micro, (x, y) in loop.micro_batches():
+                x, y = to_memory_format(x.to(accelerator.device, non_blocking=True), c['channels_last']), y.to(accelerator.device)
+                with loop.accumulate(wrapped, micro):
+                    with accelerator.autocast():
+                        loss = criterion(wrapped(x).float(), y)  # BN in training mode
+                    accelerator.backward(loss / c['grad_accum'])
+                step_loss += loss.detach().float() / c['grad_accum']
+            loss, = loop.gather(step_loss)
+            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+            loop.log(loss=loss, lr=lr, ema_decay=ema.update(model))
+            if loop.save_due:  # saved before evaluating: a failed evaluation loses no training
+                loop.save(model=model, ema=ema, optimizer=optimizer, pending_eval=loop.evaluation_due)
+                if loop.evaluation_due and not loop.stop: evaluation()
+        if loop.saved != loop.step:  # 7. the end: the final checkpoint and evaluation, the EMA model's weights
+            loop.save(model=model, ema=ema, optimizer=optimizer, pending_eval=True); evaluation()
+        export_weights(loop.out/'model.safetensors', ema.module, dict(arch=c['arch'], num_classes=c['num_classes'], weights='ema'), accelerator)
         del wrapped, optimizer, loader, val_loader  # drop every reference to DDP/gloo objects before the process group ends
         accelerator.end_training()
-    return FinetuneResult(out, last_ckpt, metrics, model, ema, c)
+    return FinetuneResult(loop.out, loop.checkpoint, loop.metrics, model, ema, c)
 
 # %% ../nbs/11_finetune.ipynb #6ea0be09
 _FT_FLOATS = ('lr', 'weight_decay', 'label_smoothing', 'ema_decay', 'randaugment_magnitude', 'dropout', 'stochastic_depth')
@@ -594,10 +521,12 @@ def finetune_parser() -> argparse.ArgumentParser:
                          '(pixpro_rs). Parameters left out take the recipe\'s values; see the fine-tuning chapter.',
                          _FT_TYPES, FINETUNE_GLOSSARY, FT_RECIPE_FIELDS)
 
+# %% ../nbs/11_finetune.ipynb #2cc62bdf
 def read_finetune_params(path:str|Path) -> dict:
     "Parameters from a YAML file of `FinetuneConfig` names; errors name the file."
     return read_params(path, FT_PARAMETERS)
 
+# %% ../nbs/11_finetune.ipynb #6829716b
 def main(argv:list[str]|None=None) -> int:
     "The command line: parse, fine-tune, and turn bad input into one clear line and an exit code."
     return run_command(argv, finetune_parser(), lambda params: finetune(FinetuneConfig(**params)), FT_PARAMETERS)

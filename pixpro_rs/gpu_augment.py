@@ -43,6 +43,7 @@ def crop_view(img:Tensor,  # [3, H, W] uint8 source image
     v = F.resized_crop(img, p.top, p.left, p.height, p.width, [size, size], antialias=True)
     return v.flip(-1) if p.flip else v
 
+# %% ../nbs/12_gpu_augment.ipynb #3d40b0f8
 class TwoCrops(TwoViews):
     "`(crop1, crop2, coord1, coord2, params1, params2[, label])`: `TwoViews` with the colour work left for `BatchAugment`."
     def views(self, img, g:torch.Generator) -> tuple:
@@ -67,6 +68,7 @@ def batch_gray(x:Tensor,  # [B, 3, H, W] float
     r, g, b = x.unbind(1)
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
 
+# %% ../nbs/12_gpu_augment.ipynb #2dc6c1d3
 def batch_blend(x:Tensor,  # [B, 3, H, W] float in [0, 1]
                 target:Tensor,  # broadcastable to x: [B, 1, 1, 1] or [B, 1, H, W]
                 f:Tensor,  # [B] blend factor (1: x unchanged)
@@ -98,6 +100,7 @@ def _blend_at(y:Tensor, order:Tensor, factors:Tensor, k:int, apply:Tensor) -> Te
     target = torch.where(o == 0, 0.0, torch.where(o == 1, gray.mean((1, 2, 3), keepdim=True), gray))
     return torch.where(apply.view(-1, 1, 1, 1), batch_blend(y, target, f), y)
 
+# %% ../nbs/12_gpu_augment.ipynb #76e3b7be
 def batch_color_jitter(x:Tensor,  # [B, 3, H, W] float in [0, 1]
                        params:Tensor,  # [B, 13] in the order of `PARAM_NAMES`
                       ) -> Tensor:  # [B, 3, H, W]
@@ -117,6 +120,7 @@ def _box_l(sigma):
     s2 = sigma * sigma / 3
     return ((12 * s2 + 1) ** 0.5 - 1) / 2 // 1
 
+# %% ../nbs/12_gpu_augment.ipynb #51630b8b
 def pil_blur_kernels(sigma:Tensor,  # [B] blur standard deviations
                      max_sigma:float=2.0,  # the largest sigma allowed: fixes the kernel length
                     ) -> Tensor:  # [B, 2R+1] float32 on sigma's device, R = 3 (l(max_sigma) + 1)
@@ -133,6 +137,7 @@ def pil_blur_kernels(sigma:Tensor,  # [B] blur standard deviations
     k = nnF.conv1d(box[None], box[:, None], padding=n - 1, groups=B)  # [1, B, 2n-1]; box is symmetric
     return nnF.conv1d(k, box[:, None], padding=n - 1, groups=B)[0].float()  # [B, 3n-2]
 
+# %% ../nbs/12_gpu_augment.ipynb #af7a8fa6
 def batch_blur(x:Tensor,  # [B, C, H, W] float
                kernels:Tensor,  # [B, 2R+1] one symmetric kernel per sample
               ) -> Tensor:  # [B, C, H, W]
@@ -192,6 +197,7 @@ def to_views(batch:tuple|list,  # a batch of `make_crop_loader`: crop1, crop2, c
     v1, v2 = views.chunk(2)
     return (v1, v2, mv(co1), mv(co2), *map(mv, rest))
 
+# %% ../nbs/12_gpu_augment.ipynb #7baffe8d
 class ViewLoader:
     "Iterate a crop loader and get `make_loader`-style batches finished by `BatchAugment` on `device`."
     def __init__(self, loader:PairLoader,  # from `make_crop_loader`

@@ -97,6 +97,7 @@ def backbone_features(backbone:nn.Module, x:Tensor) -> Tensor:  # [N, C, H, W]
     if f.ndim != 4: raise ConfigError('backbone', type(backbone).__name__, f'a C5 map [N, C, H, W], got shape {tuple(f.shape)}')
     return f
 
+# %% ../nbs/05_pixpro.ipynb #9449496f
 def feature_channels(backbone:nn.Module, image_size:int=64) -> int:
     "C of the backbone's feature map: its `num_features`, else measured by a dry run in eval mode."
     if isinstance(getattr(backbone, 'num_features', None), int): return backbone.num_features
@@ -116,6 +117,7 @@ class PixProOutput(NamedTuple):
     instance: Tensor  # instance loss, both directions; 0 when the branch is off
     momentum: float  # the EMA momentum used by this call's target update (nan when there was none)
 
+# %% ../nbs/05_pixpro.ipynb #fa52022b
 def instance_loss(p:Tensor,  # [N, D] online predictions, L2-normalised
                   z:Tensor,  # [N, D] target projections, L2-normalised
                  ) -> Tensor:  # scalar in [-2, 2]
@@ -190,6 +192,7 @@ def _online(self:PixPro, x:Tensor) -> tuple[Tensor|None, Tensor|None]:
         inst = F.normalize(F.adaptive_avg_pool2d(self.predictor(self.instance_projector(f)), 1).flatten(1), dim=1)  # [N, D]
     return pix, inst
 
+# %% ../nbs/05_pixpro.ipynb #2d30076d
 @torch.no_grad()
 def _target(self:PixPro, x:Tensor) -> tuple[Tensor|None, Tensor|None]:
     "Target outputs of one view, no gradient: (pixel [N, D, H, W] or None, instance [N, D] or None)."

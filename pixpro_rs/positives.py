@@ -25,6 +25,7 @@ def _check_coords(coord_q:Tensor, coord_k:Tensor, n:int|None=None):
     if n is not None and coord_q.shape[0] != n:
         raise ConfigError('coord_q', coord_q.shape, f'N = {n}, the batch size of the features')
 
+# %% ../nbs/04_positives.ipynb #aad4bda8
 def _bin_centres(coord:Tensor, H:int, W:int):
     "Centres [N, H*W] (x and y, row-major) and bin diagonals [N, 1] of an H x W grid over each crop."
     bw = (coord[:, 2] - coord[:, 0]) / W  # [N], negative for a flipped view
@@ -64,6 +65,7 @@ def _check_features(q:Tensor, k:Tensor, coord_q:Tensor, coord_k:Tensor):
     if k.shape != q.shape: raise ConfigError('k', k.shape, f'the shape of q, {tuple(q.shape)}')
     _check_coords(coord_q, coord_k, q.shape[0])
 
+# %% ../nbs/04_positives.ipynb #005f2d5e
 def _float(*ts:Tensor):
     "Cast to float32 (float64 stays float64)."
     dt = torch.promote_types(ts[0].dtype, torch.float32)

@@ -45,6 +45,7 @@ def _by_device_dtype(params:list[Tensor]) -> list[list[Tensor]]:
     for p in params: buckets.setdefault((p.device, p.dtype), []).append(p)
     return list(buckets.values())
 
+# %% ../nbs/06_recipes.ipynb #577c8a51
 def _lars_foreach_update(params:list[Tensor],  # parameters of one group, one device and dtype, all with `.grad`
                          state:dict,  # the optimiser's state (per parameter dicts)
                          group:dict,  # the param group: lr, momentum, weight_decay, trust_coefficient, eps, lars
@@ -118,6 +119,7 @@ def _random_lars_setup(seed:int=0, dtype=torch.float64):
               dict(params=[ps[1], ps[3], ps[6]], weight_decay=0.0, lars=False)]  # the 1-D group
     return ps, groups
 
+# %% ../nbs/06_recipes.ipynb #bf3cbeb9
 def _random_grads(ps:list[Tensor], step:int, seed:int=0):
     "Fresh random gradients for step `step`; ps[5] gets a zero gradient, ps[7] none."
     gen = torch.Generator().manual_seed(1000 * seed + step)
@@ -155,6 +157,7 @@ def lr_at(step:int,  # global iteration, 0-based: the lr the optimiser uses for 
     t = (step - warmup_steps) / (total_steps - warmup_steps)
     return final_lr + (base_lr - final_lr) * (1 + math.cos(math.pi * t)) / 2
 
+# %% ../nbs/06_recipes.ipynb #9162bd6d
 def set_lr(optimizer:torch.optim.Optimizer,  # any optimiser
            lr:float,  # the value for this iteration (`lr_at(...)`)
           ):
@@ -273,7 +276,7 @@ class PixProRecipe(Recipe):
 # %% ../nbs/06_recipes.ipynb #650e4f2a
 @dataclass(frozen=True, kw_only=True)
 class SupervisedRecipe(Recipe):
-    "The ResNet-RS supervised ImageNet recipe (spec section 2)."
+    "The ResNet-RS supervised ImageNet recipe (arXiv 2103.07579; tensorflow/tpu `resnet_rs/configs`)."
     label_smoothing: float = 0.1  # of the cross-entropy
     ema_decay: float = 0.9999  # EMA of the weights (warm-up min(decay, (1+t)/(10+t))), BN statistics included
     randaugment_ops: int = 2  # RandAugment operations per image
@@ -288,7 +291,8 @@ class SupervisedRecipe(Recipe):
         check_range('randaugment_magnitude', self.randaugment_magnitude, 0, 30)
         check_range('dropout', self.dropout, 0, 1, high_open=True)
 
-# per arch: (image_size, dropout, stochastic_depth, randaugment_magnitude), the paper's rows in the spec's table
+# per arch: (image_size, dropout, stochastic_depth, randaugment_magnitude): `image_size`, `dropout_rate`,
+# `drop_connect_rate` (null: 0) and `randaug_magnitude` of tensorflow/tpu resnet_rs/configs/resnetrs{depth}_i{size}.yaml
 RESNETRS_SUPERVISED: dict[str, list[tuple]] = {
     'resnetrs50': [(160, 0.25, 0.0, 10)],
     'resnetrs101': [(160, 0.25, 0.0, 10), (192, 0.25, 0.0, 15)],
@@ -340,7 +344,8 @@ def supervised_recipe(arch:str='resnetrs50',  # 'resnetrs50' ... 'resnetrs420'
                 "batch 4096, SGD Nesterov 0.9, lr 0.1 per 256, 5 warm-up epochs, cosine to 0, wd 4e-5 not on BN, "
                 "label smoothing 0.1, EMA 0.9999, RandAugment 2 ops, per-model dropout/SD/magnitude"),
         ours={'devices': "only the global batch 4096 is the paper's (TPU); 32 x 128 is our GPU layout",
-              'warmup_start_factor': "the spec says linear warm-up; we read it as starting from 0, as TF's code does"})
+              'warmup_start_factor': ("linear warm-up from 0, as tensorflow/tpu's learning_rate_schedule "
+                                      "(models/official/resnet/resnet_main.py) does")})
 
 # %% ../nbs/06_recipes.ipynb #1678ab27
 _DEMO = PixProRecipe(

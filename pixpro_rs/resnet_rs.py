@@ -59,6 +59,7 @@ def conv_bn(cin:int, cout:int, k:int=3, stride:int=1) -> list:
     "A bias-free conv with 'same' padding k//2 and its BatchNorm (eps 1e-5), as two modules."
     return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
 
+# %% ../nbs/01_resnet_rs.ipynb #9726c9f7
 class Bottleneck(nn.Module):
     "ResNet-D bottleneck with SE: 1x1 -> 3x3 (stride) -> 1x1 (x4) -> SE -> stochastic depth -> + shortcut -> ReLU."
     expansion = 4
@@ -250,6 +251,7 @@ def on_meta(model:nn.Module) -> nn.Module:
     "`model` itself if it lives on the `meta` device, else a copy there (the caller's weights are never touched)."
     return model if all(p.is_meta for p in model.parameters()) else copy.deepcopy(model).to('meta')
 
+# %% ../nbs/01_resnet_rs.ipynb #738cfd03
 def stage_shapes(model:nn.Module,  # a model from `create_model`
                  image_size:int,  # side of the square input
                 ) -> list[tuple[str, tuple, int, int]]:
@@ -270,6 +272,7 @@ def count_params(model:nn.Module) -> int:
     "Number of parameters (trainable or not); buffers such as BN running statistics are not counted."
     return sum(p.numel() for p in model.parameters())
 
+# %% ../nbs/01_resnet_rs.ipynb #a7c61826
 def count_macs(model:nn.Module,  # any model; it is moved to the `meta` device (no memory, no arithmetic)
                image_size:int,  # side of the square input
               ) -> int:
@@ -288,6 +291,7 @@ def build_meta(arch:str, **kwargs) -> nn.Module:
 class CheckpointError(ValueError):
     "A checkpoint file that cannot be read or does not match the model; the message names the file."
 
+# %% ../nbs/01_resnet_rs.ipynb #607f8433
 def _read_state_dict(path:Path) -> dict:
     "Load a tensor dict from `.safetensors` or a torch file (weights only), unwrapping common containers."
     if path.suffix == '.safetensors':

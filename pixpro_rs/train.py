@@ -34,7 +34,7 @@ from tqdm.std import tqdm
 
 from .core import GLOSSARY, ConfigError, RunLock, atomic_write, check_choice, check_positive, check_range, sweep_temporary
 from .augment import PixProAugment
-from .data import ImageFiles, SyntheticScenes, data_fingerprint, make_loader
+from .data import ImageFiles, SyntheticScenes, data_fingerprint, hold_worker_sigterm, make_loader
 from .gpu_augment import BatchAugment, ViewLoader, make_crop_loader
 from .pixpro import METHODS, OnlineNet, PixPro, momentum_horizon
 from .recipes import LARS, RECIPES, PixProRecipe, get_recipe, lars_param_groups, lr_at, scaled_lr, set_lr
@@ -46,7 +46,9 @@ __all__ = ['RECIPE_FIELDS', 'PARAMETERS', 'BOOLS', 'CHECKPOINT_FORMAT', 'RUN_ONL
            'checkpoint_path', 'checkpoint_step', 'list_checkpoints', 'save_checkpoint', 'load_checkpoint',
            'run_differences', 'data_identity', 'RunPlan', 'prepare_output_dir', 'start_output_dir', 'prune_checkpoints',
            'NonFiniteLossError', 'TrainResult', 'build_dataset', 'build_model', 'speed_up', 'to_memory_format',
-           'Preempted', 'RunGuard', 'train', 'config_parser', 'cli_parser', 'read_params', 'run_command', 'main']
+           'Preempted', 'RunGuard', 'plan_steps', 'restore', 'open_output_dir', 'announce', 'export_weights',
+           'to_device', 'Loop', 'build_loader', 'train', 'config_parser', 'cli_parser', 'read_params', 'run_command',
+           'main']
 
 # %% ../nbs/07_train.ipynb #dd780826
 @dataclass
@@ -66,6 +68,7 @@ class TrainConfig:
     ppm_layers: int|None = None  # layers of the PPM transform
     instance_weight: float|None = None  # alpha of the instance branch
     method: str|None = None  # 'pixpro', 'pixcontrast' or 'instance'
+    tau: float = 0.3  # temperature of PixContrast (the paper's 0.3)
     output_dir: str|None = None  # None: runs/<recipe>-<arch>-seed<seed>
     seed: int = 0  # initialisation, data order and augmentations
     num_workers: int = 2  # DataLoader workers per process
@@ -100,12 +103,14 @@ def _int(name:str, value:Any, low:int) -> int:
         raise ConfigError(name, value, f'an integer >= {low}')
     return value
 
+# %% ../nbs/07_train.ipynb #95382bd5
 def _bool(name:str, value:Any) -> bool:
     if isinstance(value, str) and value.lower() in ('true', 'false', '1', '0', 'yes', 'no'):
         value = value.lower() in ('true', '1', 'yes')
     if not isinstance(value, bool): raise ConfigError(name, value, 'True or False')
     return value
 
+# %% ../nbs/07_train.ipynb #62e1acfc
 def _merged(config, cls:type, names, overrides:dict) -> dict:
     "The defaults of the dataclass `cls`, then `config` (a `cls`, a dict or None), then `overrides`; unknown names refused."
     params = dataclasses.asdict(config) if isinstance(config, cls) else dict(config or {})
@@ -114,15 +119,32 @@ def _merged(config, cls:type, names, overrides:dict) -> dict:
     if params.get('mixed_precision') is False: params['mixed_precision'] = 'no'  # YAML 1.1 reads `no` as False
     return {**dataclasses.asdict(cls()), **params}
 
+# %% ../nbs/07_train.ipynb #06c1c9ed
+def _check_run(p:dict,  # merged parameters, changed in place
+               bools:tuple,  # the engine's boolean parameters
+              ) -> dict:
+    "The checks every engine shares: the seed's range, the precision, the switches and the resume choice."
+    if p['seed'] >= 2**64: raise ConfigError('seed', p['seed'], 'an integer in [0, 2**64)')
+    check_choice('mixed_precision', p['mixed_precision'], ['no', 'bf16', 'fp16'])
+    if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
+        raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
+    for k in bools: p[k] = _bool(k, p[k])
+    if not isinstance(p['resume'], (str, Path)) or (p['resume'] not in ('auto', 'never') and not Path(p['resume']).is_file()):
+        raise ConfigError('resume', p['resume'], "'auto', 'never' or an existing checkpoint file")
+    p['resume'] = str(p['resume'])
+    return p
+
+# %% ../nbs/07_train.ipynb #fbd8310e
 def c5_size(arch:str, image_size:int) -> int:
     "Side of the C5 map of `arch` for `image_size` views, from a forward pass on the meta device."
     with torch.device('meta'):
         return build_meta(arch, num_classes=0).eval().forward_features(torch.empty(1, 3, image_size, image_size)).shape[-1]
 
+# %% ../nbs/07_train.ipynb #0c9cf36c
 def default_output_dir(recipe:str, arch:str, seed:int) -> str:
     return f'runs/{recipe}-{arch}-seed{seed}'
 
-# %% ../nbs/07_train.ipynb #95382bd5
+# %% ../nbs/07_train.ipynb #fe9070bc
 def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: all defaults)
                    world_size:int=1,  # processes of the run (for the global batch)
                    **overrides,  # parameters overriding `config`'s
@@ -134,26 +156,19 @@ def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: a
     for k in RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
     for k, low in _INTS.items(): p[k] = _int(k, p[k], low)
-    if p['seed'] >= 2**64: raise ConfigError('seed', p['seed'], 'an integer in [0, 2**64)')
     check_choice('arch', p['arch'], MODEL_NAMES)
     check_choice('method', p['method'], METHODS)
-    for k in ('lr', 'gamma'): check_positive(k, p[k])
+    for k in ('lr', 'gamma', 'tau'): check_positive(k, p[k])
     for k in ('weight_decay', 'instance_weight'): check_range(k, p[k], 0)
     check_range('momentum', p['momentum'], 0, 1)
     check_range('threshold', p['threshold'], 0, 10, low_open=True)
     check_choice('ppm_layers', p['ppm_layers'], [0, 1, 2])
-    check_choice('mixed_precision', p['mixed_precision'], ['no', 'bf16', 'fp16'])
-    if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
-        raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
-    for k in BOOLS: p[k] = _bool(k, p[k])
+    _check_run(p, BOOLS)
     if not isinstance(p['data'], (str, Path)) or not str(p['data']) or (p['data'] != 'synthetic' and not Path(p['data']).is_dir()):
         raise ConfigError('data', p['data'], "'synthetic' or an existing folder of images")  # '' would be the current folder
     p['data'] = str(p['data'])
     side = c5_size(p['arch'], p['image_size'])
     if side < 2: raise ConfigError('image_size', p['image_size'], f'a size giving a C5 map of at least 2x2 ({side}x{side} here): 64 or more')
-    if not isinstance(p['resume'], (str, Path)) or (p['resume'] not in ('auto', 'never') and not Path(p['resume']).is_file()):
-        raise ConfigError('resume', p['resume'], "'auto', 'never' or an existing checkpoint file")
-    p['resume'] = str(p['resume'])
     p['output_dir'] = str(p['output_dir'] or default_output_dir(p['recipe'], p['arch'], p['seed']))
     p.update(warmup_epochs=recipe.warmup_epochs, warmup_start_factor=recipe.warmup_start_factor, final_lr=recipe.final_lr,
              optimizer_momentum=recipe.optimizer_momentum, trust_coefficient=recipe.trust_coefficient,
@@ -170,6 +185,7 @@ def rng_state() -> dict:
     return {'python': random.getstate(), 'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
+# %% ../nbs/07_train.ipynb #05702573
 def set_rng_state(state:dict):
     "Restore what `rng_state` saved."
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
@@ -178,25 +194,29 @@ def set_rng_state(state:dict):
     torch.set_rng_state(state['torch'])
     if state['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
-# %% ../nbs/07_train.ipynb #05702573
+# %% ../nbs/07_train.ipynb #672a71c3
 def checkpoint_path(output_dir:str|Path, step:int) -> Path:
     return Path(output_dir)/'checkpoints'/f'step-{step:08d}.pt'
 
+# %% ../nbs/07_train.ipynb #9e008de0
 def checkpoint_step(path:str|Path) -> int|None:
     "The step in a checkpoint's name `step-<step>.pt` (None for any other name)."
     name = Path(path).name
     digits = name[len('step-'):-len('.pt')] if name.startswith('step-') and name.endswith('.pt') else ''
     return int(digits) if digits.isdigit() else None
 
+# %% ../nbs/07_train.ipynb #f067ade5
 def list_checkpoints(output_dir:str|Path) -> list[Path]:
     "The run's checkpoints, oldest first: ordered by their step, not by their names' spelling."
     found = [p for p in (Path(output_dir)/'checkpoints').glob('step-*.pt') if checkpoint_step(p) is not None]
     return sorted(found, key=checkpoint_step)
 
+# %% ../nbs/07_train.ipynb #5a7d17ae
 def save_checkpoint(path:str|Path, state:dict) -> Path:
     "Write `state` atomically (temporary file + rename)."
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
+# %% ../nbs/07_train.ipynb #1f33468f
 def load_checkpoint(path:str|Path,
                     format:str=CHECKPOINT_FORMAT,  # the engine's format tag (fine-tuning has its own)
                    ) -> dict:
@@ -229,13 +249,15 @@ def data_identity(*datasets) -> dict:
     return data_fingerprint([f for d in datasets for f in d.files], root)
 
 # %% ../nbs/07_train.ipynb #87b4dd56
-class RunPlan(NamedTuple):
+@dataclass
+class RunPlan:
     "What `prepare_output_dir` decided; nothing is written before `start_output_dir` carries it out."
     resume: Path|None  # the checkpoint to continue from (None: start at step 0)
-    state: dict|None  # its content, loaded once
+    state: dict|None  # its content, loaded once (`restore` empties it once the weights are in place)
     fresh: bool  # clear the folder's checkpoints and metrics first (overwrite=True, or a run that saved no checkpoint)
     set_aside: tuple = ()  # (checkpoint, reason) pairs renamed to `<name>.<reason>`: 'unreadable' or 'superseded'
 
+# %% ../nbs/07_train.ipynb #fb792750
 def _refuse_if_different(old:dict, c:dict, defaults:dict, name:str, value:str, allowed:str):
     "`ConfigError` if the saved config `old` is not the run `c`; a changed image folder is named as such."
     diff = run_differences(old, c, defaults)
@@ -243,12 +265,14 @@ def _refuse_if_different(old:dict, c:dict, defaults:dict, name:str, value:str, a
         raise ConfigError('data', c['data'], f'the images the run in {value} started with; the folder changed: ' + '; '.join(diff))
     if diff: raise ConfigError(name, value, allowed + '; '.join(diff))
 
+# %% ../nbs/07_train.ipynb #8309650d
 def _read_config(out:Path) -> dict|None:
     "The folder's `config.json` (None if there is none)."
     if not (out/'config.json').exists(): return None
     try: return json.loads((out/'config.json').read_text())
     except (OSError, ValueError) as e: raise ConfigError('output_dir', str(out), f'a folder with a readable config.json ({e}), or overwrite=True') from None
 
+# %% ../nbs/07_train.ipynb #b1eac13c
 def _newest_loadable(out:Path, ckpts:list[Path], format:str) -> tuple[Path, dict, list]:
     "The newest checkpoint that loads, its state, and the (path, error) of newer ones that do not."
     bad = []
@@ -258,6 +282,7 @@ def _newest_loadable(out:Path, ckpts:list[Path], format:str) -> tuple[Path, dict
     raise CheckpointError(f'{out}: none of its {len(ckpts)} checkpoints loads ({bad[0][1]}); resume from a file with '
                           'resume=PATH, or start afresh with overwrite=True')
 
+# %% ../nbs/07_train.ipynb #acc1774c
 def prepare_output_dir(c:dict,  # resolved config, with `data_identity`'s keys
                        format:str=CHECKPOINT_FORMAT,  # format tag of the engine's checkpoints
                        defaults:dict|None=None,  # the config class's defaults (None: `TrainConfig`'s), see `run_differences`
@@ -287,6 +312,7 @@ def prepare_output_dir(c:dict,  # resolved config, with `data_identity`'s keys
                                    f'{p.name} is set aside as {p.name}.unreadable')
     return RunPlan(path, state, False, tuple((p, 'unreadable') for p, _ in bad))
 
+# %% ../nbs/07_train.ipynb #c2af365e
 def start_output_dir(c:dict,  # resolved config
                      plan:RunPlan,  # from `prepare_output_dir`
                      files:tuple=('metrics.jsonl', 'metrics.csv', 'encoder.safetensors'),  # what a fresh start clears
@@ -303,6 +329,7 @@ def start_output_dir(c:dict,  # resolved config
         p.rename(p.with_name(f'{p.name}.{why}'))
     return atomic_write(out/'config.json', lambda t: Path(t).write_text(json.dumps(c, indent=1)))
 
+# %% ../nbs/07_train.ipynb #b6abf335
 def prune_checkpoints(output_dir:str|Path,
                       keep:int,  # checkpoints to keep, `written` included
                       written:Path,  # the checkpoint just written: never deleted
@@ -317,6 +344,7 @@ def prune_checkpoints(output_dir:str|Path,
 class NonFiniteLossError(RuntimeError):
     "The loss became NaN or infinite; the message names the step and the last good checkpoint."
 
+# %% ../nbs/07_train.ipynb #46a0cd54
 class TrainResult(NamedTuple):
     "What `train` returns."
     output_dir: Path  # the run's folder
@@ -325,6 +353,7 @@ class TrainResult(NamedTuple):
     model: PixPro  # the trained model (online and target networks), on the training device
     config: dict  # the resolved config
 
+# %% ../nbs/07_train.ipynb #b75a88b2
 METRIC_COLUMNS = ('step', 'epoch', 'loss', 'pixel', 'instance', 'lr', 'momentum', 'images_per_s', 'data_s', 'time_s')
 
 def _write_metrics(out:Path, metrics:list[dict], columns:tuple=METRIC_COLUMNS):
@@ -335,10 +364,12 @@ def _write_metrics(out:Path, metrics:list[dict], columns:tuple=METRIC_COLUMNS):
             w = csv.DictWriter(f, columns, extrasaction='ignore'); w.writeheader(); w.writerows(metrics)
     atomic_write(out/'metrics.csv', csv_)
 
+# %% ../nbs/07_train.ipynb #86a5cd2f
 def build_dataset(c:dict):
     "The training images of a resolved config: `SyntheticScenes` or an `ImageFiles` folder."
     return SyntheticScenes(c['synthetic_length'], c['synthetic_size']) if c['data'] == 'synthetic' else ImageFiles(c['data'])
 
+# %% ../nbs/07_train.ipynb #3814310a
 def build_model(c:dict,
                 total_steps:int,  # K, the momentum schedule's horizon (`momentum_horizon`)
                ) -> PixPro:
@@ -347,8 +378,9 @@ def build_model(c:dict,
     zero_gamma = {'zero_init_residual': True} if c['arch'] == 'resnet50' else {}  # as the reference's ResNet-50
     return PixPro(create_model(c['arch'], num_classes=0, **zero_gamma), method=c['method'], threshold=c['threshold'],
                   gamma=c['gamma'], ppm_layers=c['ppm_layers'], instance_weight=c['instance_weight'],
-                  momentum=c['momentum'], total_steps=total_steps)
+                  momentum=c['momentum'], tau=c['tau'], total_steps=total_steps)
 
+# %% ../nbs/07_train.ipynb #d8862346
 def speed_up(model:PixPro,  # on its training device
              channels_last:bool=False,  # NHWC weights (the views must be NHWC too: `to_memory_format`)
              compile:bool=False,  # torch.compile each network, in place
@@ -363,10 +395,12 @@ def speed_up(model:PixPro,  # on its training device
             else: m.compile()
     return model
 
+# %% ../nbs/07_train.ipynb #c9dedd3b
 def to_memory_format(x:Tensor, channels_last:bool) -> Tensor:
     "A batch of views in the memory format of the model (`channels_last` or contiguous NCHW)."
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
+# %% ../nbs/07_train.ipynb #71885a52
 def _make_accelerator(c:dict):
     from accelerate import Accelerator
     from accelerate.utils import is_tensorboard_available
@@ -379,6 +413,7 @@ EXIT_PREEMPTED = 143  # the command line's exit code after SIGTERM: 128 + 15, as
 class Preempted(RuntimeError):
     "SIGTERM stopped the run; the message names the checkpoint saved at the current step (the same command resumes)."
 
+# %% ../nbs/07_train.ipynb #9ee68c43
 class RunGuard:
     "For a run's whole life: the main process holds `RunLock(output_dir)`; SIGTERM becomes a request to stop."
     def __init__(self, output_dir:str|Path, accelerator):
@@ -404,161 +439,244 @@ class RunGuard:
         self.requested = True
         if self.phase == 'setup': raise Preempted('stopped by SIGTERM while starting; this start wrote no checkpoint')
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, exc, tb):
+        hold_worker_sigterm(False)  # DataLoader workers die on SIGTERM again (see the data chapter)
         if self.previous is not None: signal.signal(signal.SIGTERM, self.previous)
         if self.lock is not None: self.lock.release()
+        loop, self.loop = getattr(self, 'loop', None), None  # no reference cycle keeps the loop's workers alive
+        if kind is KeyboardInterrupt and not str(exc):  # Ctrl-C: say where the run stopped and what is on disk
+            where = f'in step {loop.step + 1}' if loop and self.phase != 'setup' else 'while starting'
+            saved = loop.checkpoint if loop else None
+            raise KeyboardInterrupt(f'{where}; ' + (f'the newest checkpoint is {saved}' if saved else 'no checkpoint was written')) from None
 
 # %% ../nbs/07_train.ipynb #93d969c4
+def plan_steps(c:dict,  # resolved config
+               loader,  # this process's loader of micro-batches
+               num_images:int,  # images in the training set (for the message)
+               world_size:int,  # processes
+              ) -> tuple[int, int, dict]:  # steps per epoch, total steps, `lr_at`'s keyword arguments
+    "Optimiser steps per epoch and in all, and the lr schedule; `ConfigError` if the data make less than one step."
+    steps_per_epoch = len(loader) // c['grad_accum']
+    if steps_per_epoch == 0:
+        raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {num_images} images for '
+                          f'{c["global_batch"]} per step (batch_size x grad_accum x {world_size} processes)')
+    total = c['epochs'] * steps_per_epoch
+    return steps_per_epoch, total, dict(base_lr=c['global_lr'], total_steps=total, final_lr=c['final_lr'],
+                                        warmup_steps=c['warmup_epochs'] * steps_per_epoch, start_factor=c['warmup_start_factor'])
+
+# %% ../nbs/07_train.ipynb #bc137fba
+def restore(plan:RunPlan, accelerator, **parts) -> tuple[int, list[dict]]:  # the step reached and its metrics
+    "Load the plan's checkpoint into `parts` (model=..., optimizer=...), with the RNG and loss-scaler states."
+    state, plan.state = plan.state, None  # the weights live in the parts from now on, not twice in memory
+    if state is None: return 0, []
+    for k, obj in parts.items(): obj.load_state_dict(state[k])
+    set_rng_state(state['rng'])
+    if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
+    return state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
+
+# %% ../nbs/07_train.ipynb #d7bb467f
+def open_output_dir(c:dict, plan:RunPlan, accelerator, metrics:list[dict],
+                    files:tuple,  # what a fresh start clears (`start_output_dir`)
+                    columns:tuple,  # the metrics.csv columns
+                   ):
+    "Once every process has read the folder, the main process carries out `plan` and rewrites the metrics files."
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        start_output_dir(c, plan, files); _write_metrics(Path(c['output_dir']), metrics, columns)
+
+# %% ../nbs/07_train.ipynb #6e8e87c9
+def announce(head:str, c:dict, accelerator, total_steps:int, step:int, resumed:Path|None):
+    "The run's one line on the main process: processes, global batch, lr, steps, and where it resumes."
+    if not accelerator.is_main_process: return
+    n = accelerator.num_processes
+    print(f"{head}: {n} process(es) on {accelerator.device.type}, global batch {c['global_batch']} = {c['batch_size']} x "
+          f"{c['grad_accum']} x {n}, lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
+          + (f', resuming at step {step} from {resumed}' if resumed else ''), flush=True)
+
+# %% ../nbs/07_train.ipynb #04a79cd8
+def export_weights(path:Path, module:nn.Module, metadata:dict, accelerator) -> Path|None:
+    "`module`'s weights as safetensors (timm's names) with `metadata`, atomically, on the main process."
+    if not accelerator.is_main_process: return None
+    from safetensors.torch import save_file
+    sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return atomic_write(path, lambda t: save_file(sd, str(t), metadata={k: str(v) for k, v in metadata.items()}))
+
+# %% ../nbs/07_train.ipynb #7be9c4f6
+def to_device(model:nn.Module, accelerator) -> nn.Module:
+    "SyncBN when the processes are GPUs (CPU tensors cannot use it), then the model on the process's device."
+    if accelerator.num_processes > 1 and accelerator.device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(accelerator.device)
+
+# %% ../nbs/07_train.ipynb #f4f195c5
+class Loop:
+    "The optimiser steps of a run, shared by the engines: position, micro-batches, timing, stop and NaN checks, metrics, checkpoints."
+    def __init__(self, c:dict, accelerator, guard:RunGuard,
+                 loader,  # micro-batches, with `set_epoch(epoch, skip=...)`
+                 steps_per_epoch:int, total_steps:int,
+                 step:int=0, metrics:list|None=None,  # where a resumed run stands (`restore`)
+                 resumed:Path|None=None,  # the checkpoint it resumed from
+                 format:str=CHECKPOINT_FORMAT,  # the checkpoints' format tag
+                 columns:tuple=METRIC_COLUMNS,  # metrics.csv's columns
+                ):
+        self.c, self.accelerator, self.guard, self.loader, self.format, self.columns = c, accelerator, guard, loader, format, columns
+        self.steps_per_epoch, self.step, self.metrics = steps_per_epoch, step, metrics if metrics is not None else []
+        self.end, self.out = min(total_steps, c['max_steps'] or total_steps), Path(c['output_dir'])
+        self.checkpoint, self.saved, self.stop, self._batches = resumed, (step if resumed else None), False, None
+        self.bar = tqdm(total=self.end, initial=step, disable=not (accelerator.is_main_process and c['progress']),
+                        dynamic_ncols=True, mininterval=2 if sys.stderr.isatty() else 30)  # notebooks, logs: every 30 s
+        guard.loop = self
+
+    def __iter__(self):
+        "The steps still to run (numbered from 0); after SIGTERM, `Preempted` once the step's checkpoint is saved."
+        self.guard.phase, self.t_start = 'loop', time.perf_counter()
+        hold_worker_sigterm(True)  # a SIGTERM to the whole job leaves the workers to finish the step
+        while self.step < self.end and not self.stop:
+            self.t_step, self.data_s = time.perf_counter(), 0.0
+            yield self.step
+        hold_worker_sigterm(False); self._batches = None; self.bar.close()
+        if self.stop and self.step < self.end:
+            raise Preempted(f'stopped by SIGTERM after step {self.step}, saved in {self.checkpoint}; run the same command to resume')
+        self.guard.phase = 'finish'
+
+    def micro_batches(self):
+        "This step's `grad_accum` micro-batches as (index, batch); a new epoch, or a resume, positions the sampler."
+        epoch, skip = divmod(self.step, self.steps_per_epoch)
+        if self._batches is None or skip == 0:
+            self._batches = None  # the previous epoch's iterator ends first
+            self.loader.set_epoch(epoch, skip=skip * self.c['grad_accum'])  # the loader counts micro-batches
+            self._batches = iter(self.loader)
+        self.epoch, t0 = epoch, time.perf_counter()
+        for micro in range(self.c['grad_accum']):
+            batch = next(self._batches)
+            self.data_s += time.perf_counter() - t0
+            yield micro, batch
+            t0 = time.perf_counter()
+
+    def accumulate(self, wrapped:nn.Module, micro:int):
+        "DDP's `no_sync` for every micro-batch but the step's last, whose backward all-reduces the gradients."
+        return self.accelerator.no_sync(wrapped) if micro < self.c['grad_accum'] - 1 else nullcontext()
+
+    def gather(self, parts:Tensor) -> list[float]:
+        "Every process's loss `parts` [P] and stop request; `NonFiniteLossError` on a non-finite loss; the means."
+        ranks = self.accelerator.gather(torch.cat([parts.float(), parts.new_tensor([float(self.guard.requested)])])[None])
+        self.loss_per_process = ranks[:, 0].tolist()  # ranks: [processes, P + 1]
+        if not torch.isfinite(ranks).all():
+            raise NonFiniteLossError(f'non-finite loss in step {self.step + 1} (epoch {self.epoch}), per process '
+                                     f'{self.loss_per_process}; the last good checkpoint is {self.checkpoint or "none (no checkpoint yet)"}. '
+                                     'A run resumes only with its own config: start a new run (another output_dir) with a '
+                                     'lower lr or mixed_precision="no", or check the data.')
+        *means, stop = ranks.mean(0).tolist()
+        self.stop = stop > 0  # some process was sent SIGTERM: every process stops after this step
+        return means
+
+    def log(self, **values) -> dict:
+        "Count the step and record its row: `values`, images/s, data wait and time, to the files, trackers and bar."
+        self.step += 1
+        row = dict(step=self.step, epoch=self.step / self.steps_per_epoch, **values,
+                   images_per_s=self.c['global_batch'] / (time.perf_counter() - self.t_step), data_s=self.data_s,
+                   time_s=time.perf_counter() - self.t_start, loss_per_process=self.loss_per_process)
+        self.metrics.append(row)
+        if self.accelerator.is_main_process:
+            with open(self.out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
+            self.accelerator.log({k: row[k] for k in (*values, 'images_per_s')}, step=self.step)
+            self.bar.set_postfix({k: f'{v:.4g}' for k, v in (*values.items(), ('img_s', row['images_per_s']))}, refresh=False)
+            self.bar.update()
+        return row
+
+    @property
+    def evaluation_due(self) -> bool:
+        "The run's last step, or the end of every `save_every`-th epoch: a checkpoint (and, fine-tuning, an evaluation)."
+        epochs, rest = divmod(self.step, self.steps_per_epoch)
+        return self.step == self.end or (rest == 0 and epochs % self.c['save_every'] == 0)
+
+    @property
+    def save_due(self) -> bool:
+        "A checkpoint is due: `evaluation_due`, or a SIGTERM."
+        return self.evaluation_due or self.stop
+
+    def save(self, **parts) -> Path:
+        "Checkpoint this step (`parts`' state dicts, config, metrics, RNG) on the main process, prune, and wait for all."
+        path = checkpoint_path(self.out, self.step)
+        if self.accelerator.is_main_process:
+            scaler = self.accelerator.scaler
+            save_checkpoint(path, {'format': self.format, 'step': self.step, 'config': self.c, 'metrics': self.metrics,
+                                   'rng': rng_state(), 'scaler': scaler.state_dict() if scaler is not None else {},
+                                   **{k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in parts.items()}})
+            _write_metrics(self.out, self.metrics, self.columns)
+            prune_checkpoints(self.out, self.c['keep_checkpoints'], path)
+        self.accelerator.wait_for_everyone()
+        self.checkpoint, self.saved = path, self.step
+        return path
+
+# %% ../nbs/07_train.ipynb #8181b1c3
+def build_loader(c:dict, dataset, accelerator):
+    "This process's loader of view pairs; with `gpu_augment` the workers crop and the device does the pixel work."
+    workers, device = c['num_workers'], accelerator.device
+    kw = dict(image_size=c['image_size'], num_workers=workers, seed=c['seed'], rank=accelerator.process_index,
+              world_size=accelerator.num_processes, labels=False, pin_memory=device.type == 'cuda',
+              persistent_workers=workers > 0, prefetch_factor=c['prefetch_factor'] if workers > 0 else None)
+    if not c['gpu_augment']: return make_loader(dataset, c['batch_size'], **kw)
+    batch_augment = BatchAugment(PixProAugment(c['image_size'])).to(device)  # the same crops and decisions (seeds)
+    if c['compile']: batch_augment.compile()
+    return ViewLoader(make_crop_loader(dataset, c['batch_size'], **kw), batch_augment, device)
+
+# %% ../nbs/07_train.ipynb #64da66f7
 def train(config:TrainConfig|dict|None=None,  # the run's parameters (None: the defaults, the CPU demo)
           **overrides,  # parameters overriding `config`'s, e.g. `train(arch='resnetrs101')`
          ) -> TrainResult:
     "Pretrain with PixPro: config -> accelerator -> data -> model -> optimiser/schedules -> loop -> checkpoints."
-    # 1. config: everything checked before anything is written
-    c = resolve_config(config, **overrides)
-    accelerator = _make_accelerator(c)
-    c = resolve_config(config, world_size=accelerator.num_processes, **overrides)
-    main, device, out = accelerator.is_main_process, accelerator.device, Path(c['output_dir'])
-    with RunGuard(out, accelerator) as guard:  # the folder locked for the run's life; SIGTERM ends it at a step
-        # 2./3. data: this process's shard; the order and augmentations derive from (seed, epoch, index)
-        dataset = build_dataset(c)
-        c.update(data_identity(dataset))
-        workers = c['num_workers']
-        kw = dict(image_size=c['image_size'], num_workers=workers, seed=c['seed'], rank=accelerator.process_index,
-                  world_size=accelerator.num_processes, labels=False, pin_memory=device.type == 'cuda',
-                  persistent_workers=workers > 0, prefetch_factor=c['prefetch_factor'] if workers > 0 else None)
-        if c['gpu_augment']:  # the same crops and decisions (same seeds), the pixel work batched on the device
-            batch_augment = BatchAugment(PixProAugment(c['image_size'])).to(device)
-            if c['compile']: batch_augment.compile()
-            loader = ViewLoader(make_crop_loader(dataset, c['batch_size'], **kw), batch_augment, device)
-        else: loader = make_loader(dataset, c['batch_size'], **kw)
-        steps_per_epoch = len(loader) // c['grad_accum']
-        if steps_per_epoch == 0:
-            raise ConfigError('batch_size', c['batch_size'], f'small enough for one step: {len(dataset)} images for '
-                              f'{c["global_batch"]} per step (batch_size x grad_accum x {accelerator.num_processes} processes)')
-        total_steps = c['epochs'] * steps_per_epoch
-        schedule = dict(base_lr=c['global_lr'], total_steps=total_steps, warmup_steps=c['warmup_epochs'] * steps_per_epoch,
-                        start_factor=c['warmup_start_factor'], final_lr=c['final_lr'])
-        plan = prepare_output_dir(c)  # resume, fresh start or refusal: nothing written yet
-        # 4. model: the same initialisation on every process; SyncBN only across GPUs
-        horizon = momentum_horizon(len(dataset), accelerator.num_processes, c['batch_size'] * c['grad_accum'], c['epochs'])
-        model = build_model(c, horizon)
-        if accelerator.num_processes > 1 and device.type == 'cuda': model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        speed_up(model.to(device), c['channels_last'], c['compile'])
+    c = resolve_config(config, **overrides)  # 1. config: everything checked before anything is written
+    accelerator = _make_accelerator(c)  # 2. accelerator: the device, the processes, the precision
+    c, world = resolve_config(config, world_size=accelerator.num_processes, **overrides), accelerator.num_processes
+    with RunGuard(c['output_dir'], accelerator) as guard:  # the folder locked for the run's life; SIGTERM stops at a step
+        dataset = build_dataset(c); c.update(data_identity(dataset))  # 3. data: this process's shard
+        loader = build_loader(c, dataset, accelerator)
+        steps_per_epoch, total_steps, schedule = plan_steps(c, loader, len(dataset), world)
+        plan = prepare_output_dir(c)  # resume, fresh start or refusal: still nothing written
+        horizon = momentum_horizon(len(dataset), world, c['batch_size'] * c['grad_accum'], c['epochs'])
+        model = speed_up(to_device(build_model(c, horizon), accelerator), c['channels_last'], c['compile'])  # 4. model
         online = OnlineNet(model)  # what DDP wraps; the target stays outside
-        # 5. optimiser and schedules
-        optimizer = LARS(lars_param_groups(online, c['weight_decay']), lr=c['global_lr'], momentum=c['optimizer_momentum'],
-                         trust_coefficient=c['trust_coefficient'])
-        step, metrics = 0, []
-        if plan.state is not None:
-            state = plan.state
-            model.load_state_dict(state['model']); optimizer.load_state_dict(state['optimizer'])
-            step, metrics = state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
-            set_rng_state(state['rng'])
-            if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
-            del state; plan = plan._replace(state=None)  # the weights live in the model now
-        accelerator.wait_for_everyone()  # every process has read the folder before the main process writes to it
-        if main: start_output_dir(c, plan); _write_metrics(out, metrics)
+        optimizer = LARS(lars_param_groups(online, c['weight_decay']), lr=c['global_lr'],  # 5. optimiser
+                         momentum=c['optimizer_momentum'], trust_coefficient=c['trust_coefficient'])
+        step, metrics = restore(plan, accelerator, model=model, optimizer=optimizer)
+        open_output_dir(c, plan, accelerator, metrics, ('metrics.jsonl', 'metrics.csv', 'encoder.safetensors'), METRIC_COLUMNS)
         online, optimizer = accelerator.prepare(online, optimizer)
-        if main:
+        if accelerator.is_main_process:
             accelerator.init_trackers('tensorboard', config={k: v for k, v in c.items() if isinstance(v, (int, float, str, bool))})
-            print(f"{c['arch']} {c['method']} on {c['data']}: {accelerator.num_processes} process(es) on {device.type}, "
-                  f"global batch {c['global_batch']} = {c['batch_size']} x {c['grad_accum']} x {accelerator.num_processes}, "
-                  f"lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
-                  + (f', resuming at step {step} from {plan.resume}' if plan.resume else ''), flush=True)
-
-        def save(step:int) -> Path:
-            path = checkpoint_path(out, step)
-            if main:
-                state = {'format': CHECKPOINT_FORMAT, 'step': step, 'config': c, 'model': model.state_dict(),
-                         'optimizer': optimizer.state_dict(), 'metrics': metrics, 'rng': rng_state(),
-                         'scaler': accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
-                save_checkpoint(path, state)
-                _write_metrics(out, metrics)
-                prune_checkpoints(out, c['keep_checkpoints'], path)
-            accelerator.wait_for_everyone()
-            return path
-
-        # 6. the loop
-        last_ckpt, end = plan.resume, min(total_steps, c['max_steps'] or total_steps)
-        saved, stop = (step if plan.resume else None), False  # the step of the newest checkpoint; SIGTERM seen
-        bar = tqdm(total=end, initial=step, disable=not (main and c['progress']), dynamic_ncols=True,
-                   mininterval=2 if sys.stderr.isatty() else 30)  # notebooks and log files: a line every 30 s
-        t_start, guard.phase = time.perf_counter(), 'loop'
-        try:
-            while step < end and not stop:
-                epoch, skip = divmod(step, steps_per_epoch)
-                loader.set_epoch(epoch, skip=skip * c['grad_accum'])
-                n_micro = (steps_per_epoch - skip) * c['grad_accum']
-                parts, micro = torch.zeros(4, device=device), 0  # loss, pixel, instance, stop requested
-                t_step = t0 = time.perf_counter()  # the step's start; the last micro-batch's end
-                data_s = 0.0
-                for batch, _ in zip(loader, range(n_micro)):
-                    if micro == 0: set_lr(optimizer, lr := lr_at(step, **schedule))
-                    data_s += time.perf_counter() - t0
-                    v1, v2, c1, c2 = (t.to(device, non_blocking=True) for t in batch[:4])
-                    v1, v2 = to_memory_format(v1, c['channels_last']), to_memory_format(v2, c['channels_last'])
-                    last = micro == c['grad_accum'] - 1
-                    with accelerator.no_sync(online) if not last else nullcontext():
-                        with accelerator.autocast():
-                            o = model(v1, v2, c1, c2, update_target=micro == 0, online=online)
-                        accelerator.backward(o.loss / c['grad_accum'])
-                    parts[:3] += torch.stack([o.loss, o.pixel, o.instance]).detach().float() / c['grad_accum']
-                    if micro == 0: m = o.momentum
-                    micro += 1
-                    if not last: t0 = time.perf_counter(); continue
-                    parts[3] = float(guard.requested)
-                    ranks = accelerator.gather(parts[None])  # [processes, 4]: every rank sees every rank's loss and stop
-                    if not torch.isfinite(ranks).all():
-                        bad = ranks[:, 0].tolist()
-                        raise NonFiniteLossError(f'non-finite loss in step {step + 1} (epoch {epoch}), per process {bad}; the '
-                                                 f'last good checkpoint is {last_ckpt or "none (no checkpoint yet)"}. A run '
-                                                 f'resumes only with its own lr and precision: start a new run (another '
-                                                 f'output_dir) with a lower lr or mixed_precision="no", or check the data.')
-                    optimizer.step(); optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    dt = time.perf_counter() - t_step  # all the step's micro-batches
-                    loss, pixel, instance, stop = ranks.mean(0).tolist()
-                    stop = stop > 0  # some process was sent SIGTERM
-                    row = dict(step=step, epoch=step / steps_per_epoch, loss=loss, pixel=pixel, instance=instance, lr=lr,
-                               momentum=m, images_per_s=c['global_batch'] / dt, data_s=data_s,
-                               time_s=time.perf_counter() - t_start, loss_per_process=ranks[:, 0].tolist())
-                    metrics.append(row)
-                    if main:
-                        with open(out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-                        accelerator.log({k: row[k] for k in METRIC_COLUMNS[2:-2]}, step=step)
-                        bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.3g}', m=f'{m:.4f}', img_s=f"{row['images_per_s']:.1f}", refresh=False)
-                        bar.update()
-                    parts.zero_(); micro, data_s = 0, 0.0
-                    t_step = t0 = time.perf_counter()
-                    if step >= end or stop: break
-                done_epoch = step % steps_per_epoch == 0
-                if step == end or stop or (done_epoch and (step // steps_per_epoch) % c['save_every'] == 0):
-                    last_ckpt, saved = save(step), step
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f'interrupted in step {step + 1}; ' + (f'the newest checkpoint is {last_ckpt}'
-                                    if last_ckpt else 'no checkpoint was written')) from None
-        bar.close()
-        if stop and step < end: raise Preempted(f'stopped by SIGTERM after step {step}, saved in {last_ckpt}; run the same command to resume')
-        # 7. the end: the final checkpoint (unless the run was already complete) and the online encoder for transfer
-        guard.phase = 'finish'
-        if saved != step: last_ckpt = save(step)
-        if main:
-            from safetensors.torch import save_file
-            enc = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
-            atomic_write(out/'encoder.safetensors', lambda t: save_file(enc, str(t), metadata={'arch': c['arch']}))
+        announce(f"{c['arch']} {c['method']} on {c['data']}", c, accelerator, total_steps, step, plan.resume)
+        loop = Loop(c, accelerator, guard, loader, steps_per_epoch, total_steps, step, metrics, plan.resume)
+        for step in loop:  # 6. the loop: optimiser steps of grad_accum micro-batches each
+            set_lr(optimizer, lr := lr_at(step, **schedule))
+            parts = torch.zeros(3, device=accelerator.device)  # the step's loss, pixel and instance parts
+            for micro, batch in loop.micro_batches():
+                v1, v2, c1, c2 = (t.to(accelerator.device, non_blocking=True) for t in batch[:4])
+                v1, v2 = (to_memory_format(v, c['channels_last']) for v in (v1, v2))  # [B, 3, S, S] each
+                with loop.accumulate(online, micro):
+                    with accelerator.autocast():
+                        o = model(v1, v2, c1, c2, update_target=micro == 0, online=online)  # the target moves once a step
+                    accelerator.backward(o.loss / c['grad_accum'])
+                parts += torch.stack([o.loss, o.pixel, o.instance]).detach().float() / c['grad_accum']
+                if micro == 0: m = o.momentum
+            loss, pixel, instance = loop.gather(parts)
+            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+            loop.log(loss=loss, pixel=pixel, instance=instance, lr=lr, momentum=m)
+            if loop.save_due: loop.save(model=model, optimizer=optimizer)
+        if loop.saved != loop.step: loop.save(model=model, optimizer=optimizer)  # 7. the end: the final checkpoint
+        export_weights(loop.out/'encoder.safetensors', model.encoder, {'arch': c['arch']}, accelerator)  # for transfer
         del online, optimizer, loader  # drop every reference to DDP/gloo objects before the process group ends
         accelerator.end_training()
-    return TrainResult(out, last_ckpt, metrics, model, c)
+    return TrainResult(loop.out, loop.checkpoint, loop.metrics, model, c)
 
 # %% ../nbs/07_train.ipynb #44d2b03e
 _TYPES = {f.name: (bool if f.name in BOOLS else int if f.name in _INTS else
-                   float if f.name in ('lr', 'weight_decay', 'momentum', 'threshold', 'gamma', 'instance_weight') else str)
+                   float if f.name in ('lr', 'weight_decay', 'momentum', 'threshold', 'gamma', 'instance_weight', 'tau') else str)
           for f in dataclasses.fields(TrainConfig)}
 
 def _flag_bool(s:str) -> bool:
     try: return _bool('flag', s)
     except ConfigError: raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}') from None
 
+# %% ../nbs/07_train.ipynb #b2321edb
 def config_parser(cls:type,  # the config dataclass: one flag per field
                   prog:str, description:str,
                   types:dict,  # field -> type (bool, int, float or str)
@@ -574,11 +692,13 @@ def config_parser(cls:type,  # the config dataclass: one flag per field
                        help=f'{glossary[f.name]} (default: {"the recipe" if f.name in recipe_fields else f.default})')
     return p
 
+# %% ../nbs/07_train.ipynb #78c2fce4
 def cli_parser() -> argparse.ArgumentParser:
     "The command line's parser: one flag per `TrainConfig` field, with the glossary as help."
     return config_parser(TrainConfig, 'pixpro-train', 'PixPro pretraining (pixpro_rs). Parameters left out take the '
                          'recipe\'s values; see the training chapter of the docs.', _TYPES)
 
+# %% ../nbs/07_train.ipynb #a53081c1
 def read_params(path:str|Path,
                 names:tuple=PARAMETERS,  # the parameters a file may set
                ) -> dict:
@@ -591,6 +711,7 @@ def read_params(path:str|Path,
     for k in params: check_choice(f'parameter in {path}', k, names)
     return params
 
+# %% ../nbs/07_train.ipynb #032e27e4
 def run_command(argv:list[str]|None,
                 parser:argparse.ArgumentParser,  # from `config_parser`
                 run:Callable[[dict], Any],  # runs the job from the parameters
@@ -612,6 +733,7 @@ def run_command(argv:list[str]|None,
         print(f'{parser.prog}: interrupted' + (f' {e}' if str(e) else ''), file=sys.stderr); return 130
     return 0
 
+# %% ../nbs/07_train.ipynb #51b871ff
 def main(argv:list[str]|None=None) -> int:
     "The command line: parse, train, and turn bad input into one clear line and an exit code."
     return run_command(argv, cli_parser(), lambda params: train(TrainConfig(**params)))

@@ -1,5 +1,7 @@
 """Run folders under adversity, across processes: a second run into a live run's folder, SIGTERM (preemption) and
 SIGKILL in the middle of a save, a data folder that changed, failed starts, file modes. Both engines."""
+import contextlib
+import io
 import json
 import os
 import signal
@@ -16,6 +18,7 @@ from PIL import Image
 
 import pixpro_rs.finetune as ft
 from pixpro_rs.train import list_checkpoints, load_checkpoint
+from pixpro_rs.train import main as train_main
 
 from helpers import ROOT, rows, run
 
@@ -54,11 +57,13 @@ def test_live_folder_is_locked(tmp_path):
         wait_rows(live, out, 2)
         before = sorted(p.name for p in (out/'checkpoints').iterdir()) if (out/'checkpoints').exists() else []
         config = (out/'config.json').read_text()
-        for extra in ([], ['--overwrite', 'true'], ['--lr', '2', '--overwrite', 'true']):
-            r = run(TRAIN + ['--epochs', '100', '--output_dir', str(out), *extra])
-            assert r.returncode == 2, (extra, r.returncode, r.stderr[-2000:])
-            assert f'locked by pid {live.pid}' in r.stderr and 'Traceback' not in r.stderr, r.stderr
-            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        r = run(TRAIN + ['--epochs', '100', '--output_dir', str(out), '--overwrite', 'true'])  # a real second process
+        assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+        assert f'locked by pid {live.pid}' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        for extra in ([], ['--lr', '2', '--overwrite', 'true']):
+            code, err = in_process([*TINY, '--epochs', '100', '--output_dir', str(out), *extra])
+            assert code == 2 and f'locked by pid {live.pid}' in err, (extra, err[-2000:])
         assert live.poll() is None, 'the live run was disturbed'
         assert (out/'config.json').read_text() == config
         assert set(before) <= set(p.name for p in (out/'checkpoints').iterdir()) if before else True
@@ -135,21 +140,29 @@ def test_changed_data_folder_refused(tmp_path):
     assert [p.name for p in list_checkpoints(out)] == ['step-00000001.pt']
 
 
-@pytest.mark.parametrize('bad, word', [(['--batch_size', '64'], 'batch_size'), (['--seed', str(2**64)], 'seed'),
-                                       (['--data', 'EMPTY'], 'data')])
-def test_failed_start_leaves_folder_reusable(tmp_path, bad, word):
-    "A start that fails on a check writes nothing: into a new folder, and into the folder of a run, which then resumes."
-    (tmp_path/'EMPTY').mkdir()
-    bad = [str(tmp_path/'EMPTY') if x == 'EMPTY' else x for x in bad]
+def in_process(argv):
+    "`pixpro-train ARGV` in this process (no interpreter start-up): exit code and stderr."
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()): code = train_main(argv)
+    return code, err.getvalue()
+
+
+def test_failed_start_leaves_folder_reusable(tmp_path):
+    """A start that fails a check (batch larger than the data, a seed >= 2^64, an empty image folder) writes nothing:
+    into a new folder, and into the folder of a run, which the corrected command then resumes."""
+    (tmp_path/'empty').mkdir()
     fresh, used = tmp_path/'fresh', tmp_path/'used'
-    r = run(TRAIN + ['--max_steps', '1', '--output_dir', str(fresh), *bad])
-    assert r.returncode == 2 and f'invalid {word}=' in r.stderr, r.stderr[-2000:]
-    assert not fresh.exists()
-    assert run(TRAIN + ['--max_steps', '1', '--output_dir', str(fresh)]).returncode == 0  # the corrected command
-    assert run(TRAIN + ['--max_steps', '1', '--output_dir', str(used)]).returncode == 0
+    bad = [(['--batch_size', '64'], 'batch_size'), (['--seed', str(2**64)], 'seed'), (['--data', str(tmp_path/'empty')], 'data')]
+    for argv, word in bad:
+        code, err = in_process([*TINY, '--max_steps', '1', '--output_dir', str(fresh), *argv])
+        assert code == 2 and f'invalid {word}=' in err, err[-2000:]
+        assert not fresh.exists(), argv
+    assert in_process([*TINY, '--max_steps', '1', '--output_dir', str(fresh)])[0] == 0  # the corrected command
+    assert in_process([*TINY, '--max_steps', '1', '--output_dir', str(used)])[0] == 0
     config = (used/'config.json').read_text()
-    assert run(TRAIN + ['--max_steps', '2', '--output_dir', str(used), *bad]).returncode == 2
-    assert (used/'config.json').read_text() == config
+    for argv, word in bad:
+        assert in_process([*TINY, '--max_steps', '2', '--output_dir', str(used), *argv])[0] == 2
+        assert (used/'config.json').read_text() == config and [x['step'] for x in rows(used)] == [1]
     r = run(TRAIN + ['--max_steps', '2', '--output_dir', str(used)])
     assert r.returncode == 0 and 'resuming at step 1' in r.stdout, r.stdout + r.stderr[-2000:]
 

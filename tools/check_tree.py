@@ -7,6 +7,7 @@ of them changed a file:
 - every notebook has its jupytext twin in `nbs_py/`, with the same content, and no twin lacks its notebook;
 - README.md equals what `nbs/index.ipynb` renders to;
 - `nbs/sidebar.yml` lists every notebook of `nbs/` exactly once;
+- every notebook names its kernel (`kernelspec`), so Jupyter opens it without asking which kernel to use;
 - no test cell mixes imports with other code (nbdev's doc processing executes every cell that imports).
 The derived files are left rewritten, so after a failure `git diff` shows the fix; commit it after a look.
 """
@@ -73,6 +74,19 @@ def import_cell_problems() -> list[str]:
     return problems
 
 
+KERNELSPEC = {'display_name': 'python3', 'language': 'python', 'name': 'python3'}  # nbdev_clean's form of it
+
+
+def kernelspec_problems() -> list[str]:
+    "Notebooks without the python3 kernelspec (nbdev_clean keeps it, and sets display_name to the kernel's name)."
+    problems = []
+    for nb_path in sorted((ROOT/'nbs').glob('*.ipynb')):
+        ks = nbformat.read(nb_path, as_version=4).metadata.get('kernelspec')
+        if ks != KERNELSPEC:
+            problems.append(f'{nb_path.name} has kernelspec {ks!r}, not {KERNELSPEC!r}: Jupyter would ask for a kernel')
+    return problems
+
+
 def sidebar_problems() -> list[str]:
     order = nbdocs.chapters()
     on_disk = sorted(p.name for p in (ROOT/'nbs').glob('*.ipynb'))
@@ -92,6 +106,7 @@ def main() -> int:
     problems += [f'nbdev_clean changed {f}' for f in changed(before, snapshot('nbs'))]
     problems += twin_problems()
     problems += sidebar_problems()
+    problems += kernelspec_problems()
     problems += import_cell_problems()
     if problems:   # doc processing would fail on an import cell that runs other code: report that first
         print('The tree is not in step with the notebooks:', *problems, sep='\n  ')
@@ -103,7 +118,7 @@ def main() -> int:
         print('The tree is not in step with the notebooks:', *problems, sep='\n  ')
         print('Fix: run `bash tools/sync.sh`, look at `git diff`, commit.')
         return 1
-    print('tree in step: package, clean notebooks, jupytext twins, sidebar, README')
+    print('tree in step: package, clean notebooks, jupytext twins, sidebar, kernelspecs, README')
     return 0
 
 
