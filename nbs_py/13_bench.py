@@ -939,7 +939,7 @@ for ph in phases:
     ax.barh(range(len(rows)), us, left=left, label=ph[:-2]); left += us
 ax.set_yticks(range(len(rows)), [r['label'].replace(' 224px', '') for r in rows]); ax.invert_yaxis()
 ax.set(xlabel='microseconds per image (two views), by phase', title='Figure 1: where a PixPro step spends its time on an H200')
-ax.legend(ncols=5, loc='lower right'); ax.grid(axis='x', alpha=.3); fig.tight_layout()
+ax.legend(ncols=5, loc='upper center', bbox_to_anchor=(0.5, -0.12)); ax.grid(axis='x', alpha=.3); fig.tight_layout()
 
 # %%
 print('largest batch per GPU at 224 px (searched):', h200['max_batch'])

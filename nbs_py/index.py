@@ -66,11 +66,13 @@
 # ```
 #
 # Pretrain on the embedded synthetic data (no download; about 2.5 minutes on 2 CPU cores for ResNet-RS-50, about 4
-# for ResNet-RS-101) with the parameterised notebook `nbs/train.ipynb`; any parameter of its `parameters` cell can
-# be set with `-p`, or from a YAML file with `-f params.yaml`:
+# for ResNet-RS-101) with the parameterised notebook `nbs/train.ipynb`. The line below also works alone on a fresh
+# machine (it makes the same environment; where it exists, the install is quick); `--log-output` streams the
+# notebook's output, so the training's progress line appears every 30 seconds while it runs. Any parameter of the
+# notebook's `parameters` cell can be set with `-p`, or from a YAML file with `-f params.yaml`:
 #
 # ```sh
-# papermill nbs/train.ipynb runs/train.ipynb -p arch resnetrs101
+# python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && mkdir -p runs && papermill nbs/train.ipynb runs/train.ipynb -p arch resnetrs101 --log-output
 # ```
 #
 # The same run from the command line is `pixpro-train --arch resnetrs101` (or `python -m pixpro_rs.train`), and on
