@@ -13,13 +13,10 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
-import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn, Tensor
@@ -27,15 +24,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
-from tqdm.std import tqdm
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .core import GLOSSARY, ConfigError, atomic_write, check_choice, check_positive, check_range
+from .core import GLOSSARY, ConfigError, check_choice, check_positive, check_range
 from .data import ClassFolders, PairLoader, PairSampler, SyntheticScenes, _seed_worker, derive_seed
 from .evaluate import load_backbone
 from .recipes import RESNETRS_SUPERVISED, SupervisedRecipe, lr_at, scaled_lr, set_lr, supervised_recipe
 from .resnet_rs import RS_CONFIGS, CheckpointError, create_model
-from .train import (Loop, RUN_ONLY, RunGuard, RunPlan, _bool, _check_run, _int, _merged, _write_metrics,
+from .train import (Loop, RUN_ONLY, RunGuard, RunPlan, _check_run, _int, _merged, _write_metrics,
                              announce, c5_size, config_parser, data_identity, default_output_dir, export_weights,
                              load_checkpoint, open_output_dir, plan_steps, prepare_output_dir, read_params, restore,
                              run_command, to_device, to_memory_format)
