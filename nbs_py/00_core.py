@@ -231,6 +231,30 @@ test_fail(lambda: check_positive('lr', 0.0), contains="invalid lr=0.0: expected 
 test_fail(lambda: check_positive('batch_size', -8), contains="batch_size=-8")
 
 # %% [markdown]
+# One choice is checked the same way by every engine and command: `mixed_precision`, with the glossary's values.
+# fp16 needs a CUDA device (its loss scaling exists for GPUs); bf16 runs on CPUs too.
+
+# %%
+#| exports
+MIXED_PRECISIONS = ('no', 'bf16', 'fp16')  # the glossary's `mixed_precision` values (Accelerate's names)
+
+def check_mixed_precision(value:str,  # the requested `mixed_precision`
+                          device_type:str,  # 'cuda', 'cpu', ...: where it would run
+                         ) -> str:
+    "`value` if it is one of `MIXED_PRECISIONS` and `device_type` can run it, else `ConfigError`."
+    check_choice('mixed_precision', value, MIXED_PRECISIONS)
+    if value == 'fp16' and device_type != 'cuda':
+        raise ConfigError('mixed_precision', 'fp16', f"'no' or 'bf16' on a {device_type} device (fp16 needs a CUDA device)")
+    return value
+
+
+# %%
+test_eq(check_mixed_precision('bf16', 'cpu'), 'bf16')
+test_eq(check_mixed_precision('fp16', 'cuda'), 'fp16')
+test_fail(lambda: check_mixed_precision('fp16', 'cpu'), contains="'no' or 'bf16' on a cpu device")
+test_fail(lambda: check_mixed_precision('fp32', 'cpu'), contains="invalid mixed_precision='fp32': expected one of 'no', 'bf16', 'fp16'")
+
+# %% [markdown]
 # ## Writing files atomically
 #
 # A multi-day run writes a checkpoint every few epochs. If the process dies while `torch.save` is writing, a plain

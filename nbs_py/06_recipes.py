@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Recipes
 #
-# > LARS exactly as the PixPro reference applies it (vectorised), the warm-up + cosine learning rate, the linear scaling rule, and the named recipes of the paper, of ResNet-RS and of our CPU demo, each value with its source.
+# > LARS exactly as the PixPro reference applies it (vectorised), the warm-up + cosine learning rate, the linear scaling rule, and the named recipes (PixPro pretraining and ResNet-RS supervised, one registry) of the papers and of our CPU demos, each value with its source.
 
 # %%
 #| default_exp recipes
@@ -19,6 +19,7 @@ import torch
 from torch import nn, Tensor
 
 from pixpro_rs.core import ConfigError, check_choice, check_positive, check_range
+from pixpro_rs.pixpro import METHODS
 
 # %%
 #| hide
@@ -586,38 +587,41 @@ class Recipe:
 
 # %%
 #| exports
-@dataclass(frozen=True, kw_only=True)
-class Recipe(Recipe):
-    @property
-    def global_batch(self) -> int:
-        "Images per optimiser step: `batch_size * devices`."
-        return self.batch_size * self.devices
+def _global_batch(self:Recipe) -> int:
+    "Images per optimiser step: `batch_size * devices`."
+    return self.batch_size * self.devices
 
-    @property
-    def global_lr(self) -> float:
-        "The lr the optimiser uses at the peak: `scaled_lr(lr, global_batch)`."
-        return scaled_lr(self.lr, self.global_batch)
+def _global_lr(self:Recipe) -> float:
+    "The lr the optimiser uses at the peak: `scaled_lr(lr, global_batch)`."
+    return scaled_lr(self.lr, self.global_batch)
 
-    def schedule(self, dataset_size:int=IMAGENET_TRAIN_IMAGES) -> dict:
-        "Keyword arguments of `lr_at` for a run over `dataset_size` images (drop_last)."
-        n = steps_per_epoch(dataset_size, self.global_batch)
-        return dict(base_lr=self.global_lr, total_steps=self.epochs * n, warmup_steps=self.warmup_epochs * n,
-                    start_factor=self.warmup_start_factor, final_lr=self.final_lr)
+def _schedule(self:Recipe, dataset_size:int=IMAGENET_TRAIN_IMAGES) -> dict:
+    "Keyword arguments of `lr_at` for a run over `dataset_size` images (drop_last)."
+    n = steps_per_epoch(dataset_size, self.global_batch)
+    return dict(base_lr=self.global_lr, total_steps=self.epochs * n, warmup_steps=self.warmup_epochs * n,
+                start_factor=self.warmup_start_factor, final_lr=self.final_lr)
 
-    def to_dict(self) -> dict:
-        "Plain values (for checkpoints, `torch.load(weights_only=True)`-safe); `type(r)(**r.to_dict()) == r`."
-        return dataclasses.asdict(self)
+Recipe.global_batch, Recipe.global_lr, Recipe.schedule = property(_global_batch), property(_global_lr), _schedule
 
-    def replace(self, **changes) -> Recipe:
-        "A copy with some fields overridden (validated again); unknown names raise `ConfigError`."
-        names = [f.name for f in dataclasses.fields(self)]
-        for k in changes: check_choice('recipe field', k, names)
-        return dataclasses.replace(self, **changes)
 
-    def provenance(self) -> dict[str, str]:
-        "For every field: 'ours: <reason>' or the recipe's source."
-        return {f.name: ('ours: ' + self.ours[f.name] if f.name in self.ours else self.source)
-                for f in dataclasses.fields(self) if f.name not in ('name', 'source', 'ours')}
+# %%
+#| exports
+def _to_dict(self:Recipe) -> dict:
+    "Plain values (for checkpoints, `torch.load(weights_only=True)`-safe); `type(r)(**r.to_dict()) == r`."
+    return dataclasses.asdict(self)
+
+def _replace(self:Recipe, **changes) -> Recipe:
+    "A copy with some fields overridden (validated again); unknown names raise `ConfigError`."
+    names = [f.name for f in dataclasses.fields(self)]
+    for k in changes: check_choice('recipe field', k, names)
+    return dataclasses.replace(self, **changes)
+
+def _provenance(self:Recipe) -> dict[str, str]:
+    "For every field: 'ours: <reason>' or the recipe's source."
+    return {f.name: ('ours: ' + self.ours[f.name] if f.name in self.ours else self.source)
+            for f in dataclasses.fields(self) if f.name not in ('name', 'source', 'ours')}
+
+Recipe.to_dict, Recipe.replace, Recipe.provenance = _to_dict, _replace, _provenance
 
 
 # %% [markdown]
@@ -643,7 +647,7 @@ class PixProRecipe(Recipe):
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice('method', self.method, ['pixpro', 'pixcontrast', 'instance'])
+        check_choice('method', self.method, METHODS)  # the model's own list
         check_range('threshold', self.threshold, 0, 10, low_open=True)
         check_positive('gamma', self.gamma)
         check_choice('ppm_layers', self.ppm_layers, [0, 1, 2])
@@ -703,8 +707,15 @@ RESNETRS_SUPERVISED: dict[str, list[tuple]] = {
 #   so the RS recipes differ from the paper's in the architecture only. The supervised fine-tuning or evaluation
 #   recipe may turn it back on.
 # - `pixpro_demo_cpu`: ours, for the embedded SyntheticScenes on 2 CPU cores.
-# - `resnetrs_supervised_350ep`: ResNet-RS-50's supervised recipe; `supervised_recipe(arch, image_size)` gives the
-#   others.
+# - `supervised_rs{50,...,420}_{size}_350ep`: the ResNet-RS paper's supervised recipe for each of its 11 (model,
+#   image size) pairs (`supervised_rs50_160_350ep`, `supervised_rs101_192_350ep` ...), from
+#   `supervised_recipe(arch, image_size)`; the fine-tuning chapter (11) runs them.
+# - `supervised_demo_cpu`: ours, the supervised recipe shrunk to a minute on 2 CPU cores (chapter 11's demo).
+#
+# Every name reads `<task>_<arch>[_<size>]_<length>`: the task, which is also the recipe's kind (`pixpro` for
+# pretraining, `supervised` for training a classifier), the backbone (`r50` for ResNet-50, `rs<depth>` for
+# ResNet-RS), the image size where the source has more than one for a backbone, and the epochs, or `demo_cpu`
+# for our CPU demonstrations.
 
 # %%
 #| exports
@@ -741,7 +752,7 @@ def supervised_recipe(arch:str='resnetrs50',  # 'resnetrs50' ... 'resnetrs420'
     rows = RESNETRS_SUPERVISED[check_choice('arch', arch, RESNETRS_SUPERVISED)]
     sizes = [r[0] for r in rows]
     size, dropout, sd, mag = rows[sizes.index(check_choice('image_size', image_size or sizes[0], sizes))]
-    name = 'resnetrs_supervised_350ep' if (arch, size) == ('resnetrs50', 160) else f'{arch}_{size}_supervised_350ep'
+    name = f"supervised_{arch.removeprefix('resnet')}_{size}_350ep"  # 'supervised_rs50_160_350ep'
     return SupervisedRecipe(
         name=name, arch=arch, image_size=size, epochs=350, batch_size=128, devices=32, lr=0.1, weight_decay=4e-5,
         warmup_epochs=5, warmup_start_factor=0.0, final_lr=0.0, optimizer='sgd_nesterov', optimizer_momentum=0.9,
@@ -768,13 +779,39 @@ _DEMO = PixProRecipe(
           'lr': ("16 per 256 = 1.0 at batch 16: a run of a few hundred steps needs larger relative steps than the "
                  "paper's 125k; untuned")})
 
+_DEMO_SUPERVISED = SupervisedRecipe(
+    name='supervised_demo_cpu', arch='resnetrs_tiny', image_size=64, epochs=12, batch_size=32, devices=1, lr=1.0,
+    weight_decay=4e-5, warmup_epochs=1, warmup_start_factor=0.0, final_lr=0.0, optimizer='sgd_nesterov',
+    optimizer_momentum=0.9, stochastic_depth=0.0, dropout=0.0, randaugment_magnitude=5,
+    source=("ours: a CPU demonstration on the embedded SyntheticScenes; label smoothing, EMA decay, RandAugment ops, "
+            "optimiser, weight decay and schedule shape are ResNet-RS's"),
+    ours={'arch': "resnetrs_tiny, our 1-block-per-stage CPU variant: a step of 32 images takes ~0.1 s on 2 cores",
+          'image_size': "64 px crops of 96 px scenes", 'epochs': "a demonstration of under a minute (192 steps)",
+          'batch_size': "small data (512 images): 16 steps per epoch", 'devices': "one CPU process",
+          'warmup_epochs': "1 of 12 (the paper: 5 of 350)",
+          'lr': ("1.0 per 256 = 0.125 at batch 32: a run of 200 steps needs larger steps than the paper's 110k (0.1 "
+                 "per 256); 2.0 made the loss jump in the first epoch; untuned beyond that"),
+          'dropout': "the tiny model has 512 features and barely fits 4 classes in a minute: no dropout",
+          'randaugment_magnitude': ("5 on TF's scale: the demo's labels (SceneLooks: photo, gray, blurred) are the "
+                                    "colour and sharpness cues that magnitude 10's Color and Sharpness ops erase")})
+
+def _supervised_recipes() -> dict[str, Recipe]:
+    rs = [supervised_recipe(a, row[0]) for a, rows in RESNETRS_SUPERVISED.items() for row in rows]
+    return {r.name: r for r in rs}
+
 RECIPES: dict[str, Recipe] = {**_pixpro_recipes(), 'pixpro_demo_cpu': _DEMO,
-                              'resnetrs_supervised_350ep': supervised_recipe('resnetrs50')}
+                              **_supervised_recipes(), 'supervised_demo_cpu': _DEMO_SUPERVISED}
+RECIPE_KINDS = {'pixpro': PixProRecipe, 'supervised': SupervisedRecipe}  # kind (a name's first word) -> class
 
 def get_recipe(name:str,  # a key of `RECIPES`
+               kind:str|None=None,  # 'pixpro' or 'supervised': refuse a recipe of the other kind (None: any)
               ) -> Recipe:
-    "The named recipe; an unknown name raises `ConfigError` listing the valid ones."
-    return RECIPES[check_choice('recipe', name, RECIPES)]
+    "The named recipe; an unknown name, or one of another `kind`, raises `ConfigError` listing the valid ones."
+    if kind is None: return RECIPES[check_choice('recipe', name, RECIPES)]
+    cls = RECIPE_KINDS[check_choice('kind', kind, RECIPE_KINDS)]
+    names = [k for k, v in RECIPES.items() if isinstance(v, cls)]
+    if name not in names: raise ConfigError('recipe', name, f'a {kind} recipe, one of ' + ', '.join(map(repr, names)))
+    return RECIPES[name]
 
 
 # %%
@@ -802,14 +839,32 @@ for e in (100, 400):
         test_eq(diff, {'arch'})  # image size 224 and no stochastic depth: ours, but the same values as the paper's
         test_eq(set(rs.ours), {'arch', 'image_size', 'stochastic_depth'})
         assert rs.provenance()['stochastic_depth'].startswith('ours:') and rs.stochastic_depth == 0.0
-test_eq(len(RECIPES), 2 + 2 * 7 + 2)
+test_eq(len(RECIPES), 2 + 2 * 7 + 1 + sum(len(rows) for rows in RESNETRS_SUPERVISED.values()) + 1)
+for kind, cls in RECIPE_KINDS.items():  # the name's first word is the kind
+    test_eq({k for k in RECIPES if k.startswith(kind + '_')}, {k for k, v in RECIPES.items() if isinstance(v, cls)})
+test_eq(set(RECIPES), {k for kind in RECIPE_KINDS for k in RECIPES if k.startswith(kind + '_')})
 sorted(RECIPES)
+
+# %% [markdown]
+# `kind` keeps each engine to its own recipes: the training chapter (07) runs `pixpro` recipes, the fine-tuning
+# chapter (11) `supervised` ones, and each refuses the other's in one line naming the ones it accepts.
+
+# %%
+test_eq(get_recipe('pixpro_demo_cpu', kind='pixpro'), _DEMO)
+test_eq(get_recipe('supervised_demo_cpu', kind='supervised'), _DEMO_SUPERVISED)
+test_fail(lambda: get_recipe('supervised_rs50_160_350ep', kind='pixpro'),
+          contains="invalid recipe='supervised_rs50_160_350ep': expected a pixpro recipe, one of 'pixpro_r50_100ep'")
+test_fail(lambda: get_recipe('pixpro_r50_100ep', kind='supervised'),
+          contains="invalid recipe='pixpro_r50_100ep': expected a supervised recipe, one of 'supervised_rs50_160_350ep'")
+test_fail(lambda: get_recipe('pixpro_r50_100ep', kind='finetune'), contains="invalid kind='finetune'")
+try: get_recipe('pixpro_r50_100ep', kind='supervised')
+except ConfigError as e: assert '\n' not in str(e) and 'pixpro_' not in str(e).split(':', 1)[1]; print(e)
 
 # %% [markdown]
 # The supervised recipe and its per-model variants:
 
 # %%
-s = get_recipe('resnetrs_supervised_350ep')
+s = get_recipe('supervised_rs50_160_350ep')
 test_eq((s.arch, s.image_size, s.epochs, s.global_batch, s.optimizer, s.weight_decay), ('resnetrs50', 160, 350, 4096, 'sgd_nesterov', 4e-5))
 test_close(s.global_lr, 1.6, eps=1e-15)
 test_eq((s.label_smoothing, s.ema_decay, s.randaugment_ops, s.randaugment_magnitude, s.dropout, s.stochastic_depth),
@@ -817,7 +872,8 @@ test_eq((s.label_smoothing, s.ema_decay, s.randaugment_ops, s.randaugment_magnit
 test_eq(steps_per_epoch(IMAGENET_TRAIN_IMAGES, s.global_batch), 312)
 test_eq(s.schedule()['final_lr'], 0.0)
 s350 = supervised_recipe('resnetrs350', 320)
-test_eq((s350.name, s350.dropout, s350.stochastic_depth, s350.randaugment_magnitude), ('resnetrs350_320_supervised_350ep', 0.4, 0.1, 15))
+test_eq((s350.name, s350.dropout, s350.stochastic_depth, s350.randaugment_magnitude), ('supervised_rs350_320_350ep', 0.4, 0.1, 15))
+test_eq(get_recipe('supervised_rs350_320_350ep'), s350)
 test_eq(supervised_recipe('resnetrs101', 192).randaugment_magnitude, 15)
 test_fail(lambda: supervised_recipe('resnetrs152', 160), contains="invalid image_size=160: expected one of 192, 224, 256")
 test_fail(lambda: supervised_recipe('resnet50'), contains="invalid arch='resnet50'")
@@ -863,8 +919,10 @@ test_eq(fields - set(GLOSSARY), set())  # every field name is in the glossary
 #   cosine (iteration $i$ uses the scheduler value for counter $i$; full lr first at $i = W$; $10^{-6}$ only at
 #   $i = T$); `scaled_lr` is the linear scaling rule; `steps_per_epoch` uses `drop_last` (1251 for ImageNet at 1024).
 # - `RECIPES` / `get_recipe`: the paper's `pixpro_r50_{100,400}ep`, our `pixpro_rs{50..420}_{100,400}ep` (224 px,
-#   no stochastic depth), our `pixpro_demo_cpu`, and `resnetrs_supervised_350ep` (+ `supervised_recipe(arch,
-#   image_size)`), each with `source`, `ours` and `provenance()`.
+#   no stochastic depth), our `pixpro_demo_cpu`, the ResNet-RS paper's `supervised_rs{50..420}_{size}_350ep`
+#   (`supervised_recipe(arch, image_size)`) and our `supervised_demo_cpu`, each with `source`, `ours` and
+#   `provenance()`; names read `<task>_<arch>[_<size>]_<length>`, and `get_recipe(name, kind='pixpro')` (or
+#   `'supervised'`) refuses a recipe of the other kind.
 #
 # ## Exercises
 #

@@ -37,12 +37,13 @@ import yaml
 from torch import Tensor, nn
 from tqdm.std import tqdm
 
-from pixpro_rs.core import GLOSSARY, ConfigError, RunLock, atomic_write, check_choice, check_positive, check_range, sweep_temporary
+from pixpro_rs.core import (GLOSSARY, ConfigError, RunLock, atomic_write, check_choice, check_mixed_precision, check_positive,
+                            check_range, sweep_temporary)
 from pixpro_rs.augment import PixProAugment
 from pixpro_rs.data import ImageFiles, SyntheticScenes, data_fingerprint, hold_worker_sigterm, make_loader
 from pixpro_rs.gpu_augment import BatchAugment, ViewLoader, make_crop_loader
 from pixpro_rs.pixpro import METHODS, OnlineNet, PixPro, momentum_horizon
-from pixpro_rs.recipes import LARS, RECIPES, PixProRecipe, get_recipe, lars_param_groups, lr_at, scaled_lr, set_lr
+from pixpro_rs.recipes import LARS, get_recipe, lars_param_groups, lr_at, scaled_lr, set_lr
 from pixpro_rs.resnet_rs import MODEL_NAMES, CheckpointError, build_meta, create_model
 
 # %%
@@ -193,9 +194,7 @@ def _check_run(p:dict,  # merged parameters, changed in place
               ) -> dict:
     "The checks every engine shares: the seed's range, the precision, the switches and the resume choice."
     if p['seed'] >= 2**64: raise ConfigError('seed', p['seed'], 'an integer in [0, 2**64)')
-    check_choice('mixed_precision', p['mixed_precision'], ['no', 'bf16', 'fp16'])
-    if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
-        raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
+    check_mixed_precision(p['mixed_precision'], 'cuda' if torch.cuda.is_available() else 'cpu')
     for k in bools: p[k] = _bool(k, p[k])
     if not isinstance(p['resume'], (str, Path)) or (p['resume'] not in ('auto', 'never') and not Path(p['resume']).is_file()):
         raise ConfigError('resume', p['resume'], "'auto', 'never' or an existing checkpoint file")
@@ -225,8 +224,7 @@ def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: a
                   ) -> dict:
     "Every parameter concrete and checked, plus the derived values (global batch, scaled lr...). Raises `ConfigError`."
     p = _merged(config, TrainConfig, PARAMETERS, overrides)
-    pixpro = [k for k, v in RECIPES.items() if isinstance(v, PixProRecipe)]
-    recipe = RECIPES[check_choice('recipe', p['recipe'], pixpro)]
+    recipe = get_recipe(p['recipe'], kind='pixpro')
     for k in RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
     for k, low in _INTS.items(): p[k] = _int(k, p[k], low)
@@ -263,7 +261,7 @@ test_eq(resolve_config(TrainConfig(arch='resnetrs101'), lr=2, grad_accum=2)['glo
 # Each bad configuration fails with the parameter's name and what would have been accepted:
 
 # %%
-bad = [dict(arch='resnet51'), dict(recipe='pixpro_r50_200ep'), dict(recipe='resnetrs_supervised_350ep'),
+bad = [dict(arch='resnet51'), dict(recipe='pixpro_r50_200ep'), dict(recipe='supervised_rs50_160_350ep'),
        dict(method='byol'), dict(lr=0), dict(lr=-1.), dict(batch_size=0), dict(batch_size=2.5), dict(threshold=0),
        dict(threshold=10.5), dict(data='/no/such/folder'), dict(image_size=32), dict(mixed_precision='fp8'),
        dict(resume='/no/such.pt'), dict(epochs=0), dict(ppm_layers=3), dict(momentum=1.5), dict(gammma=2.), dict(data=''),
@@ -962,75 +960,119 @@ class Loop:
             raise Preempted(f'stopped by SIGTERM after step {self.step}, saved in {self.checkpoint}; run the same command to resume')
         self.guard.phase = 'finish'
 
-    def micro_batches(self):
-        "This step's `grad_accum` micro-batches as (index, batch); a new epoch, or a resume, positions the sampler."
-        epoch, skip = divmod(self.step, self.steps_per_epoch)
-        if self._batches is None or skip == 0:
-            self._batches = None  # the previous epoch's iterator ends first
-            self.loader.set_epoch(epoch, skip=skip * self.c['grad_accum'])  # the loader counts micro-batches
-            self._batches = iter(self.loader)
-        self.epoch, t0 = epoch, time.perf_counter()
-        for micro in range(self.c['grad_accum']):
-            batch = next(self._batches)
-            self.data_s += time.perf_counter() - t0
-            yield micro, batch
-            t0 = time.perf_counter()
 
-    def accumulate(self, wrapped:nn.Module, micro:int):
-        "DDP's `no_sync` for every micro-batch but the step's last, whose backward all-reduces the gradients."
-        return self.accelerator.no_sync(wrapped) if micro < self.c['grad_accum'] - 1 else nullcontext()
+# %%
+#| exports
+def _micro_batches(self:Loop):
+    "This step's `grad_accum` micro-batches as (index, batch); a new epoch, or a resume, positions the sampler."
+    epoch, skip = divmod(self.step, self.steps_per_epoch)
+    if self._batches is None or skip == 0:
+        self._batches = None  # the previous epoch's iterator ends first
+        self.loader.set_epoch(epoch, skip=skip * self.c['grad_accum'])  # the loader counts micro-batches
+        self._batches = iter(self.loader)
+    self.epoch, t0 = epoch, time.perf_counter()
+    for micro in range(self.c['grad_accum']):
+        batch = next(self._batches)
+        self.data_s += time.perf_counter() - t0
+        yield micro, batch
+        t0 = time.perf_counter()
 
-    def gather(self, parts:Tensor) -> list[float]:
-        "Every process's loss `parts` [P] and stop request; `NonFiniteLossError` on a non-finite loss; the means."
-        ranks = self.accelerator.gather(torch.cat([parts.float(), parts.new_tensor([float(self.guard.requested)])])[None])
-        self.loss_per_process = ranks[:, 0].tolist()  # ranks: [processes, P + 1]
-        if not torch.isfinite(ranks).all():
-            raise NonFiniteLossError(f'non-finite loss in step {self.step + 1} (epoch {self.epoch}), per process '
-                                     f'{self.loss_per_process}; the last good checkpoint is {self.checkpoint or "none (no checkpoint yet)"}. '
-                                     'A run resumes only with its own config: start a new run (another output_dir) with a '
-                                     'lower lr or mixed_precision="no", or check the data.')
-        *means, stop = ranks.mean(0).tolist()
-        self.stop = stop > 0  # some process was sent SIGTERM: every process stops after this step
-        return means
+def _accumulate(self:Loop, wrapped:nn.Module, micro:int):
+    "DDP's `no_sync` for every micro-batch but the step's last, whose backward all-reduces the gradients."
+    return self.accelerator.no_sync(wrapped) if micro < self.c['grad_accum'] - 1 else nullcontext()
 
-    def log(self, **values) -> dict:
-        "Count the step and record its row: `values`, images/s, data wait and time, to the files, trackers and bar."
-        self.step += 1
-        row = dict(step=self.step, epoch=self.step / self.steps_per_epoch, **values,
-                   images_per_s=self.c['global_batch'] / (time.perf_counter() - self.t_step), data_s=self.data_s,
-                   time_s=time.perf_counter() - self.t_start, loss_per_process=self.loss_per_process)
-        self.metrics.append(row)
-        if self.accelerator.is_main_process:
-            with open(self.out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-            self.accelerator.log({k: row[k] for k in (*values, 'images_per_s')}, step=self.step)
-            self.bar.set_postfix({k: f'{v:.4g}' for k, v in (*values.items(), ('img_s', row['images_per_s']))}, refresh=False)
-            self.bar.update()
-        return row
+Loop.micro_batches, Loop.accumulate = _micro_batches, _accumulate
 
-    @property
-    def evaluation_due(self) -> bool:
-        "The run's last step, or the end of every `save_every`-th epoch: a checkpoint (and, fine-tuning, an evaluation)."
-        epochs, rest = divmod(self.step, self.steps_per_epoch)
-        return self.step == self.end or (rest == 0 and epochs % self.c['save_every'] == 0)
 
-    @property
-    def save_due(self) -> bool:
-        "A checkpoint is due: `evaluation_due`, or a SIGTERM."
-        return self.evaluation_due or self.stop
+# %%
+#| exports
+def _gather(self:Loop, parts:Tensor) -> list[float]:
+    "Every process's loss `parts` [P] and stop request; `NonFiniteLossError` on a non-finite loss; the means."
+    ranks = self.accelerator.gather(torch.cat([parts.float(), parts.new_tensor([float(self.guard.requested)])])[None])
+    self.loss_per_process = ranks[:, 0].tolist()  # ranks: [processes, P + 1]
+    if not torch.isfinite(ranks).all():
+        raise NonFiniteLossError(f'non-finite loss in step {self.step + 1} (epoch {self.epoch}), per process '
+                                 f'{self.loss_per_process}; the last good checkpoint is {self.checkpoint or "none (no checkpoint yet)"}. '
+                                 'A run resumes only with its own config: start a new run (another output_dir) with a '
+                                 'lower lr or mixed_precision="no", or check the data.')
+    *means, stop = ranks.mean(0).tolist()
+    self.stop = stop > 0  # some process was sent SIGTERM: every process stops after this step
+    return means
 
-    def save(self, **parts) -> Path:
-        "Checkpoint this step (`parts`' state dicts, config, metrics, RNG) on the main process, prune, and wait for all."
-        path = checkpoint_path(self.out, self.step)
-        if self.accelerator.is_main_process:
-            scaler = self.accelerator.scaler
-            save_checkpoint(path, {'format': self.format, 'step': self.step, 'config': self.c, 'metrics': self.metrics,
-                                   'rng': rng_state(), 'scaler': scaler.state_dict() if scaler is not None else {},
-                                   **{k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in parts.items()}})
-            _write_metrics(self.out, self.metrics, self.columns)
-            prune_checkpoints(self.out, self.c['keep_checkpoints'], path)
-        self.accelerator.wait_for_everyone()
-        self.checkpoint, self.saved = path, self.step
-        return path
+Loop.gather = _gather
+
+
+# %%
+class _Gather:  # one process: gather returns its input
+    def gather(self, x): return x
+loop = Loop.__new__(Loop)
+loop.accelerator, loop.step, loop.epoch, loop.checkpoint = _Gather(), 6, 1, None
+loop.guard = type('G', (), {'requested': False})()
+test_eq(loop.gather(torch.tensor([0.5, 0.25])), [0.5, 0.25]); assert not loop.stop
+loop.guard.requested = True
+loop.gather(torch.tensor([0.5, 0.25])); assert loop.stop  # a SIGTERM anywhere stops every process after the step
+test_fail(lambda: loop.gather(torch.tensor([float('nan'), 0.])), contains='non-finite loss in step 7 (epoch 1)')
+
+
+# %%
+#| exports
+def _log(self:Loop, **values) -> dict:
+    "Count the step and record its row: `values`, images/s, data wait and time, to the files, trackers and bar."
+    self.step += 1
+    row = dict(step=self.step, epoch=self.step / self.steps_per_epoch, **values,
+               images_per_s=self.c['global_batch'] / (time.perf_counter() - self.t_step), data_s=self.data_s,
+               time_s=time.perf_counter() - self.t_start, loss_per_process=self.loss_per_process)
+    self.metrics.append(row)
+    if self.accelerator.is_main_process:
+        with open(self.out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
+        self.accelerator.log({k: row[k] for k in (*values, 'images_per_s')}, step=self.step)
+        self.bar.set_postfix({k: f'{v:.4g}' for k, v in (*values.items(), ('img_s', row['images_per_s']))}, refresh=False)
+        self.bar.update()
+    return row
+
+Loop.log = _log
+
+
+# %%
+#| exports
+def _evaluation_due(self:Loop) -> bool:
+    "The run's last step, or the end of every `save_every`-th epoch: a checkpoint (and, fine-tuning, an evaluation)."
+    epochs, rest = divmod(self.step, self.steps_per_epoch)
+    return self.step == self.end or (rest == 0 and epochs % self.c['save_every'] == 0)
+
+def _save_due(self:Loop) -> bool:
+    "A checkpoint is due: `evaluation_due`, or a SIGTERM."
+    return self.evaluation_due or self.stop
+
+Loop.evaluation_due, Loop.save_due = property(_evaluation_due), property(_save_due)
+
+
+# %%
+def due(step, end=12, steps_per_epoch=4, save_every=2, stop=False):  # a Loop's position, nothing else
+    loop = Loop.__new__(Loop)
+    loop.step, loop.end, loop.steps_per_epoch, loop.c, loop.stop = step, end, steps_per_epoch, {'save_every': save_every}, stop
+    return loop.evaluation_due, loop.save_due
+test_eq([s for s in range(1, 13) if due(s)[0]], [8, 12])  # the end of every 2nd epoch, and the last step
+test_eq(due(5, stop=True), (False, True))  # after a SIGTERM: a checkpoint, no evaluation
+
+
+# %%
+#| exports
+def _save(self:Loop, **parts) -> Path:
+    "Checkpoint this step (`parts`' state dicts, config, metrics, RNG) on the main process, prune, and wait for all."
+    path = checkpoint_path(self.out, self.step)
+    if self.accelerator.is_main_process:
+        scaler = self.accelerator.scaler
+        save_checkpoint(path, {'format': self.format, 'step': self.step, 'config': self.c, 'metrics': self.metrics,
+                               'rng': rng_state(), 'scaler': scaler.state_dict() if scaler is not None else {},
+                               **{k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in parts.items()}})
+        _write_metrics(self.out, self.metrics, self.columns)
+        prune_checkpoints(self.out, self.c['keep_checkpoints'], path)
+    self.accelerator.wait_for_everyone()
+    self.checkpoint, self.saved = path, self.step
+    return path
+
+Loop.save = _save
 
 
 # %% [markdown]

@@ -144,9 +144,9 @@ def load_backbone(checkpoint_or_model:str|Path|nn.Module,  # PixPro checkpoint, 
 # away from the online encoder (so that picking the wrong one would show), and reads it back. A plain backbone state
 # dict needs `arch`; a wrong `arch` is refused with the saved one in the message. Then the encoder file exactly as
 # training writes it (`save_file(..., metadata={'arch': ...})`) loads without `arch`.
+# The checkpoint maker is this test's fixture, not part of the evaluation API (it is not exported).
 
 # %%
-#| export
 def tiny_pixpro_checkpoint(path:str|Path,  # where to write it
                            seed:int=0,
                           ) -> nn.Module:  # the PixPro model saved
@@ -237,6 +237,7 @@ test_close(normalize_images(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))[0,
 # | `'pooled'` | [N, C5] | the linear (classification) probe |
 # | `'c5'` | [N, C5, H/32, W/32] | the dense probe |
 # | `'c4c5'` | [N, C4 + C5, H/16, W/16]: C4, with C5 upsampled bilinearly beside it | the dense probe, twice the resolution |
+# | `'c3c4c5'` | [N, C3 + C4 + C5, H/8, W/8]: a hypercolumn (Hariharan et al., arXiv 1411.5752), C4 and C5 upsampled to C3 | the dense probe on small objects, four times the resolution |
 #
 # > **Ours.** The reference's linear evaluation freezes the backbone's *weights* but runs it in training mode, so every
 # > batch norm keeps updating its running mean and variance on the probe's data: the "frozen" backbone drifts, and the
@@ -245,12 +246,12 @@ test_close(normalize_images(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))[0,
 
 # %%
 #| exports
-FEATURES = ('pooled', 'c5', 'c4c5')
+FEATURES = ('pooled', 'c5', 'c4c5', 'c3c4c5')
 
 @torch.no_grad()
 def extract_features(backbone:nn.Module,  # frozen: run in eval mode, its own mode restored afterwards
                      images:Tensor,  # [N, 3, H, W] uint8
-                     features:str='c5',  # 'pooled', 'c5' or 'c4c5' (see the table)
+                     features:str='c5',  # one of FEATURES (see the table)
                      batch_size:int=64,  # images per forward pass
                     ) -> Tensor:  # float32, on the CPU
     "Features of a frozen backbone: eval mode (BN statistics used, never updated), no gradients."
@@ -260,9 +261,10 @@ def extract_features(backbone:nn.Module,  # frozen: run in eval mode, its own mo
     try:
         for i in range(0, len(images), batch_size):
             x = normalize_images(images[i:i + batch_size].to(device))  # [B, 3, H, W]
-            if features == 'c4c5':
-                c4, c5 = backbone.forward_pyramid(x)[2:]  # [B, C4, H/16, W/16], [B, C5, H/32, W/32]
-                f = torch.cat([c4, F.interpolate(c5, size=c4.shape[-2:], mode='bilinear', align_corners=False)], 1)
+            if features in ('c4c5', 'c3c4c5'):
+                maps = backbone.forward_pyramid(x)[1 if features == 'c3c4c5' else 2:]  # [C3,] C4, C5 at 8, 16, 32
+                size = maps[0].shape[-2:]  # the finest map's
+                f = torch.cat([maps[0]] + [F.interpolate(m, size=size, mode='bilinear', align_corners=False) for m in maps[1:]], 1)
             else:
                 f = backbone.forward_features(x)  # [B, C5, H/32, W/32]
                 if features == 'pooled': f = f.mean((2, 3))  # [B, C5]
@@ -278,12 +280,15 @@ torch.manual_seed(0)
 net = create_model('resnetrs_tiny', num_classes=0).train()  # a caller's backbone left in training mode
 images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
 before = bn_buffers(net)
-for kind, shape in [('pooled', (5, 512)), ('c5', (5, 512, 2, 2)), ('c4c5', (5, 256 + 512, 4, 4))]:
+for kind, shape in [('pooled', (5, 512)), ('c5', (5, 512, 2, 2)), ('c4c5', (5, 256 + 512, 4, 4)),
+                    ('c3c4c5', (5, 128 + 256 + 512, 8, 8))]:
     test_eq(extract_features(net, images, kind, batch_size=2).shape, shape)
 assert net.training  # mode restored
 for k, v in bn_buffers(net).items(): test_eq(v, before[k])  # no BN statistic moved
 with torch.no_grad(): ref = net.eval().forward_features(normalize_images(images))
 test_close(extract_features(net.train(), images), ref, eps=1e-5)  # the same as an eval-mode forward
+with torch.no_grad(): c3 = net.eval().forward_pyramid(normalize_images(images))[1]
+test_close(extract_features(net.train(), images, 'c3c4c5')[:, :128], c3, eps=1e-5)  # the hypercolumn starts with C3 itself
 with torch.no_grad(): net.train()(normalize_images(images))  # what the reference's linear eval does every batch:
 assert not torch.equal(net.bn1.running_mean, before['bn1.running_mean'])  # weights frozen, statistics drift
 
@@ -752,7 +757,7 @@ class DenseProbeResult:
     chance_miou: float  # mIoU of predicting the training set's most frequent class everywhere
     chance_pixel_acc: float  # its pixel accuracy
     head: ProbeHead  # the trained 1x1 convolution (with its standardisation)
-    features: str  # 'c5' or 'c4c5'
+    features: str  # 'c5', 'c4c5' or 'c3c4c5'
     image_size: int  # side of the images and label maps the probe saw
 
 
@@ -763,12 +768,12 @@ def dense_probe(backbone:nn.Module,  # frozen (see `extract_features`); e.g. fro
                 val:Dataset,  # the same, for the reported scores
                 num_classes:int|None=None,  # K including background; None: SegmentationFolders' classes, scenes' K + 1
                 image_size:int=96,  # images and label maps are resized (shorter side) and centre-cropped to this
-                features:str='c5',  # 'c5' or 'c4c5' (C4 with C5 upsampled beside it: twice the resolution)
+                features:str='c5',  # 'c5', 'c4c5' (C4 with C5 upsampled beside it) or 'c3c4c5' (the hypercolumn at stride 8)
                 steps:int=300, lr:float=0.1, batch_size:int=16, seed:int=0,  # see `fit_probe`
                 ignore_index:int=255,  # label of pixels to ignore
                ) -> DenseProbeResult:
     "mIoU and pixel accuracy of a 1x1 convolution on a frozen feature map, upsampled bilinearly, per-pixel cross-entropy."
-    check_choice('features', features, ('c5', 'c4c5'))
+    check_choice('features', features, FEATURES[1:])
     K = num_classes or (train.num_classes + 1 if isinstance(train, SyntheticScenes) else _num_classes(train))
     if not K: raise ConfigError('num_classes', num_classes, 'the number of classes with background (the dataset does not say)')
     ftr, ytr = _probe_data(backbone, train, image_size, features, dense=True)  # [N, C, h, w], [N, S, S] uint8

@@ -48,7 +48,7 @@ from fastcore.test import test_close, test_eq, test_fail
 from matplotlib.patches import Rectangle
 from nbdev.showdoc import show_doc
 
-from pixpro_rs.evaluate import tiny_pixpro_checkpoint
+from pixpro_rs.train import train
 
 # %%
 #| hide
@@ -459,8 +459,10 @@ def build_detector(arch:str|None=None,  # backbone name; None: the one saved in 
 
 # %%
 tmp = Path(tempfile.mkdtemp())
-pixpro = tiny_pixpro_checkpoint(tmp/'ckpt.pth')
-det = build_detector(num_classes=4, weights=tmp/'ckpt.pth', out_channels=32, min_size=64, max_size=64,
+run = train(arch='resnetrs_tiny', image_size=64, batch_size=4, epochs=1, max_steps=1, synthetic_length=8,
+            synthetic_size=64, num_workers=0, progress=False, output_dir=str(tmp/'run'))  # a checkpoint as training writes it
+pixpro, ckpt = run.model, run.checkpoint
+det = build_detector(num_classes=4, weights=ckpt, out_channels=32, min_size=64, max_size=64,
                      anchor_sizes=(8, 16, 32, 64, 128), representation_size=64)
 body = det.backbone.body
 test_eq((det.arch, det.pretrain_config['image_size'], bn_kinds(body)), ('resnetrs_tiny', 64, {'FrozenBatchNorm2d'}))
@@ -480,7 +482,7 @@ test_eq(bn_kinds(scratch.backbone.body), {'BatchNorm2d'}); assert all(p.requires
 test_fail(lambda: build_detector('resnetrs_tiny', 4, norm='frozen'), contains='gamma = 0')
 test_fail(lambda: build_detector(num_classes=4), contains='arch=None')
 test_fail(lambda: build_detector('resnetrs_tiny', 0), contains='num_classes=0')
-test_fail(lambda: build_detector('resnetrs50', 4, weights=tmp/'ckpt.pth'), contains="'resnetrs_tiny', the arch saved in")
+test_fail(lambda: build_detector('resnetrs50', 4, weights=ckpt), contains="'resnetrs_tiny', the arch saved in")
 
 
 # %% [markdown]
@@ -1004,7 +1006,7 @@ if __name__ == '__main__' and '__file__' in globals(): main()  # python -m pixpr
 
 # %%
 write_voc(voc_root, {'000003': ((64, 48), [('cat', (10, 10, 50, 40), False)])}, split='test')
-r = main(['--voc-root', str(voc_root), '--weights', str(tmp/'ckpt.pth'), '--train-sets', '2007-trainval',
+r = main(['--voc-root', str(voc_root), '--weights', str(ckpt), '--train-sets', '2007-trainval',
           '--steps', '2', '--batch-size', '2', '--min-size', '64', '--test-size', '64', '--max-size', '64',
           '--device', 'cpu', '--num-workers', '0', '--output-dir', str(tmp/'voc_run')])
 test_eq(json.loads((tmp/'voc_run'/'results.json').read_text())['arch'], 'resnetrs_tiny')

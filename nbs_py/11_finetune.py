@@ -34,7 +34,7 @@ from pixpro_rs.augment import IMAGENET_MEAN, IMAGENET_STD
 from pixpro_rs.core import GLOSSARY, ConfigError, check_choice, check_positive, check_range
 from pixpro_rs.data import ClassFolders, PairLoader, PairSampler, SyntheticScenes, _seed_worker, derive_seed
 from pixpro_rs.evaluate import load_backbone
-from pixpro_rs.recipes import RESNETRS_SUPERVISED, SupervisedRecipe, lr_at, scaled_lr, set_lr, supervised_recipe
+from pixpro_rs.recipes import get_recipe, lr_at, scaled_lr, set_lr
 from pixpro_rs.resnet_rs import RS_CONFIGS, CheckpointError, create_model
 from pixpro_rs.train import (Loop, RUN_ONLY, RunGuard, RunPlan, _check_run, _int, _merged, _write_metrics,
                              announce, c5_size, config_parser, data_identity, default_output_dir, export_weights,
@@ -56,6 +56,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pixpro_rs.pixpro import PixPro
+from pixpro_rs.recipes import RECIPES, RESNETRS_SUPERVISED, SupervisedRecipe
 from pixpro_rs.resnet_rs import load_pretrained
 from pixpro_rs.train import train as pretrain
 
@@ -98,48 +99,22 @@ if os.environ.get('IN_TEST'): torch.set_num_threads(1)  # under nbdev_test, besi
 # %% [markdown]
 # ## The recipes
 #
-# Every paper recipe (`resnetrs_supervised_350ep` for RS-50 at 160, `resnetrs101_192_supervised_350ep` ...) plus
-# one of ours for a CPU: `finetune_demo_cpu` trains `resnetrs_tiny` on 64-pixel crops of synthetic images in under
-# a minute on two cores. It keeps every value of the recipe that does not depend on the scale of the run (label
-# smoothing, EMA decay, RandAugment, Nesterov, weight decay, warm-up from 0, cosine to 0) and says why for the rest.
+# The recipes live in the one registry of the recipes chapter, `RECIPES`, as the `supervised` kind: every paper
+# recipe (`supervised_rs50_160_350ep` for RS-50 at 160, `supervised_rs101_192_350ep` ...) plus one of ours for a
+# CPU: `supervised_demo_cpu` trains `resnetrs_tiny` on 64-pixel crops of synthetic images in under a minute on two
+# cores. It keeps every value of the recipe that does not depend on the scale of the run (label smoothing, EMA decay,
+# RandAugment, Nesterov, weight decay, warm-up from 0, cosine to 0) and says why for the rest. This chapter reads
+# them with `get_recipe(name, kind='supervised')`, which refuses a pretraining recipe.
 
 # %%
-#| exports
-_DEMO_FT = SupervisedRecipe(
-    name='finetune_demo_cpu', arch='resnetrs_tiny', image_size=64, epochs=12, batch_size=32, devices=1, lr=1.0,
-    weight_decay=4e-5, warmup_epochs=1, warmup_start_factor=0.0, final_lr=0.0, optimizer='sgd_nesterov',
-    optimizer_momentum=0.9, stochastic_depth=0.0, dropout=0.0, randaugment_magnitude=5,
-    source=("ours: a CPU demonstration on the embedded SyntheticScenes; label smoothing, EMA decay, RandAugment ops, "
-            "optimiser, weight decay and schedule shape are ResNet-RS's"),
-    ours={'arch': "resnetrs_tiny, our 1-block-per-stage CPU variant: a step of 32 images takes ~0.1 s on 2 cores",
-          'image_size': "64 px crops of 96 px scenes", 'epochs': "a demonstration of under a minute (192 steps)",
-          'batch_size': "small data (512 images): 16 steps per epoch", 'devices': "one CPU process",
-          'warmup_epochs': "1 of 12 (the paper: 5 of 350)",
-          'lr': ("1.0 per 256 = 0.125 at batch 32: a run of 200 steps needs larger steps than the paper's 110k (0.1 "
-                 "per 256); 2.0 made the loss jump in the first epoch; untuned beyond that"),
-          'dropout': "the tiny model has 512 features and barely fits 4 classes in a minute: no dropout",
-          'randaugment_magnitude': ("5 on TF's scale: the demo's labels (SceneLooks: photo, gray, blurred) are the "
-                                    "colour and sharpness cues that magnitude 10's Color and Sharpness ops erase")})
-
-FINETUNE_RECIPES: dict[str, SupervisedRecipe] = {
-    **{supervised_recipe(a, row[0]).name: supervised_recipe(a, row[0]) for a, rows in RESNETRS_SUPERVISED.items()
-       for row in rows},
-    'finetune_demo_cpu': _DEMO_FT}
-
-def get_finetune_recipe(name:str,  # a key of `FINETUNE_RECIPES`
-                       ) -> SupervisedRecipe:
-    "The named supervised recipe; an unknown name raises `ConfigError` listing the valid ones."
-    return FINETUNE_RECIPES[check_choice('recipe', name, FINETUNE_RECIPES)]
-
-
-# %%
-test_eq(len(FINETUNE_RECIPES), 1 + sum(len(r) for r in RESNETRS_SUPERVISED.values()))
-r50 = get_finetune_recipe('resnetrs_supervised_350ep')
+supervised = {k: v for k, v in RECIPES.items() if isinstance(v, SupervisedRecipe)}
+test_eq(len(supervised), 1 + sum(len(r) for r in RESNETRS_SUPERVISED.values()))
+r50 = get_recipe('supervised_rs50_160_350ep', kind='supervised')
 test_eq((r50.arch, r50.image_size, r50.global_batch, r50.weight_decay, r50.label_smoothing, r50.ema_decay),
         ('resnetrs50', 160, 4096, 4e-5, 0.1, 0.9999))
-test_eq(get_finetune_recipe('resnetrs420_320_supervised_350ep').dropout, 0.4)
-test_fail(lambda: get_finetune_recipe('pixpro_r50_100ep'), contains="invalid recipe='pixpro_r50_100ep'")
-{k: (v.arch, v.image_size, v.dropout, v.stochastic_depth, v.randaugment_magnitude) for k, v in FINETUNE_RECIPES.items()}
+test_eq(get_recipe('supervised_rs420_320_350ep', kind='supervised').dropout, 0.4)
+test_fail(lambda: get_recipe('pixpro_r50_100ep', kind='supervised'), contains="invalid recipe='pixpro_r50_100ep'")
+{k: (v.arch, v.image_size, v.dropout, v.stochastic_depth, v.randaugment_magnitude) for k, v in supervised.items()}
 
 # %% [markdown]
 # ## RandAugment on TF's scale
@@ -692,7 +667,7 @@ FINETUNE_GLOSSARY = {**GLOSSARY,
 @dataclass
 class FinetuneConfig:
     "Every parameter of a supervised run (glossary names); `None` means: the recipe's value."
-    recipe: str = 'finetune_demo_cpu'  # a key of FINETUNE_RECIPES: 'resnetrs_supervised_350ep', ...
+    recipe: str = 'supervised_demo_cpu'  # a supervised recipe of RECIPES: 'supervised_rs50_160_350ep', ...
     arch: str|None = None  # a ResNet-RS backbone
     data: str = 'looks'  # 'looks', 'synthetic' or a root with train/ and val/ class folders
     init: str = 'scratch'  # 'scratch' or a pretrained checkpoint (PixPro checkpoint, encoder.safetensors)
@@ -736,7 +711,7 @@ RS_ARCHS = tuple(RS_CONFIGS)  # create_model's dropout / drop-path overrides exi
 test_eq([p for p in FT_PARAMETERS if p not in FINETUNE_GLOSSARY], [])
 test_eq(tuple(f.name for f in dataclasses.fields(FinetuneConfig) if f.default is None and f.name not in ('output_dir', 'num_classes')),
         FT_RECIPE_FIELDS)
-assert all(hasattr(_DEMO_FT, f) for f in FT_RECIPE_FIELDS)
+assert all(hasattr(get_recipe('supervised_demo_cpu'), f) for f in FT_RECIPE_FIELDS)
 
 # %% [markdown]
 # `resolve_finetune_config` gives the plain dictionary the run uses and saves, with the derived values: the global
@@ -767,7 +742,7 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
                            ) -> dict:
     "Every parameter concrete and checked, plus the derived values. Raises `ConfigError` naming the parameter."
     p = _merged(config, FinetuneConfig, FT_PARAMETERS, overrides)
-    recipe = get_finetune_recipe(p['recipe'])
+    recipe = get_recipe(p['recipe'], kind='supervised')
     for k in FT_RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
     for k, low in _FT_INTS.items(): p[k] = _int(k, p[k], low)
@@ -809,7 +784,7 @@ c = resolve_finetune_config()
 test_eq((c['arch'], c['image_size'], c['global_batch'], c['num_classes'], c['randaugment_magnitude']), ('resnetrs_tiny', 64, 32, 3, 5))
 test_close(c['global_lr'], 0.125, eps=1e-12)
 test_eq(resolve_finetune_config(data='synthetic')['num_classes'], 4)
-c = resolve_finetune_config(recipe='resnetrs350_320_supervised_350ep', world_size=32)
+c = resolve_finetune_config(recipe='supervised_rs350_320_350ep', world_size=32)
 test_eq((c['arch'], c['image_size'], c['dropout'], c['stochastic_depth'], c['randaugment_magnitude'], c['global_batch']),
         ('resnetrs350', 320, 0.4, 0.1, 15, 4096))
 test_close(c['global_lr'], 1.6, eps=1e-12)
@@ -1154,7 +1129,7 @@ test_eq(len(finetune(tiny, output_dir=str(tmp/'ft-fast'), max_steps=6).metrics),
 # %% [markdown]
 # ## The CPU demo
 #
-# The recipe `finetune_demo_cpu` as it is: `resnetrs_tiny` from scratch on `SceneLooks` (512 training images, 128
+# The recipe `supervised_demo_cpu` as it is: `resnetrs_tiny` from scratch on `SceneLooks` (512 training images, 128
 # validation images of other scenes, 3 classes), 12 epochs of 16 steps, RandAugment at magnitude 5, label smoothing,
 # EMA, Nesterov SGD with 1 warm-up epoch and cosine. Figure 2: the loss of every step, and the top-1 of the raw
 # and the EMA model after every epoch against chance (the majority class of the validation set).
@@ -1197,7 +1172,7 @@ assert last < first and evals[-1]['top1'] > chance + 0.1 and evals[-1]['top1_ema
 #
 # ```bash
 # pixpro-finetune --init runs/pixpro_demo_cpu-resnetrs50-seed0/encoder.safetensors --arch resnetrs50
-# accelerate launch --multi_gpu --num_processes 8 -m pixpro_rs.finetune --recipe resnetrs_supervised_350ep \
+# accelerate launch --multi_gpu --num_processes 8 -m pixpro_rs.finetune --recipe supervised_rs50_160_350ep \
 #     --data /data/imagenet --init runs/rs50-400ep/encoder.safetensors --mixed_precision bf16 --num_workers 10 \
 #     --grad_accum 4 --channels_last true   # 128 x 4 x 8 = the paper's global batch of 4096
 # papermill nbs/finetune.ipynb runs/finetune.ipynb -p arch resnetrs50 -p init runs/rs50-400ep/encoder.safetensors
@@ -1268,8 +1243,9 @@ torch.set_num_threads(_threads)
 #   one lr value and one EMA update per step; the global batch `batch_size x grad_accum x processes` sets the lr), and
 #   a resume in the middle of an epoch is exact with it; the run-only speed switches `channels_last` and `compile`
 #   (in place, `nn.Module.compile()`: state-dict names unchanged) change rounding, not the run.
-# - `FINETUNE_RECIPES`: the paper's 11 (arch, size) recipes from `supervised_recipe`, with per-model dropout,
-#   stochastic depth and RandAugment magnitude, and our `finetune_demo_cpu`. `FinetuneConfig` uses the glossary's
+# - The recipes are the `supervised` ones of the recipes chapter's `RECIPES` (`get_recipe(name, kind='supervised')`):
+#   the paper's 11 (arch, size) recipes `supervised_rs<depth>_<size>_350ep`, with per-model dropout, stochastic
+#   depth and RandAugment magnitude, and our `supervised_demo_cpu`. `FinetuneConfig` uses the glossary's
 #   names (plus `init`); bad values raise `ConfigError` naming the parameter (exit code 2 on the command line).
 # - `TFRandAugment` is torchvision's v2 RandAugment with TF's magnitude scale (11 bins, index $m$ for $m \le 10$;
 #   a stretched space for $m > 10$: rotation 45 degrees at 15), TF's grey fill; the table lists what still differs

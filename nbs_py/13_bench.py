@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Performance
 #
-# > How fast a PixPro step runs and why: a benchmark of the training step (images/s, where the time goes, peak memory) over arch x image size x batch x precision x memory format x `torch.compile`, of the data pipeline (pairs/s per worker), and of whole training runs (is the accelerator ever waiting for data?), with the figures measured on a 2-core CPU and on an H200, and the cost of the full recipes on paper.
+# > How fast a PixPro step runs and why: a benchmark of the training step (images/s, where the time goes, peak memory) over arch x image size x batch x mixed precision x memory format x `torch.compile`, of the data pipeline (pairs/s per worker), and of whole training runs (is the accelerator ever waiting for data?), with the figures measured on a 2-core CPU and on an H200, and the cost of the full recipes on paper.
 
 # %%
 #| default_exp bench
@@ -30,7 +30,7 @@ import torchvision
 from torch import Tensor
 
 from pixpro_rs.augment import PixProAugment
-from pixpro_rs.core import ConfigError, atomic_write, check_choice, check_positive
+from pixpro_rs.core import MIXED_PRECISIONS, ConfigError, atomic_write, check_choice, check_mixed_precision, check_positive
 from pixpro_rs.data import ImageFiles, SyntheticScenes, find_images, make_loader
 from pixpro_rs.pixpro import METHODS, OnlineNet, PixPro
 from pixpro_rs.recipes import LARS, lars_param_groups
@@ -104,37 +104,39 @@ m = machine_info()
 print(m)
 assert m['cpu_cores'] >= 1 and m['torch'] == torch.__version__ and (m['gpu'] is None) == (not torch.cuda.is_available())
 
+
 # %% [markdown]
 # ## One training step, phase by phase
 #
-# A `BenchCase` names one point of the grid. `precision='bf16'` runs the forward pass under autocast, as
-# `mixed_precision='bf16'` does in the training engine; the positive mask and the loss are computed in float32 in
-# any case (the positives chapter casts to float32 inside the loss). `channels_last` and `compile` are the engine's
-# `speed_up` switches.
+# A `BenchCase` names one point of the grid, with the training engine's names and values. `mixed_precision='bf16'`
+# runs the forward pass under bfloat16 autocast, as it does in the engine; `'fp16'` (a CUDA device only, as in the
+# engine) runs it under float16 autocast with a gradient scaler, as Accelerate does for the engine; `'no'` is plain
+# fp32. The positive mask and the loss are computed in float32 in any case (the positives chapter casts to float32
+# inside the loss). `channels_last` and `compile` are the engine's `speed_up` switches. A case's label says `fp32`
+# for `'no'`: the label names the arithmetic.
 
 # %%
 #| exports
-PRECISIONS = ('fp32', 'bf16')
-
 @dataclass(frozen=True)
 class BenchCase:
     "One point of the benchmark grid: a PixPro training step of `arch` on `batch_size` pairs of `image_size` views."
     arch: str = 'resnetrs50'  # backbone
     image_size: int = 224  # side of each view
     batch_size: int = 64  # pairs per step (per device)
-    precision: str = 'fp32'  # 'fp32' or 'bf16' (autocast)
+    mixed_precision: str = 'no'  # 'no' (fp32), 'bf16' or 'fp16' (autocast), as the engine's `mixed_precision`
     channels_last: bool = False  # NHWC model and views
     compile: bool = False  # torch.compile the networks
     method: str = 'pixpro'  # pretext task
 
     def __post_init__(self):
-        check_choice('arch', self.arch, MODEL_NAMES); check_choice('precision', self.precision, PRECISIONS)
+        check_choice('arch', self.arch, MODEL_NAMES); check_choice('mixed_precision', self.mixed_precision, MIXED_PRECISIONS)
         check_choice('method', self.method, METHODS)
         for k in ('image_size', 'batch_size'): check_positive(k, getattr(self, k))
 
     @property
     def label(self) -> str:
-        return (f"{self.arch} {self.image_size}px b{self.batch_size} {self.precision}"
+        arithmetic = 'fp32' if self.mixed_precision == 'no' else self.mixed_precision
+        return (f"{self.arch} {self.image_size}px b{self.batch_size} {arithmetic}"
                 f"{' NHWC' if self.channels_last else ''}{' compiled' if self.compile else ''}")
 
 
@@ -149,11 +151,12 @@ def grid(**axes) -> list[BenchCase]:
 
 
 # %%
-test_eq(len(grid(precision=['fp32', 'bf16'], channels_last=[False, True], arch='resnetrs_tiny')), 4)
+test_eq(len(grid(mixed_precision=['no', 'bf16'], channels_last=[False, True], arch='resnetrs_tiny')), 4)
 test_eq(grid(batch_size=[2, 4])[1].batch_size, 4)
 test_fail(lambda: grid(arch=['resnet51']), contains='resnet51')
-test_fail(lambda: grid(precison=['bf16']), contains='axis')
-test_fail(lambda: BenchCase(precision='fp16'), contains="'fp32', 'bf16'")
+test_fail(lambda: grid(mixed_precison=['bf16']), contains='axis')
+test_fail(lambda: BenchCase(mixed_precision='fp32'), contains="'no', 'bf16', 'fp16'")
+test_eq([c.label for c in grid(mixed_precision=['no', 'bf16', 'fp16'])], ['resnetrs50 224px b64 ' + p for p in ('fp32', 'bf16', 'fp16')])
 
 
 # %% [markdown]
@@ -212,6 +215,7 @@ def bench_step(case:BenchCase,  # what to measure
     "Throughput, time per phase and peak memory of one PixPro training step; 'error' holds 'out of memory' on OOM."
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     check_positive('steps', steps)
+    check_mixed_precision(case.mixed_precision, torch.device(device).type)
     row = dict(dataclasses.asdict(case), device=str(device))
     batch = sample_batch(case.batch_size, case.image_size, seed)
     if device.type == 'cuda': batch = tuple(t.pin_memory() for t in batch); torch.cuda.reset_peak_memory_stats(device)
@@ -222,29 +226,35 @@ def bench_step(case:BenchCase,  # what to measure
         speed_up(model, case.channels_last, case.compile)
         online = OnlineNet(model)
         opt = LARS(lars_param_groups(online, 1e-5), lr=0.1, momentum=0.9)
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if case.precision == 'bf16' else nullcontext
+        dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(case.mixed_precision)
+        autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+        scaler = torch.amp.GradScaler(device.type) if case.mixed_precision == 'fp16' else None  # as Accelerate's fp16
 
         def copy():
             v1, v2, c1, c2 = (t.to(device, non_blocking=True) for t in batch)
             return to_memory_format(v1, case.channels_last), to_memory_format(v2, case.channels_last), c1, c2
         def forward(b):
             with autocast(): return model(*b, update_target=False, online=online).loss
-        def optimise(): opt.step(); opt.zero_grad(set_to_none=True)
+        def backward(loss): (scaler.scale(loss) if scaler else loss).backward()
+        def optimise():
+            if scaler: scaler.step(opt); scaler.update()
+            else: opt.step()
+            opt.zero_grad(set_to_none=True)
 
         t0 = time.perf_counter()
         for i in range(warmup):
-            forward(copy()).backward(); optimise(); model.momentum_update()
+            backward(forward(copy())); optimise(); model.momentum_update()
             if i == 0: _sync(device); first = time.perf_counter() - t0
         _sync(device); t0 = time.perf_counter()
         for _ in range(steps):
-            loss = forward(copy()); loss.backward(); optimise(); model.momentum_update()
+            loss = forward(copy()); backward(loss); optimise(); model.momentum_update()
         _sync(device); dt = time.perf_counter() - t0
         phases = dict.fromkeys(('copy', 'forward', 'backward', 'optimizer', 'ema'), 0.)
         for _ in range(steps):
             ts = [time.perf_counter()]
             b = copy(); _sync(device); ts.append(time.perf_counter())
             loss = forward(b); _sync(device); ts.append(time.perf_counter())
-            loss.backward(); _sync(device); ts.append(time.perf_counter())
+            backward(loss); _sync(device); ts.append(time.perf_counter())
             optimise(); _sync(device); ts.append(time.perf_counter())
             model.momentum_update(); _sync(device); ts.append(time.perf_counter())
             for k, a, z in zip(phases, ts, ts[1:]): phases[k] += (z - a) / steps
@@ -510,7 +520,7 @@ def train_config(root:str|Path, case:BenchCase, num_workers:int, steps:int, gpu_
     "The training engine's configuration for `case` on the images in `root` (also checked up front by the CLI)."
     return TrainConfig(recipe='pixpro_r50_100ep', arch=case.arch, data=str(root), batch_size=case.batch_size,
                        image_size=case.image_size, method=case.method, num_workers=num_workers,
-                       mixed_precision='bf16' if case.precision == 'bf16' else 'no', channels_last=case.channels_last,
+                       mixed_precision=case.mixed_precision, channels_last=case.channels_last,
                        compile=case.compile, max_steps=steps, save_every=10**6,
                        output_dir=None if output_dir is None else str(output_dir), progress=False, overwrite=True,
                        gpu_augment=gpu_augment)
@@ -546,24 +556,24 @@ def bench_train(root:str|Path,  # a folder of images
 #
 # | preset | what | where |
 # |---|---|---|
-# | `smoke` | resnetrs_tiny, 64 px, batch 4, fp32/bf16, 1 step | CI: keeps the benchmark working |
-# | `cpu` | the CPU demo's step (resnetrs50, 96 px, batch 16): fp32/bf16 x NCHW/NHWC | this chapter's CPU figures |
-# | `gpu` | ResNet-50 and ResNet-RS-50 at 224 px, batch 128: fp32/bf16 x NCHW/NHWC, + compile | the GPU figures |
+# | `smoke` | resnetrs_tiny, 64 px, batch 4, mixed_precision no/bf16, 1 step | CI: keeps the benchmark working |
+# | `cpu` | the CPU demo's step (resnetrs50, 96 px, batch 16): mixed_precision no/bf16 x NCHW/NHWC | this chapter's CPU figures |
+# | `gpu` | ResNet-50 and ResNet-RS-50 at 224 px, batch 128: mixed_precision no/bf16 x NCHW/NHWC, + compile | the GPU figures |
 
 # %%
 #| exports
 PRESETS = {
-    'smoke': dict(arch=['resnetrs_tiny'], image_size=[64], batch_size=[4], precision=['fp32', 'bf16'], steps=1, warmup=1),
-    'cpu': dict(arch=['resnetrs50'], image_size=[96], batch_size=[16], precision=['fp32', 'bf16'],
+    'smoke': dict(arch=['resnetrs_tiny'], image_size=[64], batch_size=[4], mixed_precision=['no', 'bf16'], steps=1, warmup=1),
+    'cpu': dict(arch=['resnetrs50'], image_size=[96], batch_size=[16], mixed_precision=['no', 'bf16'],
                 channels_last=[False, True], steps=5, warmup=2),
-    'gpu': dict(arch=['resnet50', 'resnetrs50'], image_size=[224], batch_size=[128], precision=['fp32', 'bf16'],
+    'gpu': dict(arch=['resnet50', 'resnetrs50'], image_size=[224], batch_size=[128], mixed_precision=['no', 'bf16'],
                 channels_last=[False, True], steps=20, warmup=5),
 }
 COLUMNS = ('label', 'images_per_s', 'speedup', 'copy_s', 'forward_s', 'backward_s', 'optimizer_s', 'ema_s',
            'peak_memory_gib', 'tflops', 'error')
 
 def add_derived(rows:list[dict]) -> list[dict]:
-    "Add `label`, `speedup` (against the fp32 NCHW uncompiled row of the same arch/size/batch) and achieved TFLOP/s."
+    "Add `label`, `speedup` (against the mixed_precision='no' NCHW uncompiled row of the same arch/size/batch) and achieved TFLOP/s."
     flops = {}
     for r in rows:
         r['label'] = BenchCase(**{f.name: r[f.name] for f in dataclasses.fields(BenchCase)}).label
@@ -571,7 +581,7 @@ def add_derived(rows:list[dict]) -> list[dict]:
         if key not in flops: flops[key] = step_flops(*key)
         r['tflops'] = r['images_per_s'] * flops[key] / 1e12 if r.get('images_per_s') else None
         base = next((b for b in rows if (b['arch'], b['image_size'], b['batch_size'], b['method']) ==
-                     (r['arch'], r['image_size'], r['batch_size'], r['method']) and b['precision'] == 'fp32'
+                     (r['arch'], r['image_size'], r['batch_size'], r['method']) and b['mixed_precision'] == 'no'
                      and not b['channels_last'] and not b['compile']), None)
         r['speedup'] = r['images_per_s'] / base['images_per_s'] if base and base.get('images_per_s') and r.get('images_per_s') else None
     return rows
@@ -591,7 +601,7 @@ def format_table(rows:list[dict], columns:tuple=COLUMNS) -> str:
 
 # %%
 rows = add_derived([bench_step(c, steps=1, warmup=1) for c in grid(arch='resnetrs_tiny', image_size=64, batch_size=4,
-                                                                   precision=['fp32', 'bf16'])])
+                                                                   mixed_precision=['no', 'bf16'])])
 test_eq(rows[0]['speedup'], 1.0)
 assert rows[1]['speedup'] > 0 and rows[0]['tflops'] > 0
 print(format_table(rows))
@@ -609,7 +619,7 @@ assert format_table(rows).count('\n') == 3
 
 # %%
 #| exports
-DATA_BATCH = 64  # pairs per batch of the data-pipeline benchmark (`--data_workers`)
+DATA_BATCH = 64  # pairs per batch of the data-pipeline benchmark (`--num_workers`)
 
 def _bools(name:str, s:str) -> list[bool]:
     "A comma-separated list of true/false values (`--compile 0,1`)."
@@ -694,13 +704,14 @@ def cli_parser() -> argparse.ArgumentParser:
                 '(and optionally the data pipeline) over a grid; values are comma-separated lists.')
     p.add_argument('--preset', default='smoke', help=f"the grid to start from: {', '.join(sorted(PRESETS))} (default: smoke)")
     p.add_argument('--arch', help='e.g. resnet50,resnetrs50'); p.add_argument('--image_size', help='e.g. 160,224')
-    p.add_argument('--batch_size', help='pairs per step, e.g. 64,128'); p.add_argument('--precision', help='fp32,bf16')
+    p.add_argument('--batch_size', help='pairs per step, e.g. 64,128')
+    p.add_argument('--mixed_precision', help="no,bf16 (the training engine's values: no, bf16, fp16; fp16 needs a CUDA device)")
     p.add_argument('--channels_last', help='false,true'); p.add_argument('--compile', help='false,true')
     p.add_argument('--method', help='pixpro,pixcontrast,instance')
     p.add_argument('--steps', help='timed steps per case'); p.add_argument('--warmup', help='untimed steps first')
     p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if available)')
     p.add_argument('--max_batch', action='store_true', help='also search the largest batch of each arch (GPU)')
-    p.add_argument('--data_workers', help='also time the data pipeline with these worker counts, e.g. 1,4,16')
+    p.add_argument('--num_workers', help='also time the data pipeline with these DataLoader worker counts, e.g. 1,4,16')
     p.add_argument('--gpu_augment', action='store_true', help='the data pipeline with the GPU augmentation path too')
     p.add_argument('--data_dir', help='JPEG folder for the data pipeline (default: a temporary one, made)')
     p.add_argument('--train_workers', help='also run the training engine on JPEG files with this many workers '
@@ -716,7 +727,7 @@ def check_args(args:argparse.Namespace) -> dict:
     "Every flag parsed and checked before the first measurement: the plan of the run, or a `ConfigError`."
     # the step grid: the preset, then the flags given
     cfg = dict(PRESETS[check_choice('preset', args.preset, sorted(PRESETS))])
-    for k, allowed in dict(arch=MODEL_NAMES, precision=PRECISIONS, method=METHODS).items():
+    for k, allowed in dict(arch=MODEL_NAMES, mixed_precision=MIXED_PRECISIONS, method=METHODS).items():
         if getattr(args, k) is not None: cfg[k] = _choices(k, getattr(args, k), allowed)
     for k in ('image_size', 'batch_size'):
         if getattr(args, k) is not None: cfg[k] = _ints(k, getattr(args, k), 1)
@@ -726,10 +737,11 @@ def check_args(args:argparse.Namespace) -> dict:
         if getattr(args, k) is not None: cfg[k] = _one_int(k, getattr(args, k), low)
     plan = dict(steps=cfg.pop('steps'), warmup=cfg.pop('warmup'), axes=cfg, cases=grid(**cfg),
                 device=check_device(args.device), max_batch=args.max_batch, gpu_augment=args.gpu_augment)
+    for mp in cfg['mixed_precision']: check_mixed_precision(mp, torch.device(plan['device']).type)
     if args.max_batch and not plan['device'].startswith('cuda'):
         raise ConfigError('max_batch', True, 'a CUDA device: on the CPU there is no out-of-memory error to search for')
     # the data pipeline and the training engine: counts, then the folder they read
-    plan['data_workers'] = _ints('data_workers', args.data_workers, 0) if args.data_workers is not None else []
+    plan['num_workers'] = _ints('num_workers', args.num_workers, 0) if args.num_workers is not None else []
     plan['train_workers'] = _one_int('train_workers', args.train_workers, 0) if args.train_workers is not None else None
     plan['train_steps'] = _one_int('train_steps', args.train_steps, 1)
     if plan['train_steps'] <= TRAIN_SKIP:
@@ -737,7 +749,7 @@ def check_args(args:argparse.Namespace) -> dict:
     plan['train_cases'] = ([next(c for c in plan['cases'] if c.arch == a) for a in dict.fromkeys(cfg['arch'])]
                            if plan['train_workers'] is not None else [])
     needs = {}
-    if plan['data_workers']: needs[f'two batches of {DATA_BATCH} (--data_workers)'] = 2 * DATA_BATCH
+    if plan['num_workers']: needs[f'two batches of {DATA_BATCH} (--num_workers)'] = 2 * DATA_BATCH
     if plan['train_cases']: needs[f"one batch of {plan['train_cases'][0].batch_size} (--train_workers)"] = plan['train_cases'][0].batch_size
     plan['data_dir'] = check_data_dir(args.data_dir, needs) if args.data_dir is not None else None
     for case in plan['train_cases']:  # the engine's own checks (its data folder, image size...), now rather than later
@@ -761,14 +773,14 @@ def run(args:argparse.Namespace) -> dict:
     add_derived(out['steps'])
     if p['max_batch']:
         for arch in cfg['arch']:
-            case = BenchCase(arch, cfg['image_size'][0], precision=cfg['precision'][-1],
+            case = BenchCase(arch, cfg['image_size'][0], mixed_precision=cfg['mixed_precision'][-1],
                              channels_last=cfg.get('channels_last', [False])[-1])
             out['max_batch'][arch] = max_batch(case, device=device)
-    if p['data_workers'] or p['train_cases']:
+    if p['num_workers'] or p['train_cases']:
         with tempfile.TemporaryDirectory() as tmp:
             n = max(512, (p['train_steps'] + 2) * p['cases'][0].batch_size if p['train_cases'] else 0)
             root = p['data_dir'] or make_jpeg_folder(Path(tmp)/'jpeg', n)
-            for w in p['data_workers']:
+            for w in p['num_workers']:
                 for g in ([False, True] if p['gpu_augment'] else [False]):
                     out['data'].append(bench_data(root, cfg['image_size'][0], DATA_BATCH, w, 20, gpu_augment=g, device=device))
             for case in p['train_cases']:
@@ -791,7 +803,7 @@ def main(argv:list[str]|None=None) -> int:
     print(format_table(out['steps']))
     if out['max_batch']: print('\nlargest batch:', out['max_batch'])
     if out['data']: print('\n' + format_table(out['data'], ('num_workers', 'gpu_augment', 'image_size', 'pairs_per_s', 'pairs_per_s_per_worker')))
-    if out['train']: print('\n' + format_table(out['train'], ('arch', 'batch_size', 'precision', 'channels_last', 'compile',
+    if out['train']: print('\n' + format_table(out['train'], ('arch', 'batch_size', 'mixed_precision', 'channels_last', 'compile',
                                                              'num_workers', 'gpu_augment', 'images_per_s', 'busy', 'data_wait_s')))
     if args.json: atomic_write(args.json, lambda t: Path(t).write_text(json.dumps(out, indent=1)))
     return 0
@@ -815,9 +827,10 @@ def plan_of(*argv): return check_args(cli_parser().parse_args(list(argv)))
 
 for argv, msg in ((['--batch_size', '4,x'], "batch_size='4,x': expected comma-separated integers >= 1"),
                   (['--image_size', '0'], "image_size='0'"), (['--steps', '0'], "steps='0': expected an integer >= 1"),
-                  (['--warmup', '-1'], "warmup='-1'"), (['--data_workers', 'a'], "data_workers='a'"),
+                  (['--warmup', '-1'], "warmup='-1'"), (['--num_workers', 'a'], "num_workers='a'"),
                   (['--train_workers', '-2'], "train_workers='-2'"), (['--train_steps', '5'], 'train_steps=5'),
-                  (['--preset', 'huge'], "preset='huge'"), (['--precision', 'fp16'], "'fp32', 'bf16'"),
+                  (['--preset', 'huge'], "preset='huge'"), (['--mixed_precision', 'fp32'], "'no', 'bf16', 'fp16'"),
+                  (['--mixed_precision', 'fp16', '--device', 'cpu'], "'no' or 'bf16' on the CPU"),
                   (['--method', 'byol'], "method='byol'"), (['--device', 'gpu'], "device='gpu'"),
                   (['--device', 'cuda:7'], "device='cuda:7'"),
                   (['--train_workers', '0', '--image_size', '32'], 'image_size=32'),  # the engine's own check
@@ -825,7 +838,7 @@ for argv, msg in ((['--batch_size', '4,x'], "batch_size='4,x': expected comma-se
     test_fail(lambda: plan_of(*argv), contains=msg)
 with tempfile.TemporaryDirectory() as d:
     folder = make_jpeg_folder(Path(d)/'jpeg', 70, unique=8)
-    test_fail(lambda: plan_of('--data_dir', str(folder), '--data_workers', '0'), contains='at least 128 images')
+    test_fail(lambda: plan_of('--data_dir', str(folder), '--num_workers', '0'), contains='at least 128 images')
     test_fail(lambda: plan_of('--data_dir', str(folder), '--train_workers', '0', '--batch_size', '96'), contains='holds 70')
     test_fail(lambda: plan_of('--data_dir', str(folder/'scene_000000.jpg')), contains='this is a file')
     test_fail(lambda: plan_of('--json', str(folder/'scene_000000.jpg'/'x.json')), contains='writable folder')
@@ -902,12 +915,12 @@ print(format_table(cpu['steps']))
 #
 # ```bash
 # python -m pixpro_rs.bench --preset gpu --max_batch --json gpu_steps.json      # the grid at batch 128 + largest batch
-# python -m pixpro_rs.bench --preset gpu --arch resnet50,resnetrs50 --batch_size 256 --precision bf16 \
+# python -m pixpro_rs.bench --preset gpu --arch resnet50,resnetrs50 --batch_size 256 --mixed_precision bf16 \
 #     --channels_last true --compile false,true --steps 20 --warmup 5             # batch 256, compiled or not
 # python -m pixpro_rs.bench --preset gpu --arch resnetrs101,resnetrs152,resnetrs200,resnetrs270,resnetrs350,resnetrs420 \
-#     --precision bf16 --channels_last true --steps 8 --warmup 3                   # the family at 224 px
-# python -m pixpro_rs.bench --preset gpu --arch resnet50,resnetrs50 --batch_size 256 --precision bf16 \
-#     --channels_last true --train_workers 15 --data_workers 15 --gpu_augment      # data pipeline and whole runs
+#     --mixed_precision bf16 --channels_last true --steps 8 --warmup 3             # the family at 224 px
+# python -m pixpro_rs.bench --preset gpu --arch resnet50,resnetrs50 --batch_size 256 --mixed_precision bf16 \
+#     --channels_last true --train_workers 15 --num_workers 15 --gpu_augment      # data pipeline and whole runs
 # ```
 #
 # (The compiled whole run of ResNet-50 was `bench_train(make_jpeg_folder(d, 8192), BenchCase('resnet50', 224, 256,
@@ -961,7 +974,7 @@ mem = h200['machine']['gpu_memory_gib']
 print('| arch | peak at b128 (GiB) | largest batch, estimated | searched (bracket) |')
 print('|---|---|---|---|')
 for r in h200['steps']:
-    if (r['batch_size'], r['precision'], r['channels_last'], r['compile']) != (128, 'bf16', True, False): continue
+    if (r['batch_size'], r['mixed_precision'], r['channels_last'], r['compile']) != (128, 'bf16', True, False): continue
     est = estimate_max_batch(r['arch'], 128, r['peak_memory_gib'], mem)
     found = h200['max_batch'].get(r['arch'])
     bracket = search_largest(lambda b: b <= found) if found else None
@@ -981,7 +994,7 @@ for r in h200['steps']:
 # %%
 print(format_table(h200['data'], ('num_workers', 'gpu_augment', 'image_size', 'pairs_per_s', 'pairs_per_s_per_worker')))
 print()
-print(format_table(h200['train'], ('arch', 'batch_size', 'precision', 'channels_last', 'compile', 'num_workers',
+print(format_table(h200['train'], ('arch', 'batch_size', 'mixed_precision', 'channels_last', 'compile', 'num_workers',
                                    'gpu_augment', 'images_per_s', 'busy', 'data_wait_s')))
 
 # %% [markdown]
@@ -1057,7 +1070,7 @@ torch.set_num_threads(_threads)
 # ## Summary
 #
 # - `python -m pixpro_rs.bench` measures the PixPro training step (images/s, phases, peak memory, FLOP rate) over a
-#   grid of arch, size, batch, precision, memory format and compilation; the data pipeline (pairs/s per worker);
+#   grid of arch, size, batch, mixed precision, memory format and compilation; the data pipeline (pairs/s per worker);
 #   and the training engine on real files (GPU busy share). It prints tables, writes JSON with the machine, and runs
 #   on a CPU (`--preset smoke` is a CI test).
 # - The engine's switches: `mixed_precision='bf16'`, `channels_last`, `compile`, `gpu_augment`, `prefetch_factor`;
@@ -1076,5 +1089,5 @@ torch.set_num_threads(_threads)
 #    compiled ResNet-RS-50 step. Compare with the target of 2,500 images/s.
 # 3. `estimate_max_batch` assumes memory grows linearly with the batch. Check the assumption with the peak memory of
 #    two batch sizes in the benchmark's JSON.
-# 4. Time the data pipeline with `--data_workers 1,2` on a folder of your own JPEG files. How many workers would one
+# 4. Time the data pipeline with `--num_workers 1,2` on a folder of your own JPEG files. How many workers would one
 #    H200 need to keep the compiled ResNet-50 step fed?

@@ -12,7 +12,7 @@
 # ```bash
 # papermill nbs/finetune.ipynb runs/ft.ipynb -p init runs/pixpro_demo_cpu-resnetrs50-seed0/encoder.safetensors \
 #     -p arch resnetrs50                                        # fine-tune the training notebook's encoder
-# papermill nbs/finetune.ipynb runs/rs50-imagenet.ipynb -p recipe resnetrs_supervised_350ep -p data /data/imagenet \
+# papermill nbs/finetune.ipynb runs/rs50-imagenet.ipynb -p recipe supervised_rs50_160_350ep -p data /data/imagenet \
 #     -p init runs/rs50-400ep/encoder.safetensors -p mixed_precision bf16 -p num_workers 10
 # ```
 #
@@ -25,7 +25,7 @@
 
 # %% tags=["parameters"]
 # Parameters: papermill -p NAME VALUE, or -f params.yaml. None takes the recipe's value.
-recipe = 'finetune_demo_cpu'  # named recipe: finetune_demo_cpu, resnetrs_supervised_350ep, resnetrs101_192_supervised_350ep ...
+recipe = 'supervised_demo_cpu'  # named recipe: supervised_demo_cpu, supervised_rs50_160_350ep, supervised_rs101_192_350ep ...
 arch = None  # backbone (the demo: resnetrs_tiny): resnetrs50 ... resnetrs420
 data = 'looks'  # 'looks', 'synthetic' or a root with train/ and val/ class folders, e.g. /data/imagenet
 init = 'scratch'  # 'scratch' or a PixPro checkpoint / encoder.safetensors

@@ -22,8 +22,8 @@ try: import fcntl
 except ImportError: fcntl = None  # not POSIX (Windows): `RunLock` is unavailable, the rest works
 
 # %% auto #0
-__all__ = ['GLOSSARY', 'ConfigError', 'check_choice', 'check_range', 'check_positive', 'atomic_write', 'RunLock',
-           'sweep_temporary']
+__all__ = ['GLOSSARY', 'MIXED_PRECISIONS', 'ConfigError', 'check_choice', 'check_range', 'check_positive',
+           'check_mixed_precision', 'atomic_write', 'RunLock', 'sweep_temporary']
 
 # %% ../nbs/00_core.ipynb #bba49b96
 GLOSSARY: dict[str, str] = {
@@ -129,6 +129,18 @@ def check_range(name:str,  # parameter name
 def check_positive(name:str, value:float) -> float:
     "Return `value` if it is a finite number > 0, else raise `ConfigError`."
     return check_range(name, value, 0, None, low_open=True)
+
+# %% ../nbs/00_core.ipynb #d46e6e5d
+MIXED_PRECISIONS = ('no', 'bf16', 'fp16')  # the glossary's `mixed_precision` values (Accelerate's names)
+
+def check_mixed_precision(value:str,  # the requested `mixed_precision`
+                          device_type:str,  # 'cuda', 'cpu', ...: where it would run
+                         ) -> str:
+    "`value` if it is one of `MIXED_PRECISIONS` and `device_type` can run it, else `ConfigError`."
+    check_choice('mixed_precision', value, MIXED_PRECISIONS)
+    if value == 'fp16' and device_type != 'cuda':
+        raise ConfigError('mixed_precision', 'fp16', f"'no' or 'bf16' on a {device_type} device (fp16 needs a CUDA device)")
+    return value
 
 # %% ../nbs/00_core.ipynb #3c91f9eb
 _TMP_SUFFIX = '.tmp'  # atomic_write's temporary files are named .{target}.{8 random characters}.tmp (mkstemp)

@@ -27,11 +27,10 @@ from .pixpro import PixPro
 from .resnet_rs import MODEL_NAMES, RS_CONFIGS, CheckpointError, create_model, load_pretrained
 
 # %% auto #0
-__all__ = ['FEATURES', 'VOC_CLASSES', 'EXPORT_FORMATS', 'TIMM_ARCHS', 'load_backbone', 'tiny_pixpro_checkpoint', 'resize_crop',
-           'normalize_images', 'extract_features', 'confusion_matrix', 'iou_per_class', 'miou', 'pixel_accuracy',
-           'ProbeHead', 'fit_probe', 'LinearProbeResult', 'linear_probe', 'MaskError', 'load_mask',
-           'SegmentationFolders', 'DenseProbeResult', 'dense_probe', 'dense_predict', 'to_detectron2',
-           'from_detectron2', 'export_backbone']
+__all__ = ['FEATURES', 'VOC_CLASSES', 'EXPORT_FORMATS', 'TIMM_ARCHS', 'load_backbone', 'resize_crop', 'normalize_images',
+           'extract_features', 'confusion_matrix', 'iou_per_class', 'miou', 'pixel_accuracy', 'ProbeHead', 'fit_probe',
+           'LinearProbeResult', 'linear_probe', 'MaskError', 'load_mask', 'SegmentationFolders', 'DenseProbeResult',
+           'dense_probe', 'dense_predict', 'to_detectron2', 'from_detectron2', 'export_backbone']
 
 # %% ../nbs/08_evaluate.ipynb #c5bd4883
 def _peek(path:Path) -> tuple[list[str], dict|None, str|None]:
@@ -73,18 +72,6 @@ def load_backbone(checkpoint_or_model:str|Path|nn.Module,  # PixPro checkpoint, 
     backbone.pretrain_config = config  # the run's config (image_size ...) when the checkpoint has one
     return backbone.eval().requires_grad_(False)
 
-# %% ../nbs/08_evaluate.ipynb #545de827
-def tiny_pixpro_checkpoint(path:str|Path,  # where to write it
-                           seed:int=0,
-                          ) -> nn.Module:  # the PixPro model saved
-    "A random `PixPro` on `resnetrs_tiny` saved in the training chapter's format, online encoder moved off the target."
-    torch.manual_seed(seed)
-    model = PixPro(create_model('resnetrs_tiny', num_classes=0))
-    with torch.no_grad():
-        for p in model.encoder.parameters(): p.add_(0.1 * torch.randn_like(p))  # online != target
-    torch.save({'model': model.state_dict(), 'config': {'arch': 'resnetrs_tiny', 'image_size': 64}}, path)
-    return model
-
 # %% ../nbs/08_evaluate.ipynb #7944e7e5
 def resize_crop(x:Tensor,  # image [3, H, W] uint8, or label map [H, W]
                 size:int,  # side of the square output
@@ -102,12 +89,12 @@ def normalize_images(images:Tensor) -> Tensor:  # [N, 3, H, W] uint8 -> float
     return (images.float() / 255 - mean) / std
 
 # %% ../nbs/08_evaluate.ipynb #ed31a665
-FEATURES = ('pooled', 'c5', 'c4c5')
+FEATURES = ('pooled', 'c5', 'c4c5', 'c3c4c5')
 
 @torch.no_grad()
 def extract_features(backbone:nn.Module,  # frozen: run in eval mode, its own mode restored afterwards
                      images:Tensor,  # [N, 3, H, W] uint8
-                     features:str='c5',  # 'pooled', 'c5' or 'c4c5' (see the table)
+                     features:str='c5',  # one of FEATURES (see the table)
                      batch_size:int=64,  # images per forward pass
                     ) -> Tensor:  # float32, on the CPU
     "Features of a frozen backbone: eval mode (BN statistics used, never updated), no gradients."
@@ -117,9 +104,10 @@ def extract_features(backbone:nn.Module,  # frozen: run in eval mode, its own mo
     try:
         for i in range(0, len(images), batch_size):
             x = normalize_images(images[i:i + batch_size].to(device))  # [B, 3, H, W]
-            if features == 'c4c5':
-                c4, c5 = backbone.forward_pyramid(x)[2:]  # [B, C4, H/16, W/16], [B, C5, H/32, W/32]
-                f = torch.cat([c4, F.interpolate(c5, size=c4.shape[-2:], mode='bilinear', align_corners=False)], 1)
+            if features in ('c4c5', 'c3c4c5'):
+                maps = backbone.forward_pyramid(x)[1 if features == 'c3c4c5' else 2:]  # [C3,] C4, C5 at 8, 16, 32
+                size = maps[0].shape[-2:]  # the finest map's
+                f = torch.cat([maps[0]] + [F.interpolate(m, size=size, mode='bilinear', align_corners=False) for m in maps[1:]], 1)
             else:
                 f = backbone.forward_features(x)  # [B, C5, H/32, W/32]
                 if features == 'pooled': f = f.mean((2, 3))  # [B, C5]
@@ -341,7 +329,7 @@ class DenseProbeResult:
     chance_miou: float  # mIoU of predicting the training set's most frequent class everywhere
     chance_pixel_acc: float  # its pixel accuracy
     head: ProbeHead  # the trained 1x1 convolution (with its standardisation)
-    features: str  # 'c5' or 'c4c5'
+    features: str  # 'c5', 'c4c5' or 'c3c4c5'
     image_size: int  # side of the images and label maps the probe saw
 
 # %% ../nbs/08_evaluate.ipynb #6902b894
@@ -350,12 +338,12 @@ def dense_probe(backbone:nn.Module,  # frozen (see `extract_features`); e.g. fro
                 val:Dataset,  # the same, for the reported scores
                 num_classes:int|None=None,  # K including background; None: SegmentationFolders' classes, scenes' K + 1
                 image_size:int=96,  # images and label maps are resized (shorter side) and centre-cropped to this
-                features:str='c5',  # 'c5' or 'c4c5' (C4 with C5 upsampled beside it: twice the resolution)
+                features:str='c5',  # 'c5', 'c4c5' (C4 with C5 upsampled beside it) or 'c3c4c5' (the hypercolumn at stride 8)
                 steps:int=300, lr:float=0.1, batch_size:int=16, seed:int=0,  # see `fit_probe`
                 ignore_index:int=255,  # label of pixels to ignore
                ) -> DenseProbeResult:
     "mIoU and pixel accuracy of a 1x1 convolution on a frozen feature map, upsampled bilinearly, per-pixel cross-entropy."
-    check_choice('features', features, ('c5', 'c4c5'))
+    check_choice('features', features, FEATURES[1:])
     K = num_classes or (train.num_classes + 1 if isinstance(train, SyntheticScenes) else _num_classes(train))
     if not K: raise ConfigError('num_classes', num_classes, 'the number of classes with background (the dataset does not say)')
     ftr, ytr = _probe_data(backbone, train, image_size, features, dense=True)  # [N, C, h, w], [N, S, S] uint8

@@ -29,7 +29,7 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .core import GLOSSARY, ConfigError, check_choice, check_positive, check_range
 from .data import ClassFolders, PairLoader, PairSampler, SyntheticScenes, _seed_worker, derive_seed
 from .evaluate import load_backbone
-from .recipes import RESNETRS_SUPERVISED, SupervisedRecipe, lr_at, scaled_lr, set_lr, supervised_recipe
+from .recipes import get_recipe, lr_at, scaled_lr, set_lr
 from .resnet_rs import RS_CONFIGS, CheckpointError, create_model
 from .train import (Loop, RUN_ONLY, RunGuard, RunPlan, _check_run, _int, _merged, _write_metrics,
                              announce, c5_size, config_parser, data_identity, default_output_dir, export_weights,
@@ -37,39 +37,12 @@ from .train import (Loop, RUN_ONLY, RunGuard, RunPlan, _check_run, _int, _merged
                              run_command, to_device, to_memory_format)
 
 # %% auto #0
-__all__ = ['FINETUNE_RECIPES', 'LOOKS', 'FINETUNE_GLOSSARY', 'FT_RECIPE_FIELDS', 'FT_PARAMETERS', 'FT_BOOLS', 'RS_ARCHS',
-           'FT_CHECKPOINT_FORMAT', 'FT_METRIC_COLUMNS', 'get_finetune_recipe', 'TFRandAugment', 'eval_crop_size',
-           'EvalTransform', 'train_transform', 'Augmented', 'train_loader', 'eval_loader', 'SceneLooks',
-           'build_classifier', 'param_groups', 'ModelEMA', 'evaluate', 'FinetuneConfig', 'resolve_finetune_config',
-           'load_finetune_checkpoint', 'prepare_finetune_dir', 'FinetuneResult', 'build_datasets', 'build_ft_loaders',
-           'speed_up_classifier', 'evaluate_step', 'finetune', 'finetune_parser', 'read_finetune_params', 'main']
-
-# %% ../nbs/11_finetune.ipynb #454934e0
-_DEMO_FT = SupervisedRecipe(
-    name='finetune_demo_cpu', arch='resnetrs_tiny', image_size=64, epochs=12, batch_size=32, devices=1, lr=1.0,
-    weight_decay=4e-5, warmup_epochs=1, warmup_start_factor=0.0, final_lr=0.0, optimizer='sgd_nesterov',
-    optimizer_momentum=0.9, stochastic_depth=0.0, dropout=0.0, randaugment_magnitude=5,
-    source=("ours: a CPU demonstration on the embedded SyntheticScenes; label smoothing, EMA decay, RandAugment ops, "
-            "optimiser, weight decay and schedule shape are ResNet-RS's"),
-    ours={'arch': "resnetrs_tiny, our 1-block-per-stage CPU variant: a step of 32 images takes ~0.1 s on 2 cores",
-          'image_size': "64 px crops of 96 px scenes", 'epochs': "a demonstration of under a minute (192 steps)",
-          'batch_size': "small data (512 images): 16 steps per epoch", 'devices': "one CPU process",
-          'warmup_epochs': "1 of 12 (the paper: 5 of 350)",
-          'lr': ("1.0 per 256 = 0.125 at batch 32: a run of 200 steps needs larger steps than the paper's 110k (0.1 "
-                 "per 256); 2.0 made the loss jump in the first epoch; untuned beyond that"),
-          'dropout': "the tiny model has 512 features and barely fits 4 classes in a minute: no dropout",
-          'randaugment_magnitude': ("5 on TF's scale: the demo's labels (SceneLooks: photo, gray, blurred) are the "
-                                    "colour and sharpness cues that magnitude 10's Color and Sharpness ops erase")})
-
-FINETUNE_RECIPES: dict[str, SupervisedRecipe] = {
-    **{supervised_recipe(a, row[0]).name: supervised_recipe(a, row[0]) for a, rows in RESNETRS_SUPERVISED.items()
-       for row in rows},
-    'finetune_demo_cpu': _DEMO_FT}
-
-def get_finetune_recipe(name:str,  # a key of `FINETUNE_RECIPES`
-                       ) -> SupervisedRecipe:
-    "The named supervised recipe; an unknown name raises `ConfigError` listing the valid ones."
-    return FINETUNE_RECIPES[check_choice('recipe', name, FINETUNE_RECIPES)]
+__all__ = ['LOOKS', 'FINETUNE_GLOSSARY', 'FT_RECIPE_FIELDS', 'FT_PARAMETERS', 'FT_BOOLS', 'RS_ARCHS', 'FT_CHECKPOINT_FORMAT',
+           'FT_METRIC_COLUMNS', 'TFRandAugment', 'eval_crop_size', 'EvalTransform', 'train_transform', 'Augmented',
+           'train_loader', 'eval_loader', 'SceneLooks', 'build_classifier', 'param_groups', 'ModelEMA', 'evaluate',
+           'FinetuneConfig', 'resolve_finetune_config', 'load_finetune_checkpoint', 'prepare_finetune_dir',
+           'FinetuneResult', 'build_datasets', 'build_ft_loaders', 'speed_up_classifier', 'evaluate_step', 'finetune',
+           'finetune_parser', 'read_finetune_params', 'main']
 
 # %% ../nbs/11_finetune.ipynb #89a9b546
 _ENHANCE = ('Brightness', 'Color', 'Contrast', 'Sharpness')
@@ -283,7 +256,7 @@ FINETUNE_GLOSSARY = {**GLOSSARY,
 @dataclass
 class FinetuneConfig:
     "Every parameter of a supervised run (glossary names); `None` means: the recipe's value."
-    recipe: str = 'finetune_demo_cpu'  # a key of FINETUNE_RECIPES: 'resnetrs_supervised_350ep', ...
+    recipe: str = 'supervised_demo_cpu'  # a supervised recipe of RECIPES: 'supervised_rs50_160_350ep', ...
     arch: str|None = None  # a ResNet-RS backbone
     data: str = 'looks'  # 'looks', 'synthetic' or a root with train/ and val/ class folders
     init: str = 'scratch'  # 'scratch' or a pretrained checkpoint (PixPro checkpoint, encoder.safetensors)
@@ -343,7 +316,7 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
                            ) -> dict:
     "Every parameter concrete and checked, plus the derived values. Raises `ConfigError` naming the parameter."
     p = _merged(config, FinetuneConfig, FT_PARAMETERS, overrides)
-    recipe = get_finetune_recipe(p['recipe'])
+    recipe = get_recipe(p['recipe'], kind='supervised')
     for k in FT_RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
     for k, low in _FT_INTS.items(): p[k] = _int(k, p[k], low)

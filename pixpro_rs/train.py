@@ -32,12 +32,13 @@ import yaml
 from torch import Tensor, nn
 from tqdm.std import tqdm
 
-from .core import GLOSSARY, ConfigError, RunLock, atomic_write, check_choice, check_positive, check_range, sweep_temporary
+from .core import (GLOSSARY, ConfigError, RunLock, atomic_write, check_choice, check_mixed_precision, check_positive,
+                            check_range, sweep_temporary)
 from .augment import PixProAugment
 from .data import ImageFiles, SyntheticScenes, data_fingerprint, hold_worker_sigterm, make_loader
 from .gpu_augment import BatchAugment, ViewLoader, make_crop_loader
 from .pixpro import METHODS, OnlineNet, PixPro, momentum_horizon
-from .recipes import LARS, RECIPES, PixProRecipe, get_recipe, lars_param_groups, lr_at, scaled_lr, set_lr
+from .recipes import LARS, get_recipe, lars_param_groups, lr_at, scaled_lr, set_lr
 from .resnet_rs import MODEL_NAMES, CheckpointError, build_meta, create_model
 
 # %% auto #0
@@ -125,9 +126,7 @@ def _check_run(p:dict,  # merged parameters, changed in place
               ) -> dict:
     "The checks every engine shares: the seed's range, the precision, the switches and the resume choice."
     if p['seed'] >= 2**64: raise ConfigError('seed', p['seed'], 'an integer in [0, 2**64)')
-    check_choice('mixed_precision', p['mixed_precision'], ['no', 'bf16', 'fp16'])
-    if p['mixed_precision'] == 'fp16' and not torch.cuda.is_available():
-        raise ConfigError('mixed_precision', 'fp16', "'no' or 'bf16' on a machine without a GPU")
+    check_mixed_precision(p['mixed_precision'], 'cuda' if torch.cuda.is_available() else 'cpu')
     for k in bools: p[k] = _bool(k, p[k])
     if not isinstance(p['resume'], (str, Path)) or (p['resume'] not in ('auto', 'never') and not Path(p['resume']).is_file()):
         raise ConfigError('resume', p['resume'], "'auto', 'never' or an existing checkpoint file")
@@ -151,8 +150,7 @@ def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: a
                   ) -> dict:
     "Every parameter concrete and checked, plus the derived values (global batch, scaled lr...). Raises `ConfigError`."
     p = _merged(config, TrainConfig, PARAMETERS, overrides)
-    pixpro = [k for k, v in RECIPES.items() if isinstance(v, PixProRecipe)]
-    recipe = RECIPES[check_choice('recipe', p['recipe'], pixpro)]
+    recipe = get_recipe(p['recipe'], kind='pixpro')
     for k in RECIPE_FIELDS:
         if p[k] is None: p[k] = getattr(recipe, k)
     for k, low in _INTS.items(): p[k] = _int(k, p[k], low)
@@ -538,75 +536,88 @@ class Loop:
             raise Preempted(f'stopped by SIGTERM after step {self.step}, saved in {self.checkpoint}; run the same command to resume')
         self.guard.phase = 'finish'
 
-    def micro_batches(self):
-        "This step's `grad_accum` micro-batches as (index, batch); a new epoch, or a resume, positions the sampler."
-        epoch, skip = divmod(self.step, self.steps_per_epoch)
-        if self._batches is None or skip == 0:
-            self._batches = None  # the previous epoch's iterator ends first
-            self.loader.set_epoch(epoch, skip=skip * self.c['grad_accum'])  # the loader counts micro-batches
-            self._batches = iter(self.loader)
-        self.epoch, t0 = epoch, time.perf_counter()
-        for micro in range(self.c['grad_accum']):
-            batch = next(self._batches)
-            self.data_s += time.perf_counter() - t0
-            yield micro, batch
-            t0 = time.perf_counter()
+# %% ../nbs/07_train.ipynb #c470b3b0
+def _micro_batches(self:Loop):
+    "This step's `grad_accum` micro-batches as (index, batch); a new epoch, or a resume, positions the sampler."
+    epoch, skip = divmod(self.step, self.steps_per_epoch)
+    if self._batches is None or skip == 0:
+        self._batches = None  # the previous epoch's iterator ends first
+        self.loader.set_epoch(epoch, skip=skip * self.c['grad_accum'])  # the loader counts micro-batches
+        self._batches = iter(self.loader)
+    self.epoch, t0 = epoch, time.perf_counter()
+    for micro in range(self.c['grad_accum']):
+        batch = next(self._batches)
+        self.data_s += time.perf_counter() - t0
+        yield micro, batch
+        t0 = time.perf_counter()
 
-    def accumulate(self, wrapped:nn.Module, micro:int):
-        "DDP's `no_sync` for every micro-batch but the step's last, whose backward all-reduces the gradients."
-        return self.accelerator.no_sync(wrapped) if micro < self.c['grad_accum'] - 1 else nullcontext()
+def _accumulate(self:Loop, wrapped:nn.Module, micro:int):
+    "DDP's `no_sync` for every micro-batch but the step's last, whose backward all-reduces the gradients."
+    return self.accelerator.no_sync(wrapped) if micro < self.c['grad_accum'] - 1 else nullcontext()
 
-    def gather(self, parts:Tensor) -> list[float]:
-        "Every process's loss `parts` [P] and stop request; `NonFiniteLossError` on a non-finite loss; the means."
-        ranks = self.accelerator.gather(torch.cat([parts.float(), parts.new_tensor([float(self.guard.requested)])])[None])
-        self.loss_per_process = ranks[:, 0].tolist()  # ranks: [processes, P + 1]
-        if not torch.isfinite(ranks).all():
-            raise NonFiniteLossError(f'non-finite loss in step {self.step + 1} (epoch {self.epoch}), per process '
-                                     f'{self.loss_per_process}; the last good checkpoint is {self.checkpoint or "none (no checkpoint yet)"}. '
-                                     'A run resumes only with its own config: start a new run (another output_dir) with a '
-                                     'lower lr or mixed_precision="no", or check the data.')
-        *means, stop = ranks.mean(0).tolist()
-        self.stop = stop > 0  # some process was sent SIGTERM: every process stops after this step
-        return means
+Loop.micro_batches, Loop.accumulate = _micro_batches, _accumulate
 
-    def log(self, **values) -> dict:
-        "Count the step and record its row: `values`, images/s, data wait and time, to the files, trackers and bar."
-        self.step += 1
-        row = dict(step=self.step, epoch=self.step / self.steps_per_epoch, **values,
-                   images_per_s=self.c['global_batch'] / (time.perf_counter() - self.t_step), data_s=self.data_s,
-                   time_s=time.perf_counter() - self.t_start, loss_per_process=self.loss_per_process)
-        self.metrics.append(row)
-        if self.accelerator.is_main_process:
-            with open(self.out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-            self.accelerator.log({k: row[k] for k in (*values, 'images_per_s')}, step=self.step)
-            self.bar.set_postfix({k: f'{v:.4g}' for k, v in (*values.items(), ('img_s', row['images_per_s']))}, refresh=False)
-            self.bar.update()
-        return row
+# %% ../nbs/07_train.ipynb #ce811753
+def _gather(self:Loop, parts:Tensor) -> list[float]:
+    "Every process's loss `parts` [P] and stop request; `NonFiniteLossError` on a non-finite loss; the means."
+    ranks = self.accelerator.gather(torch.cat([parts.float(), parts.new_tensor([float(self.guard.requested)])])[None])
+    self.loss_per_process = ranks[:, 0].tolist()  # ranks: [processes, P + 1]
+    if not torch.isfinite(ranks).all():
+        raise NonFiniteLossError(f'non-finite loss in step {self.step + 1} (epoch {self.epoch}), per process '
+                                 f'{self.loss_per_process}; the last good checkpoint is {self.checkpoint or "none (no checkpoint yet)"}. '
+                                 'A run resumes only with its own config: start a new run (another output_dir) with a '
+                                 'lower lr or mixed_precision="no", or check the data.')
+    *means, stop = ranks.mean(0).tolist()
+    self.stop = stop > 0  # some process was sent SIGTERM: every process stops after this step
+    return means
 
-    @property
-    def evaluation_due(self) -> bool:
-        "The run's last step, or the end of every `save_every`-th epoch: a checkpoint (and, fine-tuning, an evaluation)."
-        epochs, rest = divmod(self.step, self.steps_per_epoch)
-        return self.step == self.end or (rest == 0 and epochs % self.c['save_every'] == 0)
+Loop.gather = _gather
 
-    @property
-    def save_due(self) -> bool:
-        "A checkpoint is due: `evaluation_due`, or a SIGTERM."
-        return self.evaluation_due or self.stop
+# %% ../nbs/07_train.ipynb #3692c23f
+def _log(self:Loop, **values) -> dict:
+    "Count the step and record its row: `values`, images/s, data wait and time, to the files, trackers and bar."
+    self.step += 1
+    row = dict(step=self.step, epoch=self.step / self.steps_per_epoch, **values,
+               images_per_s=self.c['global_batch'] / (time.perf_counter() - self.t_step), data_s=self.data_s,
+               time_s=time.perf_counter() - self.t_start, loss_per_process=self.loss_per_process)
+    self.metrics.append(row)
+    if self.accelerator.is_main_process:
+        with open(self.out/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
+        self.accelerator.log({k: row[k] for k in (*values, 'images_per_s')}, step=self.step)
+        self.bar.set_postfix({k: f'{v:.4g}' for k, v in (*values.items(), ('img_s', row['images_per_s']))}, refresh=False)
+        self.bar.update()
+    return row
 
-    def save(self, **parts) -> Path:
-        "Checkpoint this step (`parts`' state dicts, config, metrics, RNG) on the main process, prune, and wait for all."
-        path = checkpoint_path(self.out, self.step)
-        if self.accelerator.is_main_process:
-            scaler = self.accelerator.scaler
-            save_checkpoint(path, {'format': self.format, 'step': self.step, 'config': self.c, 'metrics': self.metrics,
-                                   'rng': rng_state(), 'scaler': scaler.state_dict() if scaler is not None else {},
-                                   **{k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in parts.items()}})
-            _write_metrics(self.out, self.metrics, self.columns)
-            prune_checkpoints(self.out, self.c['keep_checkpoints'], path)
-        self.accelerator.wait_for_everyone()
-        self.checkpoint, self.saved = path, self.step
-        return path
+Loop.log = _log
+
+# %% ../nbs/07_train.ipynb #e4f4c0e1
+def _evaluation_due(self:Loop) -> bool:
+    "The run's last step, or the end of every `save_every`-th epoch: a checkpoint (and, fine-tuning, an evaluation)."
+    epochs, rest = divmod(self.step, self.steps_per_epoch)
+    return self.step == self.end or (rest == 0 and epochs % self.c['save_every'] == 0)
+
+def _save_due(self:Loop) -> bool:
+    "A checkpoint is due: `evaluation_due`, or a SIGTERM."
+    return self.evaluation_due or self.stop
+
+Loop.evaluation_due, Loop.save_due = property(_evaluation_due), property(_save_due)
+
+# %% ../nbs/07_train.ipynb #30e67fed
+def _save(self:Loop, **parts) -> Path:
+    "Checkpoint this step (`parts`' state dicts, config, metrics, RNG) on the main process, prune, and wait for all."
+    path = checkpoint_path(self.out, self.step)
+    if self.accelerator.is_main_process:
+        scaler = self.accelerator.scaler
+        save_checkpoint(path, {'format': self.format, 'step': self.step, 'config': self.c, 'metrics': self.metrics,
+                               'rng': rng_state(), 'scaler': scaler.state_dict() if scaler is not None else {},
+                               **{k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in parts.items()}})
+        _write_metrics(self.out, self.metrics, self.columns)
+        prune_checkpoints(self.out, self.c['keep_checkpoints'], path)
+    self.accelerator.wait_for_everyone()
+    self.checkpoint, self.saved = path, self.step
+    return path
+
+Loop.save = _save
 
 # %% ../nbs/07_train.ipynb #8181b1c3
 def build_loader(c:dict, dataset, accelerator):

@@ -15,12 +15,12 @@ def run(*args, timeout=900):
 
 def test_smoke_run_prints_table_and_writes_json(tmp_path):
     out = tmp_path/'bench.json'
-    r = run('--preset', 'smoke', '--data_workers', '0', '--json', str(out))
+    r = run('--preset', 'smoke', '--num_workers', '0', '--json', str(out))
     assert r.returncode == 0, r.stderr
     assert '| resnetrs_tiny 64px b4 fp32 |' in r.stdout and '| resnetrs_tiny 64px b4 bf16 |' in r.stdout
     d = json.loads(out.read_text())
     assert d['machine']['cpu_cores'] >= 1 and d['machine']['torch']
-    assert [s['precision'] for s in d['steps']] == ['fp32', 'bf16']
+    assert [s['mixed_precision'] for s in d['steps']] == ['no', 'bf16']
     for s in d['steps']:
         assert s['error'] is None and s['images_per_s'] > 0 and s['loss'] < 0
         assert all(s[k] >= 0 for k in ('copy_s', 'forward_s', 'backward_s', 'optimizer_s', 'ema_s'))
@@ -42,15 +42,18 @@ BAD = [  # (flags, the flag's name, a word of the message); {small}, {file}... a
     (['--batch_size', '-1'], 'batch_size', "'-1'"), (['--steps', '0'], 'steps', 'integer >= 1'),
     (['--warmup', '-1'], 'warmup', 'integer >= 0'), (['--train_workers', '-2'], 'train_workers', "'-2'"),
     (['--train_steps', '0'], 'train_steps', "'0'"), (['--train_steps', '5'], 'train_steps', 'more than the 5'),
-    (['--data_workers', 'a'], 'data_workers', "'a'"), (['--device', 'gpu'], 'device', "'gpu'"),
+    (['--num_workers', 'a'], 'num_workers', "'a'"), (['--device', 'gpu'], 'device', "'gpu'"),
     (['--device', 'cuda:7'], 'device', "'cuda:7'"), (['--arch', 'resnet51'], 'arch', 'resnetrs50'),
-    (['--precision', 'fp16'], 'precision', "'bf16'"), (['--method', 'byol'], 'method', "'pixcontrast'"),
+    (['--mixed_precision', 'fp32'], 'mixed_precision', "'no', 'bf16', 'fp16'"),
+    (['--mixed_precision', 'fp16', '--device', 'cpu'], 'mixed_precision', 'on a cpu device'),
+    (['--precision', 'bf16'], 'precision', 'unrecognized'), (['--data_workers', '0'], 'data_workers', 'unrecognized'),
+    (['--method', 'byol'], 'method', "'pixcontrast'"),
     (['--channels_last', 'maybe'], 'channels_last', 'maybe'), (['--preset', 'huge'], 'preset', "'smoke'"),
     (['--train_workers', '0', '--image_size', '32'], 'image_size', 'C5 map'),
-    (['--data_workers', '0', '--data_dir', '/no/such/folder'], 'data_dir', 'does not exist'),
-    (['--data_workers', '0', '--data_dir', '{file}'], 'data_dir', 'this is a file'),
-    (['--data_workers', '0', '--data_dir', '{empty}'], 'data_dir', 'none found'),
-    (['--data_workers', '0', '--data_dir', '{small}'], 'data_dir', 'at least 128 images for two batches of 64'),
+    (['--num_workers', '0', '--data_dir', '/no/such/folder'], 'data_dir', 'does not exist'),
+    (['--num_workers', '0', '--data_dir', '{file}'], 'data_dir', 'this is a file'),
+    (['--num_workers', '0', '--data_dir', '{empty}'], 'data_dir', 'none found'),
+    (['--num_workers', '0', '--data_dir', '{small}'], 'data_dir', 'at least 128 images for two batches of 64'),
     (['--train_workers', '0', '--batch_size', '16', '--data_dir', '{small}'], 'data_dir', 'it holds 10'),
     (['--json', '{file}/x.json'], 'json', 'writable folder'), (['--json', '/no/such/folder/x.json'], 'json', 'writable'),
     (['--json', '{empty}'], 'json', 'this is a folder'), (['--bogus', '1'], 'bogus', 'unrecognized'),
@@ -71,6 +74,6 @@ def test_bad_flags_exit_2_with_one_line(folders, flags, name, word):
 
 
 def test_bad_flags_write_no_json(tmp_path):
-    r = run('--precision', 'fp16', '--json', str(tmp_path/'x.json'))
-    assert r.returncode == 2 and 'fp16' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    r = run('--mixed_precision', 'fp32', '--json', str(tmp_path/'x.json'))
+    assert r.returncode == 2 and 'fp32' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []

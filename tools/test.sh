@@ -11,10 +11,7 @@ python tools/check_tree.py
 echo "== 2/3 nbdev_test over all notebooks"
 flags=${NBDEV_FLAGS:-slow}
 if [ -n "${FAST:-}" ]; then flags=""; fi
-# The claims chapter (the longest, two torch threads) runs alone after the others: beside them on a small machine
-# it took almost three times as long as alone (58 against 21 min on 2 cores).
-nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing ${flags:+--flags "$flags"} --skip_file_re '^[_.]|^10_claims'
-nbdev_test --path nbs/10_claims.ipynb --timing ${flags:+--flags "$flags"}
+nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing ${flags:+--flags "$flags"}
 echo "== 3/3 pytest tests/"
 pytest_args=(-q -rs tests)
 if [ -n "${FAST:-}" ]; then pytest_args+=(-m "not slow"); fi
