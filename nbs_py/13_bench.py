@@ -830,7 +830,7 @@ for argv, msg in ((['--batch_size', '4,x'], "batch_size='4,x': expected comma-se
                   (['--warmup', '-1'], "warmup='-1'"), (['--num_workers', 'a'], "num_workers='a'"),
                   (['--train_workers', '-2'], "train_workers='-2'"), (['--train_steps', '5'], 'train_steps=5'),
                   (['--preset', 'huge'], "preset='huge'"), (['--mixed_precision', 'fp32'], "'no', 'bf16', 'fp16'"),
-                  (['--mixed_precision', 'fp16', '--device', 'cpu'], "'no' or 'bf16' on the CPU"),
+                  (['--mixed_precision', 'fp16', '--device', 'cpu'], "'no' or 'bf16' on a cpu device"),
                   (['--method', 'byol'], "method='byol'"), (['--device', 'gpu'], "device='gpu'"),
                   (['--device', 'cuda:7'], "device='cuda:7'"),
                   (['--train_workers', '0', '--image_size', '32'], 'image_size=32'),  # the engine's own check
