@@ -461,6 +461,7 @@ for r in (r for r in rows if r['arm'] == 'PixPro'):
           f"step {r['steps']} {r['losses'][-1]:+.3f}")
 ax.set(xlabel='step', ylabel='loss', title='Figure 3: PixPro loss, resnetrs_tiny, batch 32'); ax.legend(); fig.tight_layout()
 
+
 # %% [markdown]
 # What a healthy run looks like here: the loss starts near 0 (random features agree little across views), falls to
 # about -2.2 to -2.4 within the first epoch (16 steps), reaches its minimum of about -3.8 after 90 to 130 steps, and
@@ -469,7 +470,6 @@ ax.set(xlabel='step', ylabel='loss', title='Figure 3: PixPro loss, resnetrs_tiny
 # collapsed network (every pixel the same feature) also achieves; the loss alone cannot tell learning from collapse,
 # which is why this chapter measures the features with probes. With the instance branch the sum has two more terms
 # (its minimum is -8), so its values are not comparable with these.
-
 
 # %% [markdown]
 # ## What came out, next to the paper
