@@ -380,6 +380,11 @@ opt.step()  # a real model step: runs
 
 # %%
 #| exports
+LR_SCHEDULES = ('cosine', 'step')
+STEP_EPOCHS = (30, 60, 80)  # the step schedule's decays, in epochs of a 90-epoch run (Goyal et al., arXiv 1706.02677)
+
+# %%
+#| exports
 def lr_at(step:int,  # global iteration, 0-based: the lr the optimiser uses for this iteration
           *,
           base_lr:float,  # peak lr (already scaled to the global batch, e.g. 4.0)
@@ -387,10 +392,13 @@ def lr_at(step:int,  # global iteration, 0-based: the lr the optimiser uses for 
           warmup_steps:int,  # W: iterations of linear warm-up (warm-up epochs x iterations per epoch)
           start_factor:float=0.01,  # s: the warm-up starts at s * base_lr (reference: 1/multiplier = 1/100)
           final_lr:float=1e-6,  # lr_min: where the cosine ends (reference: eta_min = 1e-6)
+          schedule:str='cosine',  # 'cosine', or 'step': x0.1 at 30/90, 60/90 and 80/90 of the run
          ) -> float:
     "Learning rate of iteration `step`: linear warm-up then cosine, exactly as the PixPro reference schedules it."
     if isinstance(step, bool) or not isinstance(step, int) or step < 0: raise ConfigError('step', step, 'an int >= 0')
     check_positive('total_steps', total_steps); check_range('warmup_steps', warmup_steps, 0, total_steps)
+    check_choice('schedule', schedule, LR_SCHEDULES)
+    if schedule == 'step' and warmup_steps < step: return base_lr * 0.1 ** sum(step >= total_steps * k / 90 for k in STEP_EPOCHS)
     if step >= total_steps: return final_lr
     if step <= warmup_steps:
         return base_lr * (start_factor + (1 - start_factor) * step / warmup_steps) if warmup_steps else base_lr
@@ -432,6 +440,19 @@ test_fail(lambda: lr_at(-1, **kw), contains='invalid step=-1')
 test_fail(lambda: lr_at(0, base_lr=4.0, total_steps=10, warmup_steps=20), contains='warmup_steps=20')
 lrs = [lr_at(i, **kw) for i in range(100)]
 assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+
+# %% [markdown]
+# The **step schedule** is the one ResNet-RS's additive study starts from and replaces by the cosine (arXiv 2103.07579,
+# Table 1, "+ Cosine LR decay"): the lr of ImageNet ResNets since Goyal et al. (arXiv 1706.02677, section 5.1), divided
+# by 10 after 30, 60 and 80 of 90 epochs; here the same fractions of any run, after the same warm-up. For $T = 90$,
+# $W = 5$: 4.0 up to iteration 29, 0.4 from 30, 0.04 from 60, 0.004 from 80 on.
+
+# %%
+sk = dict(base_lr=4.0, total_steps=90, warmup_steps=5, schedule='step')
+test_eq([lr_at(i, **sk) for i in (5, 6, 29)], [4.0] * 3)
+test_close([lr_at(i, **sk) for i in (30, 59, 60, 79, 80, 89)], [0.4, 0.4, 0.04, 0.04, 0.004, 0.004], eps=1e-15)
+test_close(lr_at(0, **sk), lr_at(0, **kw), eps=1e-15)  # the same warm-up as the cosine
+test_fail(lambda: lr_at(0, base_lr=1.0, total_steps=9, warmup_steps=0, schedule='linear'), contains="schedule='linear'")
 
 # %% [markdown]
 # An independent check: PyTorch's own schedulers composed the same way (`LinearLR(start_factor=0.01,

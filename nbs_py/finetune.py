@@ -27,15 +27,16 @@
 # Parameters: papermill -p NAME VALUE, or -f params.yaml. None takes the recipe's value.
 recipe = 'supervised_demo_cpu'  # named recipe: supervised_demo_cpu, supervised_rs50_160_350ep, supervised_rs101_192_350ep ...
 arch = None  # backbone (the demo: resnetrs_tiny): resnetrs50 ... resnetrs420
-data = 'looks'  # 'looks', 'synthetic' or a root with train/ and val/ class folders, e.g. /data/imagenet
+data = 'looks'  # 'looks', 'objects', 'synthetic' or a root with train/ and val/ class folders, e.g. /data/imagenet
 init = 'scratch'  # 'scratch' or a PixPro checkpoint / encoder.safetensors
-num_classes = None  # 'synthetic': its classes (4); 'looks': 3; class folders: counted
+num_classes = None  # 'objects' / 'synthetic': their classes (8 / 4); 'looks': 3; class folders: counted
 epochs = None  # passes over the data (demo: 12; the paper: 350)
 batch_size = None  # images per device per micro-batch (demo: 32; the paper: 4096 in all)
 image_size = None  # training crop and evaluation size (demo: 64; RS-50: 160)
 lr = None  # base lr per 256 images, scaled linearly to the global batch (the paper: 0.1)
 weight_decay = None  # on conv and linear weights only (4e-5)
 warmup_epochs = None  # linear warm-up from 0 (the paper: 5)
+lr_schedule = 'cosine'  # after the warm-up: 'cosine' (the recipe's) or 'step' (x0.1 at 30, 60, 80 of 90 epochs)
 label_smoothing = None  # of the cross-entropy (0.1)
 ema_decay = None  # EMA of weights and BN statistics (0.9999)
 randaugment_ops = None  # RandAugment operations per image (2)
@@ -51,8 +52,8 @@ save_every = 1  # checkpoint and evaluate every this many epochs (and at the end
 resume = 'auto'  # 'auto' (continue the run found in output_dir), 'never', or a checkpoint file
 overwrite = False  # start afresh in an output_dir that holds a different run
 grad_accum = 1  # micro-batches per optimiser step; the global batch is batch_size x grad_accum x processes
-synthetic_length = 512  # training images of 'looks' / 'synthetic'
-synthetic_size = 96  # side of the synthetic scenes
+synthetic_length = 512  # training images of 'looks' / 'objects' / 'synthetic'
+synthetic_size = 96  # side of the synthetic images
 keep_checkpoints = 1  # newest checkpoints kept
 progress = True  # progress bar
 channels_last = False  # NHWC memory format for the model and the images (faster convolutions on GPUs)
@@ -70,7 +71,7 @@ from pixpro_rs.finetune import FinetuneConfig, build_datasets, finetune
 # %%
 result = finetune(FinetuneConfig(
     recipe=recipe, arch=arch, data=data, init=init, num_classes=num_classes, epochs=epochs, batch_size=batch_size,
-    image_size=image_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+    image_size=image_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, lr_schedule=lr_schedule,
     label_smoothing=label_smoothing, ema_decay=ema_decay, randaugment_ops=randaugment_ops,
     randaugment_magnitude=randaugment_magnitude, dropout=dropout, stochastic_depth=stochastic_depth,
     output_dir=output_dir, seed=seed, num_workers=num_workers, mixed_precision=mixed_precision, max_steps=max_steps,

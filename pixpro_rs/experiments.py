@@ -24,14 +24,16 @@ from torchvision.io import write_png
 from torchvision.transforms import v2
 
 from .core import ConfigError, atomic_write, check_choice, check_positive
-from .data import SyntheticScenes, find_images
+from .data import SyntheticScenes
 from .evaluate import dense_probe, load_backbone, normalize_images
 from .resnet_rs import create_model
 from .train import checkpoint_step, list_checkpoints, train
+from .finetune import finetune
 
 # %% auto #0
-__all__ = ['SETTING', 'SCALES', 'ARMS', 'ABLATION', 'Scale', 'scene_folder', 'supervised_pretrain', 'probe_scores', 'run_arm',
-           'machine', 'run_experiments', 'main']
+__all__ = ['SETTING', 'SCALES', 'ARMS', 'ABLATION', 'STUDIES', 'RECIPE_SETTING', 'RECIPE_SCALES', 'BASELINE', 'ADDITIVE', 'Scale',
+           'scene_folder', 'supervised_pretrain', 'probe_scores', 'run_arm', 'machine', 'run_experiments', 'main',
+           'RecipeScale', 'additive_rows', 'recipe_run', 'run_recipe_study']
 
 # %% ../nbs/10_claims.ipynb #0e8d4143
 SETTING = dict(arch='resnetrs_tiny', classes=3, scene_size=96, image_size=96, batch_size=32, lr=8.0,
@@ -178,16 +180,22 @@ def run_experiments(scale:str='full',  # a key of SCALES
     return res
 
 # %% ../nbs/10_claims.ipynb #07099105
+STUDIES = ('claims', 'recipes')  # PixPro's claims (`run_experiments`); ResNet-RS's additive table (`run_recipe_study`)
+
 def main(argv:list[str]|None=None) -> int:
-    "`python -m pixpro_rs.experiments --scale full --output results.json`; bad flags: one line, exit code 2."
-    p = argparse.ArgumentParser(prog='python -m pixpro_rs.experiments', description=run_experiments.__doc__)
+    "`python -m pixpro_rs.experiments [--study recipes] --scale full --output results.json`; bad flags: exit code 2."
+    p = argparse.ArgumentParser(prog='python -m pixpro_rs.experiments', description=main.__doc__)
+    p.add_argument('--study', default='claims', help=f"one of {', '.join(STUDIES)}")
     p.add_argument('--scale', default='full', help=f"one of {', '.join(SCALES)}")
     p.add_argument('--output', required=True, help='the results JSON (rewritten after every row)')
-    p.add_argument('--threads', type=int, default=2, help='torch threads')
+    p.add_argument('--threads', type=int, default=2, help='torch threads (per job)')
+    p.add_argument('--jobs', type=int, default=1, help="runs at a time, each in its own process ('recipes' only)")
     args = p.parse_args(argv)
     try:
+        check_choice('study', args.study, STUDIES)
         check_choice('scale', args.scale, list(SCALES))
-        if args.threads < 1: raise ConfigError('threads', args.threads, 'an integer >= 1')
+        for k in ('threads', 'jobs'):
+            if getattr(args, k) < 1: raise ConfigError(k, getattr(args, k), 'an integer >= 1')
         out = Path(args.output)
         if out.is_dir() or not out.parent.is_dir():
             raise ConfigError('output', args.output, 'a file in an existing folder')
@@ -196,7 +204,93 @@ def main(argv:list[str]|None=None) -> int:
         print(f'pixpro_rs.experiments: error: {e}', file=sys.stderr); return 2
     torch.set_num_threads(args.threads)
     command = 'python -m pixpro_rs.experiments ' + shlex.join(sys.argv[1:] if argv is None else argv)
-    run_experiments(args.scale, out, command)
+    if args.study == 'claims': run_experiments(args.scale, out, command)
+    else: run_recipe_study(args.scale, out, command, args.jobs, args.threads)
     return 0
+
+# %% ../nbs/10_claims.ipynb #55956898
+RECIPE_SETTING = dict(arch='resnetrs_tiny', data='objects', num_classes=8, image_size=64, batch_size=32, lr=0.25,
+                      warmup_epochs=1, ema_decay=0.99, randaugment_magnitude=10)  # what every row shares
+
+@dataclass(frozen=True)
+class RecipeScale:
+    "How much of the additive study to run: 'full' for the committed results, 'smoke' in CI."
+    train_images: int  # SceneObjects training images (validation: a quarter as many)
+    short_epochs: int  # the baseline's length
+    long_epochs: int  # from '+ more epochs' on
+    seeds: tuple  # every row runs with each
+
+RECIPE_SCALES = {'full': RecipeScale(2048, 6, 18, (0, 1, 2)), 'smoke': RecipeScale(64, 1, 2, (0,))}
+
+# %% ../nbs/10_claims.ipynb #bdb5117e
+BASELINE = dict(lr_schedule='step', epochs='short', weight_decay=1e-4, ema=False, label_smoothing=0.0,
+                stochastic_depth=0.0, randaugment_ops=0, dropout=0.0)
+ADDITIVE = (('baseline', {}, 79.0), ('+ cosine lr', dict(lr_schedule='cosine'), 79.3),
+            ('+ more epochs', dict(epochs='long'), 78.8), ('+ EMA', dict(ema=True), 79.1),
+            ('+ label smoothing', dict(label_smoothing=0.1), 80.4), ('+ stochastic depth', dict(stochastic_depth=0.1), 80.6),
+            ('+ RandAugment', dict(randaugment_ops=2), 81.0), ('+ dropout', dict(dropout=0.25), 80.7),
+            ('+ weight decay 4e-5', dict(weight_decay=4e-5), 82.2))  # (row, what it adds, the paper's ResNet-200 top-1)
+
+def additive_rows() -> list[tuple[str, dict, float]]:
+    "Each row's full settings: the baseline with every addition up to and including its own."
+    rows, cur = [], dict(BASELINE)
+    for name, add, paper in ADDITIVE: cur = cur | add; rows.append((name, dict(cur), paper))
+    return rows
+
+# %% ../nbs/10_claims.ipynb #ad2e331f
+def recipe_run(row:dict,  # one of `additive_rows()`' settings
+               seed:int, scale:RecipeScale,
+               output_dir:str|Path,  # the run's folder (deleted by the caller)
+               num_workers:int=0,  # DataLoader workers
+              ) -> dict:
+    "Fine-tune one row with one seed; its top-1 (EMA or raw weights, as the row says), both readings, loss and time."
+    t, row = time.perf_counter(), dict(row)
+    epochs, ema = getattr(scale, f"{row.pop('epochs')}_epochs"), row.pop('ema')
+    r = finetune(**RECIPE_SETTING, **row, epochs=epochs, synthetic_length=scale.train_images, synthetic_size=64,
+                 seed=seed, output_dir=str(output_dir), num_workers=num_workers, progress=False, save_every=epochs,
+                 overwrite=True)
+    last = r.metrics[-1]
+    return dict(top1=last['top1_ema' if ema else 'top1'], top1_raw=last['top1'], top1_ema=last['top1_ema'],
+                steps=last['step'], first_loss=r.metrics[0]['loss'], final_loss=last['loss'],
+                wall_s=time.perf_counter() - t)
+
+# %% ../nbs/10_claims.ipynb #e2665853
+def _recipe_job(args:tuple) -> dict:  # in a worker process: (row name, settings, seed, scale, folder, threads)
+    name, row, seed, scale, folder, threads = args
+    torch.set_num_threads(threads)
+    return dict(row=name, seed=seed) | recipe_run(row, seed, scale, folder)
+
+def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
+                     output:str|Path|None=None,  # results JSON, rewritten after every run; None: not written
+                     command:str|None=None,  # the command line recorded with the results
+                     jobs:int=1,  # runs at a time, each in its own process
+                     threads:int|None=None,  # torch threads per job (None: this process's)
+                    ) -> dict:
+    "Every row of the additive table with every seed; rows of top-1 in table order, with machine, torch and wall time."
+    check_choice('scale', scale, list(RECIPE_SCALES)); check_positive('jobs', jobs)
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+    sc, t0 = RECIPE_SCALES[scale], time.perf_counter()
+    res = dict(study='recipes', scale=scale, setting=RECIPE_SETTING, scale_values=asdict(sc), baseline=BASELINE,
+               command=command, machine=machine(), torch=torch.__version__, jobs=jobs, rows=[], wall_s=0.0)
+    order = {(name, seed): i for i, (seed, (name, _, _)) in enumerate((s, r) for s in sc.seeds for r in additive_rows())}
+    paper = {name: top1 for name, _, top1 in ADDITIVE}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = [(name, row, seed, sc, f'{tmp}/run-{order[name, seed]}', threads or torch.get_num_threads())
+                for seed in sc.seeds for name, row, _ in additive_rows()]
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) if jobs > 1 else _Serial() as pool:
+            for out in pool.map(_recipe_job, work):
+                res['rows'].append(out | dict(paper_top1=paper[out['row']]))
+                res['rows'].sort(key=lambda r: order[r['row'], r['seed']])
+                res['wall_s'] = time.perf_counter() - t0
+                print(f"{out['row']:20s} seed {out['seed']}: top-1 {out['top1']:.3f} ({res['wall_s'] / 60:.1f} min)",
+                      file=sys.stderr, flush=True)
+                if output: atomic_write(output, lambda p: Path(p).write_text(json.dumps(res, indent=1)))
+    return res
+
+class _Serial:  # `ProcessPoolExecutor`'s map, in this process
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+    def map(self, fn, items): return map(fn, items)
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -29,7 +29,7 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .core import GLOSSARY, ConfigError, check_choice, check_positive, check_range
 from .data import ClassFolders, PairLoader, PairSampler, SyntheticScenes, _seed_worker, derive_seed
 from .evaluate import load_backbone
-from .recipes import get_recipe, lr_at, scaled_lr, set_lr
+from .recipes import LR_SCHEDULES, get_recipe, lr_at, scaled_lr, set_lr
 from .resnet_rs import RS_CONFIGS, CheckpointError, create_model
 from .train import (Loop, RUN_ONLY, RunGuard, RunPlan, _check_run, _int, _merged, _write_metrics,
                              announce, c5_size, config_parser, data_identity, default_output_dir, export_weights,
@@ -39,8 +39,8 @@ from .train import (Loop, RUN_ONLY, RunGuard, RunPlan, _check_run, _int, _merged
 # %% auto #0
 __all__ = ['LOOKS', 'FINETUNE_GLOSSARY', 'FT_RECIPE_FIELDS', 'FT_PARAMETERS', 'FT_BOOLS', 'RS_ARCHS', 'FT_CHECKPOINT_FORMAT',
            'FT_METRIC_COLUMNS', 'TFRandAugment', 'eval_crop_size', 'EvalTransform', 'train_transform', 'Augmented',
-           'train_loader', 'eval_loader', 'SceneLooks', 'build_classifier', 'param_groups', 'ModelEMA', 'evaluate',
-           'FinetuneConfig', 'resolve_finetune_config', 'load_finetune_checkpoint', 'prepare_finetune_dir',
+           'train_loader', 'eval_loader', 'SceneLooks', 'SceneObjects', 'build_classifier', 'param_groups', 'ModelEMA',
+           'evaluate', 'FinetuneConfig', 'resolve_finetune_config', 'load_finetune_checkpoint', 'prepare_finetune_dir',
            'FinetuneResult', 'build_datasets', 'build_ft_loaders', 'speed_up_classifier', 'evaluate_step', 'finetune',
            'finetune_parser', 'read_finetune_params', 'main']
 
@@ -171,6 +171,31 @@ class SceneLooks(Dataset):
         return img, look
     def __repr__(self): return f'SceneLooks({self.length}, seed={self.scenes.seed})'
 
+# %% ../nbs/11_finetune.ipynb #f335e778
+class SceneObjects(Dataset):
+    "Single-object SyntheticScenes cut to the object and resized: (uint8 image [3, s, s], class of the object)."
+    def __init__(self, length:int=2048, image_size:int=64, num_classes:int=8, seed:int=0):
+        check_positive('length', length); check_range('num_classes', num_classes, 2, 12)
+        scenes = SyntheticScenes(2**31 - 1, 2 * image_size, num_classes=num_classes, seed=seed, objects=(1, 1))
+        crops, labels, i = [], [], 0
+        while len(crops) < length:
+            img, lab, label = scenes.scene(i); i += 1
+            if (lab > 0).float().mean() >= 0.012: crops.append(_object_crop(img, lab, image_size)); labels.append(label)
+        self.images, self.labels, self.seed = torch.stack(crops), torch.tensor(labels), seed
+        self.classes, self.num_classes = scenes.classes, num_classes
+    def __len__(self): return len(self.labels)
+    def __getitem__(self, i:int) -> tuple[Tensor, int]: return self.images[i], int(self.labels[i])
+    def __repr__(self): return f'SceneObjects({len(self)}, image_size={self.images.shape[-1]}, num_classes={self.num_classes}, seed={self.seed})'
+
+def _object_crop(img:Tensor, labels:Tensor, size:int, margin:float=1.3) -> Tensor:
+    "The square around the labelled pixels' box (`margin` x its larger side, inside the image), resized to `size`."
+    ys, xs = torch.nonzero(labels > 0, as_tuple=True)
+    H, W = labels.shape
+    side = min(int(margin * max(int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1)), H, W)
+    y0 = min(max(int((ys.min() + ys.max()) / 2 - side / 2), 0), H - side)
+    x0 = min(max(int((xs.min() + xs.max()) / 2 - side / 2), 0), W - side)
+    return TF.resize(img[:, y0:y0 + side, x0:x0 + side], [size, size], antialias=True)
+
 # %% ../nbs/11_finetune.ipynb #40ca36a9
 def build_classifier(arch:str,  # a ResNet-RS name
                      num_classes:int,  # K
@@ -251,22 +276,24 @@ def evaluate(model:nn.Module,  # a classifier (or `ModelEMA`)
 # %% ../nbs/11_finetune.ipynb #60e7a00d
 FINETUNE_GLOSSARY = {**GLOSSARY,
     'channels_last': "NHWC memory format for the classifier, its EMA and the images (faster convolutions on GPUs)",
-    'compile': "compile the classifier and its EMA in place with nn.Module.compile (torch.compile)"}
+    'compile': "compile the classifier and its EMA in place with nn.Module.compile (torch.compile)",
+    'lr_schedule': "after the warm-up: 'cosine' (the recipe's) or 'step' (x0.1 at 30, 60, 80 of 90 epochs: the baseline's)"}
 
 @dataclass
 class FinetuneConfig:
     "Every parameter of a supervised run (glossary names); `None` means: the recipe's value."
     recipe: str = 'supervised_demo_cpu'  # a supervised recipe of RECIPES: 'supervised_rs50_160_350ep', ...
     arch: str|None = None  # a ResNet-RS backbone
-    data: str = 'looks'  # 'looks', 'synthetic' or a root with train/ and val/ class folders
+    data: str = 'looks'  # 'looks', 'objects', 'synthetic' or a root with train/ and val/ class folders
     init: str = 'scratch'  # 'scratch' or a pretrained checkpoint (PixPro checkpoint, encoder.safetensors)
-    num_classes: int|None = None  # 'synthetic': SyntheticScenes classes (4); 'looks': 3; folders: counted
+    num_classes: int|None = None  # 'objects' / 'synthetic': SyntheticScenes classes (8 / 4); 'looks': 3; folders: counted
     epochs: int|None = None  # passes over the data
     batch_size: int|None = None  # images per device per micro-batch
     image_size: int|None = None  # training crop = evaluation size
     lr: float|None = None  # base lr per 256 images (0.1), scaled linearly to the global batch
     weight_decay: float|None = None  # on conv / linear weights (4e-5)
     warmup_epochs: int|None = None  # linear warm-up from 0 (5)
+    lr_schedule: str = 'cosine'  # after the warm-up: 'cosine' or 'step'
     label_smoothing: float|None = None  # of the cross-entropy (0.1)
     ema_decay: float|None = None  # EMA of weights and BN statistics (0.9999)
     randaugment_ops: int|None = None  # RandAugment operations (2)
@@ -282,8 +309,8 @@ class FinetuneConfig:
     resume: str = 'auto'  # 'auto', 'never' or a checkpoint file
     overwrite: bool = False  # replace a different run found in output_dir
     grad_accum: int = 1  # micro-batches per optimiser step
-    synthetic_length: int = 512  # training images of 'looks' / 'synthetic' (validation: a quarter as many, other scenes)
-    synthetic_size: int = 96  # side of the synthetic scenes
+    synthetic_length: int = 512  # training images of 'looks' / 'objects' / 'synthetic' (validation: a quarter as many, other scenes)
+    synthetic_size: int = 96  # side of the synthetic images
     keep_checkpoints: int = 1  # newest checkpoints kept in output_dir
     progress: bool = True  # a progress bar on the main process
     channels_last: bool = False  # NHWC memory format for the classifier, its EMA and the images
@@ -303,7 +330,7 @@ _FT_INTS = {'epochs': 1, 'batch_size': 1, 'image_size': 32, 'warmup_epochs': 0, 
 
 def _class_folders(root:Path) -> tuple[ClassFolders, ClassFolders]:
     tr, va = root/'train', root/'val'
-    if not (tr.is_dir() and va.is_dir()): raise ConfigError('data', str(root), "'looks', 'synthetic' or a folder with train/ and val/ class folders")
+    if not (tr.is_dir() and va.is_dir()): raise ConfigError('data', str(root), "'looks', 'objects', 'synthetic' or a folder with train/ and val/ class folders")
     train, val = ClassFolders(tr), ClassFolders(va)
     if train.classes != val.classes:
         raise ConfigError('data', str(root), f'the same class folders in train/ and val/ ({len(train.classes)} vs {len(val.classes)})')
@@ -328,13 +355,14 @@ def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the paramet
     check_range('randaugment_magnitude', p['randaugment_magnitude'], 0, 30)
     for k in ('dropout', 'stochastic_depth'): check_range(k, p[k], 0, 1, high_open=True)
     _check_run(p, FT_BOOLS)
-    if not isinstance(p['data'], (str, Path)): raise ConfigError('data', p['data'], "'looks', 'synthetic' or a folder")
+    check_choice('lr_schedule', p['lr_schedule'], LR_SCHEDULES)
+    if not isinstance(p['data'], (str, Path)): raise ConfigError('data', p['data'], "'looks', 'objects', 'synthetic' or a folder")
     p['data'] = str(p['data'])
     if p['data'] == 'looks':
         if p['num_classes'] not in (None, 3): raise ConfigError('num_classes', p['num_classes'], "None or 3 with data='looks'")
         p['num_classes'] = 3
-    elif p['data'] == 'synthetic':
-        p['num_classes'] = _int('num_classes', 4 if p['num_classes'] is None else p['num_classes'], 2)
+    elif p['data'] in ('synthetic', 'objects'):
+        p['num_classes'] = _int('num_classes', {'synthetic': 4, 'objects': 8}[p['data']] if p['num_classes'] is None else p['num_classes'], 2)
         check_range('num_classes', p['num_classes'], 2, 12)
     else:
         found = len(_class_folders(Path(p['data']))[0].classes)
@@ -383,9 +411,12 @@ class FinetuneResult(NamedTuple):
 
 # %% ../nbs/11_finetune.ipynb #886a357e
 def build_datasets(c:dict) -> tuple[Dataset, Dataset]:
-    "(train, val) of a resolved config: SceneLooks or SyntheticScenes (seeds 0 and 1), or train/ and val/ class folders."
+    "(train, val) of a resolved config: SceneLooks, SceneObjects or SyntheticScenes (seeds 0 and 1), or class folders."
     if c['data'] == 'looks':
         return SceneLooks(c['synthetic_length'], c['synthetic_size'], seed=0), SceneLooks(max(c['synthetic_length'] // 4, 3), c['synthetic_size'], seed=1)
+    if c['data'] == 'objects':
+        return (SceneObjects(c['synthetic_length'], c['synthetic_size'], c['num_classes'], seed=0),
+                SceneObjects(max(c['synthetic_length'] // 4, 1), c['synthetic_size'], c['num_classes'], seed=1))
     if c['data'] == 'synthetic':
         return (SyntheticScenes(c['synthetic_length'], c['synthetic_size'], num_classes=c['num_classes'], seed=0),
                 SyntheticScenes(max(c['synthetic_length'] // 4, 1), c['synthetic_size'], num_classes=c['num_classes'], seed=1))
@@ -456,7 +487,7 @@ def finetune(config:FinetuneConfig|dict|None=None,  # the run's parameters (None
         evaluation = lambda: evaluate_step(loop, {'top1': model, 'top1_ema': ema.module}, val_loader, accelerator, c['channels_last'])
         if pending: evaluation()
         for step in loop:  # 6. the loop: optimiser steps of grad_accum micro-batches each
-            set_lr(optimizer, lr := lr_at(step, **schedule))
+            set_lr(optimizer, lr := lr_at(step, **schedule, schedule=c['lr_schedule']))
             step_loss = torch.zeros(1, device=accelerator.device)
             for micro, (x, y) in loop.micro_batches():
                 x, y = to_memory_format(x.to(accelerator.device, non_blocking=True), c['channels_last']), y.to(accelerator.device)

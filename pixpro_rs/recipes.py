@@ -17,9 +17,9 @@ from .core import ConfigError, check_choice, check_positive, check_range
 from .pixpro import METHODS
 
 # %% auto #0
-__all__ = ['IMAGENET_TRAIN_IMAGES', 'RESNETRS_SUPERVISED', 'RS_DEPTHS', 'RECIPES', 'RECIPE_KINDS', 'LARS', 'lars_param_groups',
-           'lr_at', 'set_lr', 'scaled_lr', 'steps_per_epoch', 'Recipe', 'PixProRecipe', 'SupervisedRecipe',
-           'supervised_recipe', 'get_recipe']
+__all__ = ['LR_SCHEDULES', 'STEP_EPOCHS', 'IMAGENET_TRAIN_IMAGES', 'RESNETRS_SUPERVISED', 'RS_DEPTHS', 'RECIPES', 'RECIPE_KINDS',
+           'LARS', 'lars_param_groups', 'lr_at', 'set_lr', 'scaled_lr', 'steps_per_epoch', 'Recipe', 'PixProRecipe',
+           'SupervisedRecipe', 'supervised_recipe', 'get_recipe']
 
 # %% ../nbs/06_recipes.ipynb #7e2b5b92
 def _lars_reference_update(p:Tensor,  # a parameter with `.grad`
@@ -141,6 +141,10 @@ def lars_param_groups(model:nn.Module,  # the online network (encoder + projecto
             dict(params=rest, weight_decay=weight_decay, lars=True)]
 
 # %% ../nbs/06_recipes.ipynb #2914238f
+LR_SCHEDULES = ('cosine', 'step')
+STEP_EPOCHS = (30, 60, 80)  # the step schedule's decays, in epochs of a 90-epoch run (Goyal et al., arXiv 1706.02677)
+
+# %% ../nbs/06_recipes.ipynb #564ea6b6
 def lr_at(step:int,  # global iteration, 0-based: the lr the optimiser uses for this iteration
           *,
           base_lr:float,  # peak lr (already scaled to the global batch, e.g. 4.0)
@@ -148,10 +152,13 @@ def lr_at(step:int,  # global iteration, 0-based: the lr the optimiser uses for 
           warmup_steps:int,  # W: iterations of linear warm-up (warm-up epochs x iterations per epoch)
           start_factor:float=0.01,  # s: the warm-up starts at s * base_lr (reference: 1/multiplier = 1/100)
           final_lr:float=1e-6,  # lr_min: where the cosine ends (reference: eta_min = 1e-6)
+          schedule:str='cosine',  # 'cosine', or 'step': x0.1 at 30/90, 60/90 and 80/90 of the run
          ) -> float:
     "Learning rate of iteration `step`: linear warm-up then cosine, exactly as the PixPro reference schedules it."
     if isinstance(step, bool) or not isinstance(step, int) or step < 0: raise ConfigError('step', step, 'an int >= 0')
     check_positive('total_steps', total_steps); check_range('warmup_steps', warmup_steps, 0, total_steps)
+    check_choice('schedule', schedule, LR_SCHEDULES)
+    if schedule == 'step' and warmup_steps < step: return base_lr * 0.1 ** sum(step >= total_steps * k / 90 for k in STEP_EPOCHS)
     if step >= total_steps: return final_lr
     if step <= warmup_steps:
         return base_lr * (start_factor + (1 - start_factor) * step / warmup_steps) if warmup_steps else base_lr
