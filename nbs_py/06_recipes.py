@@ -350,7 +350,6 @@ opt = LARS(lars_param_groups(tiny, 1e-5), lr=4.0)
 tiny(torch.randn(2, 3, 6, 4)).sum().backward()
 opt.step()  # a real model step: runs
 
-
 # %% [markdown]
 # ## The learning rate of every iteration
 #
@@ -382,6 +381,7 @@ opt.step()  # a real model step: runs
 #| exports
 LR_SCHEDULES = ('cosine', 'step')
 STEP_EPOCHS = (30, 60, 80)  # the step schedule's decays, in epochs of a 90-epoch run (Goyal et al., arXiv 1706.02677)
+
 
 # %%
 #| exports

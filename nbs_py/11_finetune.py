@@ -469,10 +469,12 @@ test_eq((objs.images.shape, objs.images.dtype, len(objs)), ((24, 3, 32, 32), tor
 test_eq(set(objs.labels.tolist()) <= set(range(4)), True); test_eq(objs[5], (objs.images[5], int(objs.labels[5])))
 test_eq(SceneObjects(24, 32, num_classes=4, seed=3).images, objs.images)  # a pure function of the seed
 assert not torch.equal(SceneObjects(4, 32, num_classes=4, seed=4).images, objs.images[:4])
-lab = torch.zeros(40, 40, dtype=torch.long); lab[10:20, 30:34] = 1  # a 10 x 4 box near the right border
+lab = torch.zeros(40, 40, dtype=torch.long); lab[10:20, 30:34] = 1  # a 10 x 4 box, columns 30..33
 img = torch.arange(40.).expand(3, 40, 40)  # the column index as the image
-test_eq(_object_crop(img, lab, 13).shape, (3, 13, 13))  # side 13 = 1.3 x 10, kept inside: columns 27..39
-test_eq(_object_crop(img, lab, 13)[0, 0], torch.arange(27., 40.))
+test_eq(_object_crop(img, lab, 13).shape, (3, 13, 13))  # side 13 = 1.3 x 10
+test_eq(_object_crop(img, lab, 13)[0, 0], torch.arange(25., 38.))  # centred on the box's centre column 31.5
+lab = torch.zeros(40, 40, dtype=torch.long); lab[10:20, 36:40] = 1  # the same box at the right border
+test_eq(_object_crop(img, lab, 13)[0, 0], torch.arange(27., 40.))  # shifted to stay inside the image
 test_fail(lambda: SceneObjects(4, 32, num_classes=13), contains='num_classes=13')
 
 # %% [markdown]
@@ -486,6 +488,7 @@ rows = [objs8.images[objs8.labels == k][:8] for k in range(8)]
 ax.imshow(torch.cat([torch.cat(list(r), 2) for r in rows], 1).permute(1, 2, 0)); ax.set_yticks(
     [32 + 64 * k for k in range(8)], objs8.classes); ax.set_xticks([])
 ax.set_title('Figure 2: SceneObjects, one class per row'); plt.show()
+
 
 # %%
 class InMemory(Dataset):  # for the tests: scenes generated once

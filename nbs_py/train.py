@@ -25,7 +25,7 @@
 #
 # ```bash
 # accelerate launch --multi_gpu --num_processes 8 -m pixpro_rs.train --recipe pixpro_rs50_400ep \
-#     --data /data/imagenet/train --mixed_precision bf16 --channels_last true --compile true --gpu_augment true \
+#     --data /data/imagenet/train --mixed_precision bf16 --channels_last true --compile true \
 #     --num_workers 10 --output_dir runs/rs50-400ep
 # # two machines of 8 GPUs (run on each, --machine_rank 0 and 1): global batch 2048, lr 8.0
 # accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 \
@@ -39,7 +39,7 @@
 # files with `gpu_augment true` and 15 workers, ran ResNet-50 at 2050 images per second with the GPU busy 98.6 % of
 # the time. At 1831 images per second, 100 epochs of ImageNet take about 19 H200-hours for RS-50 and 400 epochs
 # about 78; the chapter has the table for the whole family. Add these switches to the commands above for a fast GPU
-# run: `--channels_last true --compile true --gpu_augment true`. Interrupting is safe: start the same command again
+# run: `--channels_last true --compile true` (`gpu_augment` is on by default on CUDA). Interrupting is safe: start the same command again
 # and it resumes from the last checkpoint in `output_dir`, exactly.
 
 # %% tags=["parameters"]
@@ -74,7 +74,7 @@ keep_checkpoints = 1  # newest checkpoints kept (RS-50 + PixPro: about 520 MB ea
 progress = True  # progress bar
 channels_last = False  # NHWC memory format (faster on GPUs; see the performance chapter)
 compile = False  # torch.compile the networks (GPUs; minutes of compilation first)
-gpu_augment = False  # workers crop and flip; colour, blur, solarize, normalise batched on the device
+gpu_augment = None  # workers crop and flip, the device does the rest (None: on when training on CUDA)
 prefetch_factor = 2  # batches each worker loads ahead
 
 # %%

@@ -82,7 +82,7 @@ GLOSSARY: dict[str, str] = {
     # speed (they change how fast a run goes, not what it computes, beyond rounding)
     'channels_last': "NHWC memory format for the model and the views (faster convolutions on GPUs)",
     'compile': "compile the online and target networks with torch.compile",
-    'gpu_augment': "colour jitter, grayscale, blur, solarize and normalisation as batched ops on the training device; workers only crop and flip",
+    'gpu_augment': "colour jitter, grayscale, blur, solarize and normalisation as batched ops on the training device; workers only crop and flip (default: on when training on CUDA)",
     'prefetch_factor': "batches each DataLoader worker loads ahead",
 }
 

@@ -85,7 +85,7 @@ class TrainConfig:
     progress: bool = True  # a progress bar on the main process
     channels_last: bool = False  # NHWC memory format for the model and the views
     compile: bool = False  # torch.compile the online and target networks
-    gpu_augment: bool = False  # workers crop and flip; colour, blur, solarize, normalise run batched on the device
+    gpu_augment: bool|None = None  # workers crop and flip, the device does the rest (None: on when training on CUDA)
     prefetch_factor: int = 2  # batches each DataLoader worker loads ahead
 
 RECIPE_FIELDS = ('arch', 'epochs', 'batch_size', 'image_size', 'lr', 'weight_decay', 'momentum', 'threshold', 'gamma',
@@ -161,6 +161,7 @@ def resolve_config(config:TrainConfig|dict|None=None,  # the parameters (None: a
     check_range('momentum', p['momentum'], 0, 1)
     check_range('threshold', p['threshold'], 0, 10, low_open=True)
     check_choice('ppm_layers', p['ppm_layers'], [0, 1, 2])
+    if p['gpu_augment'] is None: p['gpu_augment'] = torch.cuda.is_available()  # the fast path where it is fast
     _check_run(p, BOOLS)
     if not isinstance(p['data'], (str, Path)) or not str(p['data']) or (p['data'] != 'synthetic' and not Path(p['data']).is_dir()):
         raise ConfigError('data', p['data'], "'synthetic' or an existing folder of images")  # '' would be the current folder

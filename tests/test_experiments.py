@@ -19,6 +19,8 @@ def run(*args, timeout=300):
     (['--output', '/no/such/folder/x.json'], 'invalid output='),
     (['--output', '{tmp}'], 'invalid output='),
     (['--output', '{tmp}/x.json', '--threads', '0'], 'invalid threads=0'),
+    (['--study', 'both', '--output', '{tmp}/x.json'], "invalid study='both'"),
+    (['--study', 'recipes', '--output', '{tmp}/x.json', '--jobs', '0'], 'invalid jobs=0'),
 ])
 def test_bad_flags_exit_2_in_one_line(flags, word, tmp_path):
     r = run(*(f.format(tmp=tmp_path) for f in flags))
@@ -35,3 +37,14 @@ def test_committed_results_say_how_they_were_made():
     for r in res['rows']:
         assert {'arm', 'seed', 'miou', 'pixel_acc', 'chance_pixel_acc'} <= set(r)
     assert {r['arm'] for r in res['rows'] if not r['ablation']} >= {'random init', 'PixPro', 'supervised'}
+
+
+def test_committed_recipe_study_says_how_it_was_made():
+    from pixpro_rs.experiments import ADDITIVE
+    res = json.loads((ROOT/'nbs'/'recipe_results.json').read_text())
+    assert (res['study'], res['scale']) == ('recipes', 'full')
+    assert res['command'].startswith('python -m pixpro_rs.experiments --study recipes --scale full')
+    assert res['machine'] and res['torch'] and res['wall_s'] > 0
+    assert [r['row'] for r in res['rows']] == [name for s in res['scale_values']['seeds'] for name, _, _ in ADDITIVE]
+    for r in res['rows']:
+        assert 0 <= r['top1'] <= 1 and r['top1'] in (r['top1_raw'], r['top1_ema']) and r['steps'] > 0
