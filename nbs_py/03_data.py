@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
-try: from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError: decode_jpeg = None  # a torchvision without image decoding: PIL decodes everything
+try: from torchcodec.decoders import decode_jpeg  # libjpeg-turbo, TorchCodec >= 0.16
+except Exception: decode_jpeg = None  # no TorchCodec (or none built for this torch): PIL decodes everything
 
 from pixpro_rs.augment import PixProAugment
 from pixpro_rs.core import ConfigError, check_positive
@@ -61,15 +61,19 @@ from pixpro_rs.augment import apply_view, apply_view_pil
 # ## Reading one image
 #
 # JPEGs (all of ImageNet, all of COCO) go straight from bytes to a uint8 tensor through libjpeg-turbo
-# (`torchvision.io.decode_jpeg`, which also turns grayscale and CMYK JPEGs into RGB). Everything else goes through
+# (TorchCodec's `decode_jpeg`, which also turns grayscale and CMYK JPEGs into RGB). Everything else goes through
 # PIL and is converted to 8-bit RGB: palette and 1-bit images are expanded, alpha is dropped (as the reference's
 # `convert('RGB')` does), and 16-bit images are scaled to 8 bits instead of being clipped (PIL's own conversion of
 # a 16-bit PNG saturates everything above 255 to white). A file that cannot be decoded, including a truncated one,
 # raises `BadImageError` naming the file; errors that are not about the file (a bug, an interrupt) are not caught.
 #
-# > **Ours.** torchvision 0.29 announces that its image decoders will move to TorchCodec and warns on every process's
-# > first decode. We silence that one message (nothing else) and fall back to PIL if a future torchvision drops
-# > `decode_jpeg`; the speed figures below show what the fast path is worth.
+# > **Ours.** torchvision deprecated its image decoders in 0.29 in favour of TorchCodec (0.16 and later decode JPEG
+# > natively, without FFmpeg). TorchCodec's decoder gives the same pixels as torchvision's (both are libjpeg-turbo)
+# > at the same speed, and PIL's is slower: on 500x375 JPEGs, one core, two measurements while writing this (the
+# > benchmark chapter's `bench_decoders` makes them) gave TorchCodec 1,134 and 1,187 images/s, torchvision 966 and
+# > 1,187, PIL 657 and 804. We use
+# > TorchCodec, the maintained one. Where it cannot be imported (it is built for recent torch releases only), PIL
+# > decodes everything; JPEGs TorchCodec refuses go to PIL too, which names the problem.
 
 # %%
 #| exports
@@ -102,7 +106,7 @@ def load_image(path:str|Path) -> Tensor:  # [3, H, W] uint8 RGB
     try: data = path.read_bytes()
     except OSError as e: raise BadImageError(f'{path}: {e}') from e
     if data[:3] == b'\xff\xd8\xff' and decode_jpeg is not None:  # JPEG
-        try: return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        try: return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode='RGB')
         except RuntimeError: pass  # let PIL try (and name the problem)
     try:
         with Image.open(io.BytesIO(data)) as img:

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
-try: from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError: decode_jpeg = None  # a torchvision without image decoding: PIL decodes everything
+try: from torchcodec.decoders import decode_jpeg  # libjpeg-turbo, TorchCodec >= 0.16
+except Exception: decode_jpeg = None  # no TorchCodec (or none built for this torch): PIL decodes everything
 
 from .augment import PixProAugment
 from .core import ConfigError, check_positive
@@ -57,7 +57,7 @@ def load_image(path:str|Path) -> Tensor:  # [3, H, W] uint8 RGB
     try: data = path.read_bytes()
     except OSError as e: raise BadImageError(f'{path}: {e}') from e
     if data[:3] == b'\xff\xd8\xff' and decode_jpeg is not None:  # JPEG
-        try: return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        try: return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode='RGB')
         except RuntimeError: pass  # let PIL try (and name the problem)
     try:
         with Image.open(io.BytesIO(data)) as img:
