@@ -33,11 +33,11 @@ from .resnet_rs import MODEL_NAMES, create_model
 from .train import TrainConfig, _bool, _int, resolve_config, speed_up, to_memory_format, train
 
 # %% auto #0
-__all__ = ['PEAK_BF16_TFLOPS', 'TRAIN_SKIP', 'PRESETS', 'COLUMNS', 'DATA_BATCH', 'machine_info', 'BenchCase', 'grid',
-           'sample_batch', 'bench_step', 'step_flops', 'supervised_flops', 'datasheet_peak', 'matmul_tflops',
-           'search_largest', 'max_batch', 'estimate_max_batch', 'make_jpeg_folder', 'bench_data', 'train_config',
-           'bench_train', 'add_derived', 'format_table', 'check_device', 'check_output', 'check_data_dir', 'cli_parser',
-           'check_args', 'run', 'main']
+__all__ = ['PEAK_BF16_TFLOPS', 'PIPELINE_PHASES', 'TRAIN_SKIP', 'PRESETS', 'COLUMNS', 'DATA_BATCH', 'machine_info', 'BenchCase',
+           'grid', 'sample_batch', 'bench_step', 'step_flops', 'supervised_flops', 'datasheet_peak', 'matmul_tflops',
+           'search_largest', 'max_batch', 'estimate_max_batch', 'make_jpeg_folder', 'bench_data', 'bench_decoders',
+           'profile_pipeline', 'train_config', 'bench_train', 'add_derived', 'format_table', 'check_device',
+           'check_output', 'check_data_dir', 'cli_parser', 'check_args', 'run', 'main']
 
 # %% ../nbs/13_bench.ipynb #e6b1ab1f
 def _cpu_model() -> str:
@@ -294,6 +294,66 @@ def bench_data(root:str|Path,  # a folder of images
     dt = time.perf_counter() - t
     return dict(image_size=image_size, batch_size=batch_size, num_workers=num_workers, gpu_augment=gpu_augment,
                 pairs_per_s=n / dt, pairs_per_s_per_worker=n / dt / max(num_workers, 1))
+
+# %% ../nbs/13_bench.ipynb #499e4680
+def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
+                   n:int=64,  # files decoded per round
+                   rounds:int=7,  # alternating rounds; the median is reported
+                  ) -> dict[str, float]:  # decoder -> images/s on one core (those that import)
+    "JPEG decoding speed of TorchCodec, torchvision and PIL on the same files, one thread, alternating rounds."
+    import io, statistics, warnings
+    import numpy as np
+    from PIL import Image
+    datas = [f.read_bytes() for f in find_images(root)[:n]]
+    as_tensor = lambda d: torch.frombuffer(bytearray(d), dtype=torch.uint8)
+    def pil(d):
+        with Image.open(io.BytesIO(d)) as im: return torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1)
+    decoders = {'PIL': pil}
+    try:
+        from torchcodec.decoders import decode_jpeg as tc
+        decoders['TorchCodec'] = lambda d: tc(as_tensor(d), mode='RGB')
+    except Exception: pass
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg as tv
+        decoders['torchvision'] = lambda d: tv(as_tensor(d), mode=ImageReadMode.RGB)
+    except ImportError: pass
+    threads, rates = torch.get_num_threads(), {k: [] for k in decoders}
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            for _ in range(rounds):
+                for name, fn in decoders.items():
+                    t = time.perf_counter()
+                    for d in datas: fn(d)
+                    rates[name].append(len(datas) / (time.perf_counter() - t))
+    finally: torch.set_num_threads(threads)
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+# %% ../nbs/13_bench.ipynb #9355a1ac
+PIPELINE_PHASES = {'decode': 'load_image', 'crop + resize': 'resized_crop', 'colour jitter': 'color_jitter',
+                   'grayscale': 'rgb_to_grayscale', 'blur': 'gaussian_blur', 'normalise': 'normalize',
+                   'random draws': '_draw', 'batching (collate)': 'default_collate'}  # phase -> function doing it
+
+def profile_pipeline(root:str|Path,  # a folder of JPEG files
+                     image_size:int=224, batch_size:int=32,
+                     batches:int=6,  # profiled batches (after one untimed)
+                    ) -> tuple[float, list[tuple[str, float]]]:  # pairs/s under the profiler; (phase, ms per pair)
+    "The CPU path in this process under cProfile, one thread: milliseconds per pair in each phase of `PIPELINE_PHASES`."
+    import cProfile, pstats
+    loader = make_loader(ImageFiles(root), batch_size, image_size=image_size, num_workers=0, labels=False)
+    threads = torch.get_num_threads(); torch.set_num_threads(1)
+    try:
+        it = iter(loader); next(it)
+        prof, n = cProfile.Profile(), 0
+        t = time.perf_counter(); prof.enable()
+        for _, b in zip(range(batches), it): n += len(b[0])
+        prof.disable(); total = time.perf_counter() - t
+    finally: torch.set_num_threads(threads)
+    cum = {}
+    for (_, _, fn), (_, _, _, ct, _) in pstats.Stats(prof).stats.items(): cum[fn] = cum.get(fn, 0.0) + ct
+    phases = [(phase, 1e3 * cum.get(fn, 0.0) / n) for phase, fn in PIPELINE_PHASES.items()]
+    return n / total, phases + [('Python and the rest', 1e3 * total / n - sum(ms for _, ms in phases))]
 
 # %% ../nbs/13_bench.ipynb #69661028
 TRAIN_SKIP = 5  # first steps of a training-engine run left out of its figures (start-up, compilation)
