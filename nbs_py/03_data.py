@@ -82,6 +82,10 @@ class BadImageError(OSError):
 
 
 # %%
+assert issubclass(BadImageError, OSError)  # callers that catch OSError catch it too
+test_eq(str(BadImageError('x.jpg: truncated')), 'x.jpg: truncated')
+
+# %%
 #| exports
 warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision are deprecated')
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, Image.DecompressionBombError)  # what PIL raises on bad data
@@ -96,6 +100,12 @@ def _pil_rgb(img:Image.Image) -> Tensor:  # [3, H, W] uint8
     if img.mode == 'P' and 'transparency' in img.info: img = img.convert('RGBA')  # avoids PIL's warning
     if img.mode != 'RGB': img = img.convert('RGB')
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+
+# %%
+test_eq(_pil_rgb(Image.new('L', (3, 2), 7)), torch.full((3, 2, 3), 7, dtype=torch.uint8))  # gray -> 3 equal channels
+test_eq(_pil_rgb(Image.new('I;16', (3, 2), 65535)), torch.full((3, 2, 3), 255, dtype=torch.uint8))  # 16-bit: /257
+test_eq(_pil_rgb(Image.new('RGBA', (2, 1), (10, 20, 30, 0)))[:, 0, 0], torch.tensor([10, 20, 30], dtype=torch.uint8))
 
 
 # %%
@@ -303,6 +313,12 @@ class _Files(Dataset):
 
 
 # %%
+pair = _Files([tmp/'rgb.png', tmp/'gray.png'])
+test_eq(len(pair), 2); test_eq(pair._read(1)[0], 1); test_eq(pair._read(0)[1], load_image(tmp/'rgb.png'))
+test_eq(pair.bad_files, [])
+
+
+# %%
 #| exports
 class ImageFiles(_Files):
     "Every image under a folder, recursively, without labels (e.g. COCO train2017)."
@@ -314,6 +330,12 @@ class ImageFiles(_Files):
         super().__init__(find_images(root, extensions), strict)
     def __getitem__(self, i:int) -> Tensor: return self._read(i)[1]  # [3, H, W] uint8
     def __repr__(self): return f'ImageFiles({str(self.root)!r}, {len(self)} images)'
+
+
+# %%
+test_fail(lambda: ImageFiles(tmp/'nowhere'), contains="invalid data='" + str(tmp/'nowhere'))
+test_fail(lambda: ImageFiles(tmp/'nowhere'), contains='.jpg, .jpeg, .png')
+test_eq(ImageFiles(fp_dir).fingerprint(), fp)
 
 
 # %%
@@ -349,11 +371,8 @@ cf = ClassFolders(d)
 test_eq((len(cf), cf.classes), (6, ['cat', 'dog']))
 test_eq([cf[i][1] for i in range(6)], [0, 0, 0, 1, 1, 1])
 test_eq(len(ImageFiles(d)), 6)
-test_fail(lambda: ImageFiles(tmp/'nowhere'), contains="invalid data='" + str(tmp/'nowhere'))
-test_fail(lambda: ImageFiles(tmp/'nowhere'), contains='.jpg, .jpeg, .png')
 (tmp/'empty').mkdir(); (tmp/'empty'/'readme.txt').write_text('')
 test_fail(lambda: ClassFolders(tmp/'empty'), contains='none found')
-test_eq(ImageFiles(fp_dir).fingerprint(), fp)
 test_eq(cf.fingerprint(), data_fingerprint(cf.files, d)); test_eq(cf.fingerprint()['data_files'], 6)
 if hasattr(os, 'mkfifo'):  # a pipe in a class folder: left out, one warning (not one per listing)
     os.mkfifo(d/'dog'/'pipe.jpg')
@@ -427,6 +446,14 @@ def _shape_mask(shape:str, du:Tensor, dv:Tensor, r:float) -> Tensor:
 
 
 # %%
+du, dv = torch.tensor([0.0, 0.7, 1.1]), torch.zeros(3)  # centre, inside, outside a radius of 1
+test_eq(_shape_mask('disc', du, dv, 1.0), torch.tensor([True, True, False]))
+test_eq(_shape_mask('ring', du, dv, 1.0), torch.tensor([False, True, False]))  # the centre is the hole
+test_eq(_shape_mask('square', du, dv, 1.0), torch.tensor([True, True, False]))
+test_eq(_shape_mask('triangle', du, dv, 1.0)[0], True)
+
+
+# %%
 #| exports
 def _texture(texture:str, du:Tensor, dv:Tensor, period:float) -> Tensor:
     "Binary texture in {0, 1} on rotated coordinates."
@@ -434,6 +461,12 @@ def _texture(texture:str, du:Tensor, dv:Tensor, period:float) -> Tensor:
     if texture == 'stripes': return (u.frac() < 0.5).float()
     if texture == 'checker': return ((u.floor() + v.floor()) % 2).float()
     return (((u - u.floor() - 0.5)**2 + (v - v.floor() - 0.5)**2) < 0.09).float()  # dots
+
+
+# %%
+test_eq(_texture('stripes', torch.tensor([0.1, 0.6]), torch.zeros(2), 1.0), torch.tensor([1., 0.]))
+test_eq(_texture('checker', torch.tensor([0.5, 1.5]), torch.tensor([0.5, 0.5]), 1.0), torch.tensor([0., 1.]))
+test_eq(_texture('dots', torch.tensor([0.5, 0.0]), torch.tensor([0.5, 0.0]), 1.0), torch.tensor([1., 0.]))  # dot centre, corner
 
 
 # %%
@@ -457,6 +490,13 @@ class SyntheticScenes(Dataset):
         self.classes = [f'{s} {t}' for s, t in SCENE_CLASSES[:num_classes]]
     def __len__(self): return self.length
     def __repr__(self): return f'SyntheticScenes({self.length}, image_size={self.size}, num_classes={self.num_classes}, seed={self.seed})'
+
+
+# %%
+small = SyntheticScenes(5, image_size=(48, 64), num_classes=3)
+test_eq((len(small), small.size, small.classes), (5, (48, 64), ['disc stripes', 'square checker', 'triangle dots']))
+test_fail(lambda: SyntheticScenes(num_classes=13), contains='num_classes=13')
+test_fail(lambda: SyntheticScenes(objects=(3, 2)), contains='objects=(3, 2)')
 
 
 # %% [markdown]
@@ -523,7 +563,6 @@ assert not torch.equal(ss.scene(8)[0], img) and not torch.equal(SyntheticScenes(
 assert 0 <= lab.min() and lab.max() <= 8 and (lab > 0).any() and (lab == 0).any()
 test_eq(label, int(torch.bincount(lab.flatten(), minlength=9)[1:].argmax()))
 test_fail(lambda: ss.scene(100), contains='scene 100 of 100')
-test_fail(lambda: SyntheticScenes(num_classes=13), contains='num_classes=13')
 # over many scenes every class appears and objects cover a fair share of the pixels
 big = SyntheticScenes(200, image_size=64, num_classes=8)
 labs = torch.stack([big.scene(i)[1] for i in range(200)])
@@ -636,6 +675,14 @@ class TwoViews(Dataset):
         return out + (label,) if (label is not None and self.labels) else out
 
 
+# %%
+tv = TwoViews(SyntheticScenes(4, image_size=48, num_classes=4), PixProAugment(image_size=32))
+out = tv[(1, 5)]
+test_eq([tuple(t.shape) for t in out[:4]] + [out[4]], [(3, 32, 32), (3, 32, 32), (4,), (4,), tv.dataset[1][1]])
+for a, b in zip(tv[(1, 5)], out): test_eq(a, b)  # the sample's seed alone decides its views
+assert not torch.equal(tv[(1, 6)][0], out[0])
+test_eq(len(TwoViews(tv.dataset, tv.augment, labels=False)[(1, 5)]), 4)
+
 # %% [markdown]
 # ## The loader
 #
@@ -661,6 +708,11 @@ def hold_worker_sigterm(hold:bool):
 
 
 # %%
+hold_worker_sigterm(True); test_eq(_HOLD_SIGTERM.value, 1)
+hold_worker_sigterm(False); test_eq(_HOLD_SIGTERM.value, 0)
+
+
+# %%
 #| exports
 def _worker_sigterm(signum, frame):
     if _HOLD_SIGTERM.value: return  # the parent finishes its step, saves, then ends this worker
@@ -674,6 +726,22 @@ def _seed_worker(worker_id:int):
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s)
     signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+# %% [markdown]
+# The SIGTERM rule on a forked process set up as a worker is (`_seed_worker`): while the flag holds, it survives a
+# SIGTERM; without the flag, it dies of it. (A real DataLoader worker's death would also trip PyTorch's watch on its
+# workers; `tests/test_run_folder.py` sends SIGTERM to a whole training job, workers included.)
+
+# %%
+fork = multiprocessing.get_context('fork')
+ready = fork.Event()
+def _idle(): _seed_worker(0); ready.set(); time.sleep(60)
+worker = fork.Process(target=_idle, daemon=True); worker.start(); ready.wait(30)
+hold_worker_sigterm(True); os.kill(worker.pid, signal.SIGTERM); time.sleep(0.5)
+assert worker.is_alive(), 'the worker died while the flag held'
+hold_worker_sigterm(False); os.kill(worker.pid, signal.SIGTERM); worker.join(5)
+test_eq(worker.exitcode, -signal.SIGTERM)
 
 
 # %%
@@ -696,6 +764,14 @@ class PairLoader:
         if bad:
             warnings.warn(f'epoch {self.epoch}: {len(bad)} unreadable image(s) skipped so far: '
                           + ', '.join(map(str, bad[:5])) + (' ...' if len(bad) > 5 else ''))
+
+
+# %%
+ps = PairSampler(len(tv), seed=0)
+pl = PairLoader(DataLoader(tv, batch_size=2, sampler=ps, generator=torch.Generator()), ps, tv.dataset, seed=0, rank=0)
+test_eq((len(pl), pl.epoch), (2, 0))
+pl.set_epoch(3, skip=1); test_eq((pl.epoch, ps.start, len(pl)), (3, 2, 1))  # skip counts batches
+test_eq([b[0].shape for b in pl], [(2, 3, 32, 32)])
 
 
 # %%
@@ -819,21 +895,6 @@ torch.set_num_threads(os.cpu_count() or 1)
 # > this book is built on is shared, so the absolute figures move from run to run; the ratio is steadier, as both
 # > pipelines are timed in alternating rounds: 1.5x to 1.8x over our runs while writing (1.4x before the blur was made
 # > banded). It clears the 1.5x target, but not by much on a busy machine.
-
-# %% [markdown]
-# The SIGTERM rule on a forked process set up as a worker is (`_seed_worker`): while the flag holds, it survives a
-# SIGTERM; without the flag, it dies of it. (A real DataLoader worker's death would also trip PyTorch's watch on its
-# workers; `tests/test_run_folder.py` sends SIGTERM to a whole training job, workers included.)
-
-# %%
-fork = multiprocessing.get_context('fork')
-ready = fork.Event()
-def _idle(): _seed_worker(0); ready.set(); time.sleep(60)
-worker = fork.Process(target=_idle, daemon=True); worker.start(); ready.wait(30)
-hold_worker_sigterm(True); os.kill(worker.pid, signal.SIGTERM); time.sleep(0.5)
-assert worker.is_alive(), 'the worker died while the flag held'
-hold_worker_sigterm(False); os.kill(worker.pid, signal.SIGTERM); worker.join(5)
-test_eq(worker.exitcode, -signal.SIGTERM)
 
 # %% [markdown]
 # ## Summary

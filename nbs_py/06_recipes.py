@@ -104,6 +104,18 @@ def _lars_reference_update(p:Tensor,  # a parameter with `.grad`
     p.add_(g, alpha=-group['lr'])
 
 
+# %%
+sgd = dict(lr=2.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8, lars=False)
+b_ref, st_ref = torch.tensor([1., -1.], dtype=torch.float64), {}
+for expected in ([0., -2.], [-1.9, -3.9]):  # plain SGD with momentum (the bias of the hand-computed example below)
+    b_ref.grad = torch.tensor([0.5, 0.5], dtype=torch.float64); _lars_reference_update(b_ref, st_ref, sgd)
+    test_close(b_ref, torch.tensor(expected, dtype=torch.float64), eps=1e-15)
+test_close(st_ref['momentum_buffer'], torch.tensor([0.95, 0.95], dtype=torch.float64), eps=1e-15)
+w_ref = torch.tensor([3., 4.], dtype=torch.float64); w_ref.grad = torch.tensor([0.3, 0.4], dtype=torch.float64)
+_lars_reference_update(w_ref, {}, {**sgd, 'weight_decay': 0.1, 'lars': True})  # trust ratio 0.001 * 5 / (1 + eps)
+test_close(w_ref, torch.tensor([3 - 0.006/(1 + 1e-8), 4 - 0.008/(1 + 1e-8)], dtype=torch.float64), eps=1e-15)
+
+
 # %% [markdown]
 # The fast version does the same arithmetic on *lists* of tensors with PyTorch's `torch._foreach_*` kernels: one
 # call adds the weight decay to all gradients, one computes all weight norms (`_foreach_norm`), one all gradient
@@ -122,6 +134,11 @@ def _by_device_dtype(params:list[Tensor]) -> list[list[Tensor]]:
     buckets: dict[tuple, list[Tensor]] = {}
     for p in params: buckets.setdefault((p.device, p.dtype), []).append(p)
     return list(buckets.values())
+
+
+# %%
+t32, t64, t32b = torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.ones(3)
+test_eq([[id(t) for t in b] for b in _by_device_dtype([t32, t64, t32b])], [[id(t32), id(t32b)], [id(t64)]])
 
 
 # %%
@@ -149,6 +166,21 @@ def _lars_foreach_update(params:list[Tensor],  # parameters of one group, one de
             if b is None: bufs[i] = state[params[i]]['momentum_buffer'] = torch.clone(grads[i]).detach()
         grads = bufs
     torch._foreach_add_(params, grads, alpha=-group['lr'])
+
+
+# %%
+grp = dict(lr=2.0, momentum=0.9, weight_decay=0.1, trust_coefficient=0.001, eps=1e-8, lars=True)
+def two_params():  # a LARS weight, and a zero weight (ratio 1)
+    ps = [torch.tensor([3., 4.], dtype=torch.float64), torch.tensor([0., 0.], dtype=torch.float64)]
+    for p, g in zip(ps, ([0.3, 0.4], [0.5, -0.5])): p.grad = torch.tensor(g, dtype=torch.float64)
+    return ps
+fe, rf = two_params(), two_params()
+st_fe, st_rf = {p: {} for p in fe}, [{} for _ in rf]
+for _ in range(2):  # the first step creates the momentum buffers, the second uses them
+    _lars_foreach_update(fe, st_fe, grp)
+    for p, s in zip(rf, st_rf): _lars_reference_update(p, s, grp)
+for a, b in zip(fe, rf): test_close(a, b, eps=1e-15)
+for p, s in zip(fe, st_rf): test_close(st_fe[p]['momentum_buffer'], s['momentum_buffer'], eps=1e-15)
 
 
 # %% [markdown]
@@ -246,6 +278,15 @@ def _random_lars_setup(seed:int=0, dtype=torch.float64):
 
 
 # %%
+ps_s, groups_s = _random_lars_setup()
+test_eq([tuple(p.shape) for g in groups_s for p in g['params']],
+        [(8, 4, 3, 3), (16, 8), (3, 3), (4, 4), (5, 2), (8,), (16,), (7,)])
+test_eq(ps_s[4].abs().sum().item(), 0.0)  # the zero weight
+test_eq(_random_lars_setup()[0][0].detach(), ps_s[0].detach())  # same seed: same tensors
+assert not torch.equal(_random_lars_setup(seed=1)[0][0].detach(), ps_s[0].detach())
+
+
+# %%
 #| exports
 def _random_grads(ps:list[Tensor], step:int, seed:int=0):
     "Fresh random gradients for step `step`; ps[5] gets a zero gradient, ps[7] none."
@@ -253,6 +294,13 @@ def _random_grads(ps:list[Tensor], step:int, seed:int=0):
     for i, p in enumerate(ps): p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
     ps[5].grad.zero_()
     ps[7].grad = None
+
+
+# %%
+_random_grads(ps_s, 3); g3 = ps_s[0].grad.clone()
+test_eq((ps_s[5].grad.abs().sum().item(), ps_s[7].grad), (0.0, None))
+_random_grads(ps_s, 3); test_eq(ps_s[0].grad, g3)  # the same step: the same gradients
+_random_grads(ps_s, 4); assert not torch.equal(ps_s[0].grad, g3)
 
 
 # %%
@@ -407,6 +455,12 @@ def lr_at(step:int,  # global iteration, 0-based: the lr the optimiser uses for 
 
 
 # %%
+test_close(lr_at(3, base_lr=2.0, total_steps=10, warmup_steps=0, final_lr=0.0), 1 + math.cos(0.3 * math.pi), eps=1e-12)
+test_eq(lr_at(12, base_lr=2.0, total_steps=10, warmup_steps=2), 1e-6)  # past the end: final_lr
+test_fail(lambda: lr_at(True, base_lr=2.0, total_steps=10, warmup_steps=2), contains='invalid step=True')  # not a bool
+
+
+# %%
 #| exports
 def set_lr(optimizer:torch.optim.Optimizer,  # any optimiser
            lr:float,  # the value for this iteration (`lr_at(...)`)
@@ -414,6 +468,11 @@ def set_lr(optimizer:torch.optim.Optimizer,  # any optimiser
     "Set the same lr in every param group (LARS's excluded group also trains at the full lr)."
     for group in optimizer.param_groups: group['lr'] = lr
 
+
+# %%
+opt_two = torch.optim.SGD([dict(params=[nn.Parameter(torch.zeros(1))]),
+                           dict(params=[nn.Parameter(torch.zeros(1))], lr=0.5)], lr=1.0)
+set_lr(opt_two, 0.25); test_eq([g['lr'] for g in opt_two.param_groups], [0.25, 0.25])
 
 # %% [markdown]
 # `lr_at` is a pure function of the iteration counter, on purpose: the training loop calls
@@ -602,6 +661,14 @@ class Recipe:
         if unknown: raise ConfigError('ours', sorted(unknown), 'names of fields of the recipe')
 
 
+# %%
+base = Recipe(name='t', arch='resnet50', image_size=224, epochs=10, batch_size=32, devices=2, lr=0.5, weight_decay=0.0,
+              source='src')
+test_eq((base.warmup_epochs, base.optimizer, base.ours), (5, 'lars', {}))
+test_fail(lambda: dataclasses.replace(base, image_size=32), contains='invalid image_size=32')
+test_fail(lambda: dataclasses.replace(base, ours={'nope': 'why'}), contains="invalid ours=['nope']")
+
+
 # %% [markdown]
 # The derived quantities are properties and methods, so they cannot disagree with the fields: the global batch, the
 # scaled lr, and the schedule arguments of `lr_at` for a data set of a given size.
@@ -624,6 +691,10 @@ def _schedule(self:Recipe, dataset_size:int=IMAGENET_TRAIN_IMAGES) -> dict:
 
 Recipe.global_batch, Recipe.global_lr, Recipe.schedule = property(_global_batch), property(_global_lr), _schedule
 
+# %%
+test_eq((base.global_batch, base.global_lr), (64, 0.125))
+test_eq(base.schedule(2560), dict(base_lr=0.125, total_steps=400, warmup_steps=200, start_factor=0.01, final_lr=1e-6))
+
 
 # %%
 #| exports
@@ -644,10 +715,18 @@ def _provenance(self:Recipe) -> dict[str, str]:
 
 Recipe.to_dict, Recipe.replace, Recipe.provenance = _to_dict, _replace, _provenance
 
-
 # %% [markdown]
 # (The second `class Recipe(Recipe)` grows the class across cells, as fastcore's `@patch` would, without making
 # fastcore a dependency of the package: the same name, now with its methods.)
+
+# %%
+test_eq(type(base)(**base.to_dict()), base)
+test_eq((base.replace(epochs=20).epochs, base.epochs), (20, 10))
+test_fail(lambda: base.replace(epoch=20), contains="invalid recipe field='epoch'")
+mine = base.replace(ours={'lr': 'our choice'})
+test_eq((mine.provenance()['lr'], mine.provenance()['epochs']), ('ours: our choice', 'src'))
+assert not {'name', 'source', 'ours'} & set(mine.provenance())
+
 
 # %% [markdown]
 # PixPro adds its own parameters, with the paper's values as defaults (the *released scripts*, not the code's
@@ -675,6 +754,13 @@ class PixProRecipe(Recipe):
         check_range('momentum', self.momentum, 0, 1)
         check_range('instance_weight', self.instance_weight, 0)
         check_positive('trust_coefficient', self.trust_coefficient)
+
+
+# %%
+pp = PixProRecipe(name='t', arch='resnet50', image_size=224, epochs=10, batch_size=32, devices=2, lr=1.0, weight_decay=1e-5)
+test_eq((pp.method, pp.threshold, pp.gamma, pp.ppm_layers, pp.momentum), ('pixpro', 0.7, 2.0, 1, 0.99))
+test_fail(lambda: pp.replace(gamma=0), contains='invalid gamma=0')
+test_fail(lambda: pp.replace(method='simclr'), contains="invalid method='simclr'")
 
 
 # %% [markdown]
@@ -714,6 +800,13 @@ RESNETRS_SUPERVISED: dict[str, list[tuple]] = {
     'resnetrs350': [(256, 0.25, 0.1, 15), (320, 0.4, 0.1, 15)],
     'resnetrs420': [(320, 0.4, 0.1, 15)],
 }
+
+# %%
+sr = SupervisedRecipe(name='t', arch='resnetrs50', image_size=160, epochs=10, batch_size=32, devices=2, lr=0.1,
+                      weight_decay=4e-5)
+test_eq((sr.label_smoothing, sr.ema_decay, sr.randaugment_ops, sr.randaugment_magnitude, sr.dropout), (0.1, 0.9999, 2, 10, 0.25))
+test_fail(lambda: sr.replace(dropout=1.0), contains='invalid dropout=1.0')
+test_eq(sum(len(rows) for rows in RESNETRS_SUPERVISED.values()), 11)  # the paper's (model, image size) pairs
 
 # %% [markdown]
 # ### The registry
@@ -765,6 +858,12 @@ def _pixpro_recipes() -> dict[str, Recipe]:
 
 
 # %%
+pr = _pixpro_recipes()
+test_eq(len(pr), 2 * (1 + len(RS_DEPTHS)))
+test_eq((pr['pixpro_rs420_400ep'].arch, pr['pixpro_rs420_400ep'].epochs, pr['pixpro_r50_100ep'].global_lr), ('resnetrs420', 400, 4.0))
+
+
+# %%
 #| exports
 def supervised_recipe(arch:str='resnetrs50',  # 'resnetrs50' ... 'resnetrs420'
                       image_size:int|None=None,  # one of the paper's sizes for `arch` (None: the first)
@@ -785,6 +884,13 @@ def supervised_recipe(arch:str='resnetrs50',  # 'resnetrs50' ... 'resnetrs420'
               'warmup_start_factor': ("linear warm-up from 0, as tensorflow/tpu's learning_rate_schedule "
                                       "(models/official/resnet/resnet_main.py) does")})
 
+
+# %%
+s350 = supervised_recipe('resnetrs350', 320)
+test_eq((s350.name, s350.dropout, s350.stochastic_depth, s350.randaugment_magnitude), ('supervised_rs350_320_350ep', 0.4, 0.1, 15))
+test_eq(supervised_recipe('resnetrs101', 192).randaugment_magnitude, 15)
+test_fail(lambda: supervised_recipe('resnetrs152', 160), contains="invalid image_size=160: expected one of 192, 224, 256")
+test_fail(lambda: supervised_recipe('resnet50'), contains="invalid arch='resnet50'")
 
 # %%
 #| exports
@@ -892,12 +998,7 @@ test_eq((s.label_smoothing, s.ema_decay, s.randaugment_ops, s.randaugment_magnit
         (0.1, 0.9999, 2, 10, 0.25, 0.0))
 test_eq(steps_per_epoch(IMAGENET_TRAIN_IMAGES, s.global_batch), 312)
 test_eq(s.schedule()['final_lr'], 0.0)
-s350 = supervised_recipe('resnetrs350', 320)
-test_eq((s350.name, s350.dropout, s350.stochastic_depth, s350.randaugment_magnitude), ('supervised_rs350_320_350ep', 0.4, 0.1, 15))
 test_eq(get_recipe('supervised_rs350_320_350ep'), s350)
-test_eq(supervised_recipe('resnetrs101', 192).randaugment_magnitude, 15)
-test_fail(lambda: supervised_recipe('resnetrs152', 160), contains="invalid image_size=160: expected one of 192, 224, 256")
-test_fail(lambda: supervised_recipe('resnet50'), contains="invalid arch='resnet50'")
 
 # %% [markdown]
 # Overrides go through `replace`, which validates again, so a bad override fails where it is written, naming the

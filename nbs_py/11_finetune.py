@@ -153,6 +153,15 @@ def _stretched(fn, scale:float, op:str):
 
 
 # %%
+space = lambda n, h, w: torch.linspace(0.0, 0.3, n)  # e.g. ShearX: 0 (the identity) to 0.3
+test_close(_stretched(space, 1.5, 'ShearX')(11, 1, 1)[10], 0.45, eps=1e-6)
+test_eq(_stretched(lambda n, h, w: torch.tensor([8, 6, 4]), 3.0, 'Posterize')(3, 1, 1),
+        torch.tensor([8, 2, 0], dtype=torch.int32))  # bits kept: at least 0
+test_eq(_stretched(lambda n, h, w: torch.tensor([1.0, 0.5, 0.0]), 3.0, 'Solarize')(3, 1, 1), torch.tensor([1.0, 0.0, 0.0]))
+test_eq(_stretched(lambda n, h, w: None, 2.0, 'Identity')(11, 1, 1), None)
+
+
+# %%
 #| exports
 class TFRandAugment(v2.RandAugment):
     "torchvision's RandAugment with `magnitude` on TF's scale (level = m/10 x max, also for m > 10); uint8 images."
@@ -285,6 +294,10 @@ def eval_crop_size(short_side:int,  # shorter side of the image
 
 
 # %%
+test_eq([eval_crop_size(256, 224), eval_crop_size(183, 160), eval_crop_size(100, 64)], [224, 160, 87])
+
+
+# %%
 #| exports
 class EvalTransform:
     "Centre crop of `eval_crop_size`, bicubic resize to `image_size`, ImageNet normalisation. [3, H, W] uint8 -> float."
@@ -294,6 +307,14 @@ class EvalTransform:
         x = TF.resize(TF.center_crop(img, [c, c]), [self.image_size] * 2, InterpolationMode.BICUBIC, antialias=True)
         return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
     def __repr__(self): return f'EvalTransform({self.image_size})'
+
+
+# %%
+img = SyntheticScenes(2, (96, 128), seed=1)[0][0]  # [3, 96, 128]
+e = EvalTransform(64)(img)
+test_eq((e.shape, e.dtype), ((3, 64, 64), torch.float32))
+ones = torch.full((3, 50, 70), 255, dtype=torch.uint8)  # a white image becomes (1 - mean) / std everywhere
+test_close(EvalTransform(32)(ones)[:, 5, 5], (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD), eps=1e-5)
 
 
 # %%
@@ -312,12 +333,6 @@ def train_transform(image_size:int,  # s
 
 
 # %%
-test_eq([eval_crop_size(256, 224), eval_crop_size(183, 160), eval_crop_size(100, 64)], [224, 160, 87])
-img = SyntheticScenes(2, (96, 128), seed=1)[0][0]  # [3, 96, 128]
-e = EvalTransform(64)(img)
-test_eq((e.shape, e.dtype), ((3, 64, 64), torch.float32))
-ones = torch.full((3, 50, 70), 255, dtype=torch.uint8)  # a white image becomes (1 - mean) / std everywhere
-test_close(EvalTransform(32)(ones)[:, 5, 5], (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD), eps=1e-5)
 t = train_transform(64, 2, 10)
 torch.manual_seed(0); a = t(img)
 torch.manual_seed(0); test_eq(t(img), a)  # a function of the RNG state only
@@ -368,6 +383,15 @@ class Augmented(Dataset):
 
 
 # %%
+au = Augmented(SyntheticScenes(4, 32, num_classes=4), train_transform(16))
+x1, y1 = au[(1, 7)]
+test_eq((x1.shape, y1), ((3, 16, 16), au.dataset[1][1]))
+test_eq(au[(1, 7)][0], x1)  # the sample's seed alone decides its crop
+assert not torch.equal(au[(1, 8)][0], x1)
+rng = torch.get_rng_state(); au[(2, 3)]; test_eq(torch.get_rng_state(), rng)  # the caller's generator is left alone
+
+
+# %%
 #| exports
 def train_loader(dataset:Dataset,  # (uint8 image, label) pairs
                  transform,  # e.g. `train_transform(...)`
@@ -383,6 +407,23 @@ def train_loader(dataset:Dataset,  # (uint8 image, label) pairs
 
 
 # %%
+class InMemory(Dataset):  # for the tests: scenes generated once
+    def __init__(self, ds): self.items = [ds[i] for i in range(len(ds))]
+    def __len__(self): return len(self.items)
+    def __getitem__(self, i): return self.items[i]
+scenes = InMemory(SyntheticScenes(24, 64, num_classes=4, seed=0))
+tl = train_loader(scenes, train_transform(32, 2, 10), 4, seed=1)
+tl.set_epoch(1); full = list(tl)
+test_eq(len(full), 6); test_eq((full[0][0].shape, full[0][1].shape), ((4, 3, 32, 32), (4,)))
+tl.set_epoch(1, skip=2); test_eq([b[1] for b in tl], [b[1] for b in full[2:]])  # a resume mid-epoch
+tl.set_epoch(1, skip=2)
+for (xa, ya), (xb, yb) in zip(tl, full[2:]): test_eq(xa, xb)  # the same crops, bit for bit
+shards = [train_loader(scenes, train_transform(32), 4, seed=1, rank=r, world_size=2) for r in (0, 1)]
+for s in shards: s.set_epoch(0)
+test_eq(sum(len(s) for s in shards), 6)
+
+
+# %%
 #| exports
 def eval_loader(dataset:Dataset, image_size:int, batch_size:int, *, num_workers:int=0, rank:int=0,
                 world_size:int=1) -> DataLoader:
@@ -391,6 +432,10 @@ def eval_loader(dataset:Dataset, image_size:int, batch_size:int, *, num_workers:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       generator=torch.Generator())  # its own: iterating must not draw from the training RNG
 
+
+# %%
+el = [eval_loader(scenes, 32, 5, rank=r, world_size=2) for r in (0, 1)]
+test_eq(sorted(int(y) for l in el for _, ys in l for y in ys), sorted(int(y) for _, y in scenes))  # every image once
 
 # %% [markdown]
 # **A task a tiny network learns in a minute.** SyntheticScenes' image label (the class of the object covering most
@@ -488,25 +533,6 @@ rows = [objs8.images[objs8.labels == k][:8] for k in range(8)]
 ax.imshow(torch.cat([torch.cat(list(r), 2) for r in rows], 1).permute(1, 2, 0)); ax.set_yticks(
     [32 + 64 * k for k in range(8)], objs8.classes); ax.set_xticks([])
 ax.set_title('Figure 2: SceneObjects, one class per row'); plt.show()
-
-
-# %%
-class InMemory(Dataset):  # for the tests: scenes generated once
-    def __init__(self, ds): self.items = [ds[i] for i in range(len(ds))]
-    def __len__(self): return len(self.items)
-    def __getitem__(self, i): return self.items[i]
-scenes = InMemory(SyntheticScenes(24, 64, num_classes=4, seed=0))
-tl = train_loader(scenes, train_transform(32, 2, 10), 4, seed=1)
-tl.set_epoch(1); full = list(tl)
-test_eq(len(full), 6); test_eq((full[0][0].shape, full[0][1].shape), ((4, 3, 32, 32), (4,)))
-tl.set_epoch(1, skip=2); test_eq([b[1] for b in tl], [b[1] for b in full[2:]])  # a resume mid-epoch
-tl.set_epoch(1, skip=2)
-for (xa, ya), (xb, yb) in zip(tl, full[2:]): test_eq(xa, xb)  # the same crops, bit for bit
-shards = [train_loader(scenes, train_transform(32), 4, seed=1, rank=r, world_size=2) for r in (0, 1)]
-for s in shards: s.set_epoch(0)
-test_eq(sum(len(s) for s in shards), 6)
-el = [eval_loader(scenes, 32, 5, rank=r, world_size=2) for r in (0, 1)]
-test_eq(sorted(int(y) for l in el for _, ys in l for y in ys), sorted(int(y) for _, y in scenes))  # every image once
 
 
 # %% [markdown]
@@ -802,6 +828,17 @@ def _class_folders(root:Path) -> tuple[ClassFolders, ClassFolders]:
 
 
 # %%
+cf_root = tmp/'class-folders'
+for split in ('train', 'val'):
+    for k in ('a', 'b'): (cf_root/split/k).mkdir(parents=True); Image.new('RGB', (8, 8)).save(cf_root/split/k/'0.png')
+tr_cf, va_cf = _class_folders(cf_root)
+test_eq((tr_cf.classes, len(tr_cf), len(va_cf)), (['a', 'b'], 2, 2))
+(cf_root/'val'/'c').mkdir(); Image.new('RGB', (8, 8)).save(cf_root/'val'/'c'/'0.png')
+test_fail(lambda: _class_folders(cf_root), contains='the same class folders in train/ and val/ (2 vs 3)')
+test_fail(lambda: _class_folders(tmp/'nowhere'), contains='a folder with train/ and val/ class folders')
+
+
+# %%
 #| exports
 def resolve_finetune_config(config:FinetuneConfig|dict|None=None,  # the parameters (None: all defaults)
                             world_size:int=1,  # processes of the run (for the global batch)
@@ -894,11 +931,21 @@ def load_finetune_checkpoint(path:str|Path) -> dict:
 
 
 # %%
+test_fail(lambda: load_finetune_checkpoint(pre.checkpoint), contains='not a pixpro_rs finetune checkpoint')
+
+
+# %%
 #| exports
 def prepare_finetune_dir(c:dict) -> RunPlan:
     "A fresh start, a resume (its checkpoint loaded), or a `ConfigError` for a folder holding a different run."
     return prepare_output_dir(c, FT_CHECKPOINT_FORMAT, dataclasses.asdict(FinetuneConfig()))  # the training engine's rule
 
+
+# %%
+fresh_plan = prepare_finetune_dir(resolve_finetune_config(output_dir=str(tmp/'ft-plan')))
+test_eq(fresh_plan, RunPlan(None, None, False)); assert not (tmp/'ft-plan').exists()  # decided, nothing written
+(tmp/'ft-file').write_text('')
+test_fail(lambda: prepare_finetune_dir(resolve_finetune_config(output_dir=str(tmp/'ft-file'))), contains='this is a file')
 
 # %%
 #| exports
@@ -907,6 +954,13 @@ FT_METRIC_COLUMNS = ('step', 'epoch', 'loss', 'lr', 'ema_decay', 'top1', 'top1_e
 def _write_ft_metrics(out:Path, metrics:list[dict]):
     "metrics.jsonl and metrics.csv from the full list, atomically."
     _write_metrics(out, metrics, FT_METRIC_COLUMNS)
+
+
+# %%
+mdir = tmp/'ft-metrics'; mdir.mkdir()
+_write_ft_metrics(mdir, [dict(step=1, epoch=0, loss=0.5, extra=1), dict(step=2, epoch=0, loss=0.25, top1=0.5)])
+test_eq((mdir/'metrics.csv').read_text().splitlines()[0].split(','), list(FT_METRIC_COLUMNS))
+test_eq([json.loads(l)['step'] for l in (mdir/'metrics.jsonl').read_text().splitlines()], [1, 2])
 
 
 # %% [markdown]
@@ -958,6 +1012,10 @@ class FinetuneResult(NamedTuple):
 
 
 # %%
+test_eq(FinetuneResult._fields, ('output_dir', 'checkpoint', 'metrics', 'model', 'ema', 'config'))
+
+
+# %%
 #| exports
 def build_datasets(c:dict) -> tuple[Dataset, Dataset]:
     "(train, val) of a resolved config: SceneLooks, SceneObjects or SyntheticScenes (seeds 0 and 1), or class folders."
@@ -973,6 +1031,13 @@ def build_datasets(c:dict) -> tuple[Dataset, Dataset]:
 
 
 # %%
+tr_ds, va_ds = build_datasets(resolve_finetune_config(data='synthetic', synthetic_length=8, synthetic_size=32))
+test_eq((type(tr_ds).__name__, len(tr_ds), len(va_ds), tr_ds.seed, va_ds.seed), ('SyntheticScenes', 8, 2, 0, 1))
+lk_tr, lk_va = build_datasets(resolve_finetune_config(synthetic_length=8, synthetic_size=32))
+test_eq((type(lk_tr).__name__, len(lk_tr), len(lk_va)), ('SceneLooks', 8, 3))  # at least one image per look
+
+
+# %%
 #| exports
 def build_ft_loaders(c:dict, train_ds:Dataset, val_ds:Dataset, accelerator) -> tuple:
     "This process's training loader (the recipe's augmentation) and validation loader."
@@ -984,10 +1049,23 @@ def build_ft_loaders(c:dict, train_ds:Dataset, val_ds:Dataset, accelerator) -> t
 
 
 # %%
+class OneProcess: process_index, num_processes, device = 0, 1, torch.device('cpu')  # what it reads of an Accelerator
+c8 = resolve_finetune_config(data='synthetic', synthetic_length=8, synthetic_size=32, image_size=32, batch_size=4, num_workers=0)
+tl8, vl8 = build_ft_loaders(c8, tr_ds, va_ds, OneProcess())
+test_eq((len(tl8), len(vl8.dataset)), (2, 2))
+tl8.set_epoch(0); test_eq([x.shape for x, _ in tl8], [(4, 3, 32, 32)] * 2)
+
+
+# %%
 #| exports
 def _make_ft_accelerator(c:dict):
     from accelerate import Accelerator
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c['mixed_precision'])
+
+
+# %%
+acc1 = _make_ft_accelerator(dict(mixed_precision='no'))
+test_eq((acc1.num_processes, acc1.process_index, acc1.mixed_precision), (1, 0, 'no'))
 
 
 # %%
@@ -1040,6 +1118,19 @@ def evaluate_step(loop:Loop, models:dict, val_loader, accelerator, channels_last
         _write_ft_metrics(loop.out, loop.metrics)
         loop.bar.write(f'step {loop.metrics[-1]["step"]}: ' + ', '.join(f'{k} {loop.metrics[-1][k]:.3f}' for k in models))
     return loop.metrics[-1]
+
+
+# %%
+class FakeLoop:  # the parts of a `Loop` that evaluate_step uses
+    def __init__(self, out): self.out, self.metrics, self.bar, self.lines = out, [{'step': 3}], self, []
+    def write(self, line): self.lines.append(line)
+fl = FakeLoop(tmp/'ft-eval'); fl.out.mkdir()
+m_eval = create_model('resnetrs_tiny', num_classes=4)
+ev_row = evaluate_step(fl, {'top1': m_eval}, eval_loader(scenes, 32, 8), acc1)
+ev_correct, ev_n = evaluate(m_eval, eval_loader(scenes, 32, 8))
+test_eq(ev_row, {'step': 3, 'top1': float(ev_correct / ev_n)})
+test_eq(fl.lines, [f"step 3: top1 {ev_row['top1']:.3f}"])
+test_eq(json.loads((fl.out/'metrics.jsonl').read_text()), ev_row)
 
 
 # %%
@@ -1128,7 +1219,6 @@ for a, b in ((r.model, rest.model), (r.ema, rest.ema)):
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()): test_eq(va, vb)
 test_eq([(m.get('top1'), m.get('top1_ema')) for m in rest.metrics][-1], (r.metrics[-1]['top1'], r.metrics[-1]['top1_ema']))
 test_fail(lambda: finetune(tiny, output_dir=str(tmp/'ft-a'), lr=2.0), contains='lr: 1.0 -> 2.0')
-test_fail(lambda: load_finetune_checkpoint(pre.checkpoint), contains='not a pixpro_rs finetune checkpoint')
 
 # %% [markdown]
 # Fine-tuning from the PixPro checkpoint pretrained above: the run starts from its online encoder (the first step's
@@ -1267,10 +1357,21 @@ def finetune_parser() -> argparse.ArgumentParser:
 
 
 # %%
+help_text = finetune_parser().format_help()
+for name in FT_PARAMETERS: assert f'--{name}' in help_text, name
+
+
+# %%
 #| exports
 def read_finetune_params(path:str|Path) -> dict:
     "Parameters from a YAML file of `FinetuneConfig` names; errors name the file."
     return read_params(path, FT_PARAMETERS)
+
+
+# %%
+pfile = tmp/'ft-params.yaml'; pfile.write_text('arch: resnetrs_tiny\nepochs: 2\n')
+test_eq(read_finetune_params(pfile), {'arch': 'resnetrs_tiny', 'epochs': 2})
+pfile.write_text('learning_rate: 0.1\n'); test_fail(lambda: read_finetune_params(pfile), contains='ft-params.yaml')
 
 
 # %%
@@ -1287,8 +1388,6 @@ def run_main(*argv):
     err = io.StringIO()
     with contextlib.redirect_stderr(err): code = main(list(argv))
     return code, err.getvalue()
-help_text = finetune_parser().format_help()
-for name in FT_PARAMETERS: assert f'--{name}' in help_text, name
 for argv, word in [(['--arch', 'resnet50'], 'arch'), (['--lr', '0'], 'lr'), (['--init', '/no/such.pt'], 'init'),
                    (['--randaugment_magnitude', '40'], 'randaugment_magnitude'), (['--recipe', 'nope'], 'recipe'),
                    (['--data', '/no/such/dir'], 'data'), (['--label_smoothing', '1'], 'label_smoothing')]:
