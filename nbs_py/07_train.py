@@ -61,6 +61,8 @@ from nbdev.showdoc import show_doc
 from pixpro_rs.pixpro import momentum_at
 from pixpro_rs.recipes import steps_per_epoch
 from pixpro_rs.resnet_rs import load_pretrained
+from safetensors import safe_open
+from safetensors.torch import load_file
 from accelerate.utils import is_tensorboard_available
 
 
@@ -168,12 +170,23 @@ def _int(name:str, value:Any, low:int) -> int:
 
 
 # %%
+test_eq((_int('epochs', 3, 1), _int('epochs', 3., 1)), (3, 3))  # a YAML `3.0` is an integer
+for v in (True, 2.5, '3', 0): test_fail(lambda: _int('epochs', v, 1), contains='an integer >= 1')
+
+
+# %%
 #| exports
 def _bool(name:str, value:Any) -> bool:
     if isinstance(value, str) and value.lower() in ('true', 'false', '1', '0', 'yes', 'no'):
         value = value.lower() in ('true', '1', 'yes')
     if not isinstance(value, bool): raise ConfigError(name, value, 'True or False')
     return value
+
+
+# %%
+test_eq([_bool('progress', v) for v in (True, 'False', 'yes', '0')], [True, False, True, False])
+test_fail(lambda: _bool('progress', 'maybe'), contains="invalid progress='maybe'")
+test_fail(lambda: _bool('progress', 1), contains='True or False')
 
 
 # %%
@@ -185,6 +198,12 @@ def _merged(config, cls:type, names, overrides:dict) -> dict:
     for k in params: check_choice('parameter', k, names)
     if params.get('mixed_precision') is False: params['mixed_precision'] = 'no'  # YAML 1.1 reads `no` as False
     return {**dataclasses.asdict(cls()), **params}
+
+
+# %%
+merged = _merged({'lr': 2., 'mixed_precision': False}, TrainConfig, PARAMETERS, {'seed': 3})
+test_eq((merged['lr'], merged['seed'], merged['mixed_precision'], merged['recipe']), (2., 3, 'no', 'pixpro_demo_cpu'))
+test_fail(lambda: _merged(None, TrainConfig, PARAMETERS, {'gammma': 2.}), contains="invalid parameter='gammma'")
 
 
 # %%
@@ -203,6 +222,13 @@ def _check_run(p:dict,  # merged parameters, changed in place
 
 
 # %%
+checked = _check_run(_merged(None, TrainConfig, PARAMETERS, {'progress': 'no', 'gpu_augment': False}), BOOLS)
+test_eq((checked['progress'], checked['gpu_augment'], checked['resume']), (False, False, 'auto'))
+test_fail(lambda: _check_run(_merged(None, TrainConfig, PARAMETERS, {'gpu_augment': False, 'resume': 3}), BOOLS),
+          contains='invalid resume=3')
+
+
+# %%
 #| exports
 def c5_size(arch:str, image_size:int) -> int:
     "Side of the C5 map of `arch` for `image_size` views, from a forward pass on the meta device."
@@ -211,9 +237,17 @@ def c5_size(arch:str, image_size:int) -> int:
 
 
 # %%
+test_eq((c5_size('resnetrs50', 96), c5_size('resnetrs_tiny', 64), c5_size('resnet50', 224)), (3, 2, 7))
+
+
+# %%
 #| exports
 def default_output_dir(recipe:str, arch:str, seed:int) -> str:
     return f'runs/{recipe}-{arch}-seed{seed}'
+
+
+# %%
+test_eq(default_output_dir('pixpro_r50_400ep', 'resnet50', 7), 'runs/pixpro_r50_400ep-resnet50-seed7')
 
 
 # %%
@@ -302,6 +336,11 @@ def rng_state() -> dict:
 
 
 # %%
+buf = io.BytesIO(); torch.save(rng_state(), buf); buf.seek(0)
+test_eq(sorted(torch.load(buf, weights_only=True)), ['cuda', 'numpy', 'python', 'torch'])  # loads without running code
+
+
+# %%
 #| exports
 def set_rng_state(state:dict):
     "Restore what `rng_state` saved."
@@ -313,9 +352,20 @@ def set_rng_state(state:dict):
 
 
 # %%
+saved = rng_state()
+drawn = (random.random(), float(np.random.rand()), float(torch.rand(())))
+set_rng_state(saved)
+test_eq((random.random(), float(np.random.rand()), float(torch.rand(()))), drawn)  # the same draws again
+
+
+# %%
 #| exports
 def checkpoint_path(output_dir:str|Path, step:int) -> Path:
     return Path(output_dir)/'checkpoints'/f'step-{step:08d}.pt'
+
+
+# %%
+test_eq(checkpoint_path('runs/a', 7), Path('runs/a/checkpoints/step-00000007.pt'))
 
 
 # %%
@@ -328,6 +378,11 @@ def checkpoint_step(path:str|Path) -> int|None:
 
 
 # %%
+test_eq(checkpoint_step(checkpoint_path('runs/a', 7)), 7)
+test_eq(checkpoint_step('step-00000007.pt.unreadable'), None)
+
+
+# %%
 #| exports
 def list_checkpoints(output_dir:str|Path) -> list[Path]:
     "The run's checkpoints, oldest first: ordered by their step, not by their names' spelling."
@@ -336,10 +391,25 @@ def list_checkpoints(output_dir:str|Path) -> list[Path]:
 
 
 # %%
+ck = Path(tempfile.mkdtemp())
+(ck/'checkpoints').mkdir()
+for n in ('step-00000010.pt', 'step-9.pt', 'step-x.pt', 'step-00000002.pt.unreadable'): (ck/'checkpoints'/n).touch()
+test_eq([p.name for p in list_checkpoints(ck)], ['step-9.pt', 'step-00000010.pt'])  # by step, not by spelling
+test_eq(list_checkpoints(ck/'elsewhere'), [])
+
+
+# %%
 #| exports
 def save_checkpoint(path:str|Path, state:dict) -> Path:
     "Write `state` atomically (temporary file + rename)."
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+# %%
+test_eq(save_checkpoint(checkpoint_path(ck, 3), {'x': torch.arange(3)}), checkpoint_path(ck, 3))
+test_eq(torch.load(checkpoint_path(ck, 3), weights_only=True)['x'], torch.arange(3))
+test_eq([checkpoint_step(p) for p in list_checkpoints(ck)], [3, 9, 10])
+assert not any(p.name.startswith('.') for p in (ck/'checkpoints').iterdir())  # no temporary file left
 
 
 # %%
@@ -377,7 +447,6 @@ test_eq(load_checkpoint(checkpoint_path(d, 7))['config'], {'lr': 1.0})  # the ki
 test_eq(sorted(p.name for p in (d/'checkpoints').iterdir()), ['step-00000007.pt'])  # and no temporary file
 save_checkpoint(d/'checkpoints'/'step-123456789.pt', st)  # past 10^8 steps the names grow a digit
 test_eq([checkpoint_step(p) for p in list_checkpoints(d)], [7, 123456789])
-test_eq(checkpoint_step('step-00000007.pt.unreadable'), None)
 
 # %% [markdown]
 # ## The run folder
@@ -454,6 +523,16 @@ def data_identity(*datasets) -> dict:
     return data_fingerprint([f for d in datasets for f in d.files], root)
 
 
+# %%
+test_eq(data_identity(SyntheticScenes(8, 32), SyntheticScenes(4, 32)), dict(data_files=12, data_digest=None))
+imgs = Path(tempfile.mkdtemp())
+for n in ('a.png', 'b/c.png'): (imgs/n).parent.mkdir(exist_ok=True); (imgs/n).write_bytes(b'x' * 10)
+ident = data_identity(ImageFiles(imgs))
+test_eq(ident['data_files'], 2)
+(imgs/'b'/'c.png').write_bytes(b'x' * 11)
+assert data_identity(ImageFiles(imgs))['data_digest'] != ident['data_digest']  # a resized file changes the digest
+
+
 # %% [markdown]
 # `prepare_output_dir` applies rules 2-4 *reading only*, on every process: it returns a `RunPlan` (the checkpoint to
 # resume from, already loaded, and what to clear or set aside) or raises. `start_output_dir` carries the plan out on
@@ -471,6 +550,10 @@ class RunPlan:
 
 
 # %%
+test_eq(RunPlan(None, None, False), RunPlan(None, None, False, ()))  # compared by value; nothing set aside by default
+
+
+# %%
 #| exports
 def _refuse_if_different(old:dict, c:dict, defaults:dict, name:str, value:str, allowed:str):
     "`ConfigError` if the saved config `old` is not the run `c`; a changed image folder is named as such."
@@ -478,6 +561,14 @@ def _refuse_if_different(old:dict, c:dict, defaults:dict, name:str, value:str, a
     if diff and all(d.startswith('data_') for d in diff):
         raise ConfigError('data', c['data'], f'the images the run in {value} started with; the folder changed: ' + '; '.join(diff))
     if diff: raise ConfigError(name, value, allowed + '; '.join(diff))
+
+
+# %%
+test_eq(_refuse_if_different(a, b, {}, 'output_dir', 'here', ''), None)  # `a` and `b` above differ in run-only parameters
+test_fail(lambda: _refuse_if_different(a, resolve_config(lr=2.), {}, 'output_dir', 'here', 'the same run; '),
+          contains="invalid output_dir='here': expected the same run; global_lr: 1.0 -> 0.125")
+test_fail(lambda: _refuse_if_different({**a, 'data_files': 3}, {**a, 'data_files': 4}, {}, 'output_dir', 'here', ''),
+          contains="invalid data='synthetic'")
 
 
 # %%
@@ -490,6 +581,13 @@ def _read_config(out:Path) -> dict|None:
 
 
 # %%
+rd = Path(tempfile.mkdtemp())
+test_eq(_read_config(rd), None)
+(rd/'config.json').write_text('{"lr": 1.0}'); test_eq(_read_config(rd), {'lr': 1.0})
+(rd/'config.json').write_text('{"lr": 1.'); test_fail(lambda: _read_config(rd), contains='a readable config.json')
+
+
+# %%
 #| exports
 def _newest_loadable(out:Path, ckpts:list[Path], format:str) -> tuple[Path, dict, list]:
     "The newest checkpoint that loads, its state, and the (path, error) of newer ones that do not."
@@ -499,6 +597,15 @@ def _newest_loadable(out:Path, ckpts:list[Path], format:str) -> tuple[Path, dict
         except CheckpointError as e: bad.append((path, e))
     raise CheckpointError(f'{out}: none of its {len(ckpts)} checkpoints loads ({bad[0][1]}); resume from a file with '
                           'resume=PATH, or start afresh with overwrite=True')
+
+
+# %%
+nl = Path(tempfile.mkdtemp())
+paths = [save_checkpoint(checkpoint_path(nl, s), {'format': CHECKPOINT_FORMAT, 'step': s}) for s in (1, 2)]
+paths[1].write_bytes(b'truncated')
+newest, newest_state, unloadable = _newest_loadable(nl, paths, CHECKPOINT_FORMAT)
+test_eq((newest, newest_state['step'], [p for p, _ in unloadable]), (paths[0], 1, [paths[1]]))
+test_fail(lambda: _newest_loadable(nl, paths[1:], CHECKPOINT_FORMAT), contains='none of its 1 checkpoints loads')
 
 
 # %%
@@ -534,6 +641,12 @@ def prepare_output_dir(c:dict,  # resolved config, with `data_identity`'s keys
 
 
 # %%
+f = Path(tempfile.mkdtemp())/'file'; f.write_text('')  # a file where the run's folder should be
+test_fail(lambda: prepare_output_dir(resolve_config(output_dir=str(f))), contains='a folder (this is a file)')
+test_fail(lambda: prepare_output_dir(resolve_config(output_dir=str(nl), resume='never')), contains='resume=never')
+
+
+# %%
 #| exports
 def start_output_dir(c:dict,  # resolved config
                      plan:RunPlan,  # from `prepare_output_dir`
@@ -553,6 +666,18 @@ def start_output_dir(c:dict,  # resolved config
 
 
 # %%
+so = Path(tempfile.mkdtemp())/'run'
+for s in (1, 2): save_checkpoint(checkpoint_path(so, s), {'step': s})
+(so/'metrics.csv').write_text('old')
+test_eq(start_output_dir({'output_dir': str(so), 'lr': 1.}, RunPlan(None, None, False, ((checkpoint_path(so, 2), 'unreadable'),))),
+        so/'config.json')
+test_eq(sorted(p.name for p in (so/'checkpoints').iterdir()), ['step-00000001.pt', 'step-00000002.pt.unreadable'])
+test_eq(json.loads((so/'config.json').read_text()), {'output_dir': str(so), 'lr': 1.})
+start_output_dir({'output_dir': str(so)}, RunPlan(None, None, True))  # a fresh start clears checkpoints and metrics
+test_eq(sorted(p.name for p in so.iterdir()), ['config.json'])
+
+
+# %%
 #| exports
 def prune_checkpoints(output_dir:str|Path,
                       keep:int,  # checkpoints to keep, `written` included
@@ -564,6 +689,13 @@ def prune_checkpoints(output_dir:str|Path,
     for p in doomed: p.unlink(missing_ok=True)
     return doomed
 
+
+# %%
+pr = Path(tempfile.mkdtemp())
+for s in (10, 20, 30): save_checkpoint(checkpoint_path(pr, s), {'step': s})
+test_eq(prune_checkpoints(pr, 2, checkpoint_path(pr, 30)), [checkpoint_path(pr, 10)])
+test_eq([checkpoint_step(p) for p in list_checkpoints(pr)], [20, 30])
+test_eq(prune_checkpoints(pr, 1, checkpoint_path(pr, 30)), [checkpoint_path(pr, 20)])
 
 # %% [markdown]
 # The rules on a hand-made folder. A checkpoint written after an explicit resume from an older one survives the
@@ -638,6 +770,9 @@ class TrainResult(NamedTuple):
 
 
 # %%
+test_eq(TrainResult._fields, ('output_dir', 'checkpoint', 'metrics', 'model', 'config'))  # the order callers unpack
+
+# %%
 #| exports
 METRIC_COLUMNS = ('step', 'epoch', 'loss', 'pixel', 'instance', 'lr', 'momentum', 'images_per_s', 'data_s', 'time_s')
 
@@ -651,10 +786,24 @@ def _write_metrics(out:Path, metrics:list[dict], columns:tuple=METRIC_COLUMNS):
 
 
 # %%
+wm = Path(tempfile.mkdtemp())
+_write_metrics(wm, [{'step': 1, 'loss': 0.5, 'extra': [1, 2]}, {'step': 2, 'loss': 0.25, 'extra': [3]}])
+test_eq([json.loads(l)['extra'] for l in (wm/'metrics.jsonl').read_text().splitlines()], [[1, 2], [3]])  # every key
+rows = list(csv.DictReader((wm/'metrics.csv').read_text().splitlines()))
+test_eq((list(rows[0]), rows[1]['loss']), (list(METRIC_COLUMNS), '0.25'))  # only the columns
+
+
+# %%
 #| exports
 def build_dataset(c:dict):
     "The training images of a resolved config: `SyntheticScenes` or an `ImageFiles` folder."
     return SyntheticScenes(c['synthetic_length'], c['synthetic_size']) if c['data'] == 'synthetic' else ImageFiles(c['data'])
+
+
+# %%
+ds = build_dataset({'data': 'synthetic', 'synthetic_length': 5, 'synthetic_size': 32})
+test_eq((type(ds), len(ds)), (SyntheticScenes, 5))
+test_eq(build_dataset({'data': str(imgs)}).files, ImageFiles(imgs).files)
 
 
 # %%
@@ -669,6 +818,31 @@ def build_model(c:dict,
                   gamma=c['gamma'], ppm_layers=c['ppm_layers'], instance_weight=c['instance_weight'],
                   momentum=c['momentum'], tau=c['tau'], total_steps=total_steps)
 
+
+# %% [markdown]
+# > **Ours, as the reference.** The reference's ResNet starts the last BN of every residual branch at $\gamma = 0$
+# > (`contrast/resnet.py` in zdaxie/PixPro, `ResNet.__init__`, the loop after the comment "zero gamma for batch
+# > norm"), so each block starts as the identity. torchvision's `resnet50` starts them at 1 unless asked with
+# > `zero_init_residual=True`, which `build_model` does: PixPro's ResNet-50 starts as the reference's, online and
+# > target alike. The ResNet-RS family starts at 0 by its own definition (the ResNet-RS chapter).
+
+# %%
+r50 = build_model(resolve_config(recipe='pixpro_r50_100ep'), 10)
+bn3 = [m.bn3.weight for m in r50.modules() if isinstance(m, torchvision.models.resnet.Bottleneck)]
+test_eq(len(bn3), 2 * 16)  # 16 blocks in the online encoder, 16 in the target
+assert all((w == 0).all() for w in bn3)
+assert all((m.bn2.weight == 1).all() for m in r50.modules() if isinstance(m, torchvision.models.resnet.Bottleneck))
+test_eq(build_model(resolve_config(arch='resnetrs_tiny', method='pixcontrast', tau=0.2), 10).tau, 0.2)
+
+
+# %% [markdown]
+# `speed_up` holds the two switches that change how fast a step runs but not what it computes (beyond rounding):
+# `channels_last` stores weights and views as NHWC, the layout GPU convolution kernels prefer, and `compile` hands
+# each network to `torch.compile`. Compilation happens in place (`nn.Module.compile`, or the backbone's
+# `forward_features`, the method PixPro calls), so parameter names, checkpoints and DDP stay as they were. The third
+# switch, `gpu_augment`, is in `train` below: it swaps the loader for the GPU augmentation chapter's crop loader
+# (a forward reference: that chapter comes later in the book). Their effects are measured in the performance
+# chapter; the tests check that they leave the numbers alone.
 
 # %%
 #| exports
@@ -688,10 +862,31 @@ def speed_up(model:PixPro,  # on its training device
 
 
 # %%
+cfg = resolve_config(arch='resnetrs_tiny', image_size=64, batch_size=4)
+plain, fast = build_model(cfg, 10), speed_up(build_model(cfg, 10), channels_last=True)
+test_eq(list(fast.state_dict()), list(plain.state_dict()))
+assert fast.encoder.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# %%
 #| exports
 def to_memory_format(x:Tensor, channels_last:bool) -> Tensor:
     "A batch of views in the memory format of the model (`channels_last` or contiguous NCHW)."
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+# %%
+g = torch.Generator().manual_seed(0)
+x1, x2 = torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 3, 64, 64, generator=g)
+k1, k2 = torch.tensor([[0., 0., .6, .6]] * 4), torch.tensor([[.2, .2, .9, .9]] * 4)
+assert to_memory_format(x1, True).is_contiguous(memory_format=torch.channels_last)
+test_close(fast(to_memory_format(x1, True), to_memory_format(x2, True), k1, k2).loss, plain(x1, x2, k1, k2).loss, eps=1e-4)
+
+# %%
+#| slow
+compiled = speed_up(build_model(cfg, 10), compile=True)  # compiling takes a minute or two on a CPU
+test_eq(list(compiled.state_dict()), list(plain.state_dict()))
+test_close(compiled(x1, x2, k1, k2).loss, build_model(cfg, 10)(x1, x2, k1, k2).loss, eps=1e-4)
 
 
 # %%
@@ -703,46 +898,9 @@ def _make_accelerator(c:dict):
                        log_with='tensorboard' if is_tensorboard_available() else None, project_dir=c['output_dir'])
 
 
-# %% [markdown]
-# `speed_up` holds the two switches that change how fast a step runs but not what it computes (beyond rounding):
-# `channels_last` stores weights and views as NHWC, the layout GPU convolution kernels prefer, and `compile` hands
-# each network to `torch.compile`. Compilation happens in place (`nn.Module.compile`, or the backbone's
-# `forward_features`, the method PixPro calls), so parameter names, checkpoints and DDP stay as they were. The third
-# switch, `gpu_augment`, is in `train` below: it swaps the loader for the GPU augmentation chapter's crop loader
-# (a forward reference: that chapter comes later in the book). Their effects are measured in the performance
-# chapter; the tests check that they leave the numbers alone.
-
 # %%
-cfg = resolve_config(arch='resnetrs_tiny', image_size=64, batch_size=4)
-g = torch.Generator().manual_seed(0)
-x1, x2 = torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 3, 64, 64, generator=g)
-k1, k2 = torch.tensor([[0., 0., .6, .6]] * 4), torch.tensor([[.2, .2, .9, .9]] * 4)
-plain, fast = build_model(cfg, 10), speed_up(build_model(cfg, 10), channels_last=True)
-test_eq(list(fast.state_dict()), list(plain.state_dict()))
-assert fast.encoder.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
-assert to_memory_format(x1, True).is_contiguous(memory_format=torch.channels_last)
-test_close(fast(to_memory_format(x1, True), to_memory_format(x2, True), k1, k2).loss, plain(x1, x2, k1, k2).loss, eps=1e-4)
-
-# %%
-#| slow
-compiled = speed_up(build_model(cfg, 10), compile=True)  # compiling takes a minute or two on a CPU
-test_eq(list(compiled.state_dict()), list(plain.state_dict()))
-test_close(compiled(x1, x2, k1, k2).loss, build_model(cfg, 10)(x1, x2, k1, k2).loss, eps=1e-4)
-
-# %% [markdown]
-# > **Ours, as the reference.** The reference's ResNet starts the last BN of every residual branch at $\gamma = 0$
-# > (`contrast/resnet.py` in zdaxie/PixPro, `ResNet.__init__`, the loop after the comment "zero gamma for batch
-# > norm"), so each block starts as the identity. torchvision's `resnet50` starts them at 1 unless asked with
-# > `zero_init_residual=True`, which `build_model` does: PixPro's ResNet-50 starts as the reference's, online and
-# > target alike. The ResNet-RS family starts at 0 by its own definition (the ResNet-RS chapter).
-
-# %%
-r50 = build_model(resolve_config(recipe='pixpro_r50_100ep'), 10)
-bn3 = [m.bn3.weight for m in r50.modules() if isinstance(m, torchvision.models.resnet.Bottleneck)]
-test_eq(len(bn3), 2 * 16)  # 16 blocks in the online encoder, 16 in the target
-assert all((w == 0).all() for w in bn3)
-assert all((m.bn2.weight == 1).all() for m in r50.modules() if isinstance(m, torchvision.models.resnet.Bottleneck))
-test_eq(build_model(resolve_config(arch='resnetrs_tiny', method='pixcontrast', tau=0.2), 10).tau, 0.2)
+accel = _make_accelerator(resolve_config(output_dir=str(Path(tempfile.mkdtemp())/'acc')))
+test_eq((accel.num_processes, accel.mixed_precision, accel.device.type), (1, 'no', 'cuda' if torch.cuda.is_available() else 'cpu'))
 
 # %% [markdown]
 # **The run's guard.** `RunGuard` holds rule 1 and rule 5 of the run folder for the run's whole life. On entering,
@@ -758,6 +916,10 @@ EXIT_PREEMPTED = 143  # the command line's exit code after SIGTERM: 128 + 15, as
 
 class Preempted(RuntimeError):
     "SIGTERM stopped the run; the message names the checkpoint saved at the current step (the same command resumes)."
+
+
+# %%
+test_eq(EXIT_PREEMPTED, 128 + signal.SIGTERM)
 
 
 # %%
@@ -858,6 +1020,14 @@ def plan_steps(c:dict,  # resolved config
 
 
 # %%
+class _Tiny: grad_accum, batch_size, global_batch, epochs, global_lr, final_lr, warmup_epochs, warmup_start_factor = 2, 4, 8, 3, 0.5, 0., 1, 0.01
+c_ = {k: getattr(_Tiny, k) for k in dir(_Tiny) if not k.startswith('_')}
+test_eq(plan_steps(c_, range(9), 36, 1)[:2], (4, 12))  # 9 micro-batches: 4 steps of 2, the ninth left out
+test_eq(plan_steps(c_, range(9), 36, 1)[2]['warmup_steps'], 4)
+test_fail(lambda: plan_steps(c_, range(1), 4, 1), contains='4 images for 8 per step')
+
+
+# %%
 #| exports
 def restore(plan:RunPlan, accelerator, **parts) -> tuple[int, list[dict]]:  # the step reached and its metrics
     "Load the plan's checkpoint into `parts` (model=..., optimizer=...), with the RNG and loss-scaler states."
@@ -867,6 +1037,13 @@ def restore(plan:RunPlan, accelerator, **parts) -> tuple[int, list[dict]]:  # th
     set_rng_state(state['rng'])
     if state.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(state['scaler'])
     return state['step'], [m for m in state['metrics'] if m['step'] <= state['step']]
+
+
+# %%
+lin = nn.Linear(2, 2); plan = RunPlan(None, {'step': 3, 'metrics': [{'step': 3}, {'step': 4}], 'rng': rng_state(),
+                                             'lin': nn.Linear(2, 2).state_dict()}, False)
+test_eq(restore(plan, _Single(), lin=lin), (3, [{'step': 3}]))  # rows after the checkpoint's step are dropped
+test_eq(plan.state, None)
 
 
 # %%
@@ -882,6 +1059,16 @@ def open_output_dir(c:dict, plan:RunPlan, accelerator, metrics:list[dict],
 
 
 # %%
+class _Main(_Single):  # a one-process Accelerator on the CPU
+    device = torch.device('cpu')
+    def wait_for_everyone(self): pass
+od = Path(tempfile.mkdtemp())/'run'
+open_output_dir({'output_dir': str(od)}, RunPlan(None, None, True), _Main(), [{'step': 1, 'loss': 0.5}], ('metrics.csv',), ('step', 'loss'))
+test_eq(sorted(p.name for p in od.iterdir()), ['config.json', 'metrics.csv', 'metrics.jsonl'])
+test_eq((od/'metrics.csv').read_text().splitlines(), ['step,loss', '1,0.5'])
+
+
+# %%
 #| exports
 def announce(head:str, c:dict, accelerator, total_steps:int, step:int, resumed:Path|None):
     "The run's one line on the main process: processes, global batch, lr, steps, and where it resumes."
@@ -890,6 +1077,16 @@ def announce(head:str, c:dict, accelerator, total_steps:int, step:int, resumed:P
     print(f"{head}: {n} process(es) on {accelerator.device.type}, global batch {c['global_batch']} = {c['batch_size']} x "
           f"{c['grad_accum']} x {n}, lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
           + (f', resuming at step {step} from {resumed}' if resumed else ''), flush=True)
+
+
+# %%
+class _Other: is_main_process, num_processes = False, 2  # a process other than the main one
+said, said_elsewhere = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(said): announce('resnet50 pixpro on synthetic', resolve_config(grad_accum=2), _Main(), 100, 40, Path('c.pt'))
+with contextlib.redirect_stdout(said_elsewhere): announce('x', resolve_config(), _Other(), 100, 0, None)
+test_eq(said.getvalue(), 'resnet50 pixpro on synthetic: 1 process(es) on cpu, global batch 32 = 16 x 2 x 1, '
+                         'lr 16 per 256 -> 2, 100 steps, resuming at step 40 from c.pt\n')
+test_eq(said_elsewhere.getvalue(), '')
 
 
 # %%
@@ -903,6 +1100,14 @@ def export_weights(path:Path, module:nn.Module, metadata:dict, accelerator) -> P
 
 
 # %%
+lin2 = nn.Linear(2, 3)
+sf = export_weights(Path(tempfile.mkdtemp())/'w.safetensors', lin2, {'arch': 'linear', 'epochs': 2}, _Main())
+with safe_open(str(sf), 'pt') as fh: test_eq((sorted(fh.keys()), fh.metadata()), (['bias', 'weight'], {'arch': 'linear', 'epochs': '2'}))
+test_eq(load_file(str(sf))['weight'], lin2.weight.detach())
+test_eq(export_weights(sf, lin2, {}, _Other()), None)  # other processes write nothing
+
+
+# %%
 #| exports
 def to_device(model:nn.Module, accelerator) -> nn.Module:
     "SyncBN when the processes are GPUs (CPU tensors cannot use it), then the model on the process's device."
@@ -911,15 +1116,10 @@ def to_device(model:nn.Module, accelerator) -> nn.Module:
 
 
 # %%
-class _Tiny: grad_accum, batch_size, global_batch, epochs, global_lr, final_lr, warmup_epochs, warmup_start_factor = 2, 4, 8, 3, 0.5, 0., 1, 0.01
-c_ = {k: getattr(_Tiny, k) for k in dir(_Tiny) if not k.startswith('_')}
-test_eq(plan_steps(c_, range(9), 36, 1)[:2], (4, 12))  # 9 micro-batches: 4 steps of 2, the ninth left out
-test_eq(plan_steps(c_, range(9), 36, 1)[2]['warmup_steps'], 4)
-test_fail(lambda: plan_steps(c_, range(1), 4, 1), contains='4 images for 8 per step')
-lin = nn.Linear(2, 2); plan = RunPlan(None, {'step': 3, 'metrics': [{'step': 3}, {'step': 4}], 'rng': rng_state(),
-                                             'lin': nn.Linear(2, 2).state_dict()}, False)
-test_eq(restore(plan, _Single(), lin=lin), (3, [{'step': 3}]))  # rows after the checkpoint's step are dropped
-test_eq(plan.state, None)
+bn = nn.Sequential(nn.BatchNorm2d(2))
+test_eq(type(to_device(bn, _Main())[0]), nn.BatchNorm2d)
+class _TwoCpus(_Main): num_processes = 2
+test_eq(type(to_device(bn, _TwoCpus())[0]), nn.BatchNorm2d)  # SyncBN only across GPUs
 
 
 # %% [markdown]
@@ -963,6 +1163,15 @@ class Loop:
 
 
 # %%
+guard_ = type('Guard', (), {'requested': False, 'phase': 'setup'})()
+lp = Loop(resolve_config(output_dir=str(Path(tempfile.mkdtemp())), max_steps=5, progress=False), _Main(), guard_, [], 4, 12)
+test_eq((lp.end, lp.step, lp.checkpoint), (5, 0, None)); assert guard_.loop is lp
+yielded = []
+for s in lp: yielded.append(s); lp.step += 1  # what `log` does
+test_eq((yielded, guard_.phase), ([0, 1, 2, 3, 4], 'finish'))
+
+
+# %%
 #| exports
 def _micro_batches(self:Loop):
     "This step's `grad_accum` micro-batches as (index, batch); a new epoch, or a resume, positions the sampler."
@@ -983,6 +1192,18 @@ def _accumulate(self:Loop, wrapped:nn.Module, micro:int):
     return self.accelerator.no_sync(wrapped) if micro < self.c['grad_accum'] - 1 else nullcontext()
 
 Loop.micro_batches, Loop.accumulate = _micro_batches, _accumulate
+
+
+# %%
+class _Batches(list):  # a loader: set_epoch(epoch, skip) then iteration from the skip
+    def set_epoch(self, epoch, skip=0): self.skip = skip
+    def __iter__(self): return iter(self[self.skip:])
+mb = Loop.__new__(Loop)
+mb.step, mb.steps_per_epoch, mb.c, mb._batches, mb.data_s, mb.loader = 4, 3, {'grad_accum': 2}, None, 0., _Batches(range(6))
+test_eq(list(mb.micro_batches()), [(0, 2), (1, 3)])  # epoch 1 after its first step of 2 micro-batches
+mb.step = 5; test_eq(list(mb.micro_batches()), [(0, 4), (1, 5)])  # the same epoch goes on
+mb.accelerator = type('A', (), {'no_sync': lambda self, m: 'no_sync'})()
+test_eq(mb.accumulate(None, 0), 'no_sync'); assert isinstance(mb.accumulate(None, 1), nullcontext)
 
 
 # %%
@@ -1033,6 +1254,14 @@ def _log(self:Loop, **values) -> dict:
 
 Loop.log = _log
 
+# %%
+lg = Loop.__new__(Loop)
+lg.step, lg.steps_per_epoch, lg.c, lg.accelerator, lg.metrics = 2, 4, {'global_batch': 8}, _Other(), []
+lg.t_step = lg.t_start = time.perf_counter(); lg.data_s, lg.loss_per_process = 0.1, [0.5]
+row = lg.log(loss=0.5)
+test_eq((row['step'], row['epoch'], row['loss'], row['data_s'], lg.metrics), (3, 0.75, 0.5, 0.1, [row]))
+assert row['images_per_s'] > 0
+
 
 # %%
 #| exports
@@ -1082,9 +1311,6 @@ Loop.save = _save
 # at the end of the epoch, and stops early with `Preempted` when a SIGTERM was requested, after its checkpoint.
 
 # %%
-class _Batches(list):  # a loader: set_epoch(epoch, skip) then iteration from the skip
-    def set_epoch(self, epoch, skip=0): self.skip = skip
-    def __iter__(self): return iter(self[self.skip:])
 class _Acc(_Single):
     scaler = None
     def gather(self, x): return x
@@ -1130,6 +1356,16 @@ def build_loader(c:dict, dataset, accelerator):
     batch_augment = BatchAugment(PixProAugment(c['image_size'])).to(device)  # the same crops and decisions (seeds)
     if c['compile']: batch_augment.compile()
     return ViewLoader(make_crop_loader(dataset, c['batch_size'], **kw), batch_augment, device)
+
+
+# %%
+class _Proc: device, process_index, num_processes = torch.device('cpu'), 0, 1
+lc = resolve_config(arch='resnetrs_tiny', image_size=64, batch_size=4, num_workers=0, synthetic_length=8, synthetic_size=64)
+for gpu in (False, True):
+    ld = build_loader({**lc, 'gpu_augment': gpu}, build_dataset(lc), _Proc())
+    ld.set_epoch(0)
+    v1, v2, c1, c2 = next(iter(ld))[:4]
+    test_eq((len(ld), v1.shape, v2.shape, c1.shape), (2, (4, 3, 64, 64), (4, 3, 64, 64), (4, 4)))
 
 
 # %%
@@ -1367,6 +1603,12 @@ def _flag_bool(s:str) -> bool:
 
 
 # %%
+test_eq([_TYPES[k] for k in ('lr', 'epochs', 'progress', 'arch', 'tau')], [float, int, bool, str, float])
+test_eq((_flag_bool('yes'), _flag_bool('False')), (True, False))
+test_fail(lambda: _flag_bool('maybe'), contains="expected true or false, got 'maybe'")
+
+
+# %%
 #| exports
 def config_parser(cls:type,  # the config dataclass: one flag per field
                   prog:str, description:str,
@@ -1385,11 +1627,26 @@ def config_parser(cls:type,  # the config dataclass: one flag per field
 
 
 # %%
+@dataclass
+class _Two:
+    lr: float|None = None
+    seed: int = 0
+two = config_parser(_Two, 'two', 'A test parser.', {'lr': float, 'seed': int}, {'lr': 'the lr', 'seed': 'the seed'}, ('lr',))
+test_eq(vars(two.parse_args(['--seed', '3', '--config', 'p.yaml'])), {'config': 'p.yaml', 'lr': None, 'seed': 3})
+test_eq(' '.join(two.format_help().split()).count('(default: the recipe)'), 1)  # lr's; seed's is 0
+
+
+# %%
 #| exports
 def cli_parser() -> argparse.ArgumentParser:
     "The command line's parser: one flag per `TrainConfig` field, with the glossary as help."
     return config_parser(TrainConfig, 'pixpro-train', 'PixPro pretraining (pixpro_rs). Parameters left out take the '
                          'recipe\'s values; see the training chapter of the docs.', _TYPES)
+
+
+# %%
+help_text = cli_parser().format_help()
+for name in PARAMETERS: assert f'--{name}' in help_text, name
 
 
 # %%
@@ -1405,6 +1662,15 @@ def read_params(path:str|Path,
     if not isinstance(params, dict): raise ConfigError('config', str(path), 'a YAML mapping of parameter names to values')
     for k in params: check_choice(f'parameter in {path}', k, names)
     return params
+
+
+# %%
+yp = Path(tempfile.mkdtemp())/'p.yaml'
+yp.write_text('arch: resnetrs_tiny\nepochs: 2\n'); test_eq(read_params(yp), {'arch': 'resnetrs_tiny', 'epochs': 2})
+yp.write_text(''); test_eq(read_params(yp), {})
+yp.write_text('- 1\n'); test_fail(lambda: read_params(yp), contains='a YAML mapping')
+yp.write_text('arch: x\n'); test_fail(lambda: read_params(yp, ('seed',)), contains="invalid parameter in " + str(yp))
+test_fail(lambda: read_params(yp.with_name('none.yaml')), contains='a readable YAML file')
 
 
 # %%
@@ -1432,6 +1698,17 @@ def run_command(argv:list[str]|None,
 
 
 # %%
+def exit_code(error):  # run_command's exit code when the run raises `error`
+    def fail(params): raise error
+    with contextlib.redirect_stderr(io.StringIO()): return run_command([], cli_parser(), fail)
+test_eq([exit_code(e) for e in (ConfigError('lr', 0, 'positive'), CheckpointError('x.pt'), NonFiniteLossError('step 3'),
+                                OSError('disk full'), Preempted('saved'), KeyboardInterrupt())], [2, 2, 1, 1, EXIT_PREEMPTED, 130])
+got = []
+test_eq(run_command(['--lr', '2', '--seed', '1'], cli_parser(), got.append), 0)
+test_eq(got, [{'lr': 2.0, 'seed': 1}])
+
+
+# %%
 #| exports
 def main(argv:list[str]|None=None) -> int:
     "The command line: parse, train, and turn bad input into one clear line and an exit code."
@@ -1440,8 +1717,6 @@ def main(argv:list[str]|None=None) -> int:
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # a script or `-m`, not a notebook
 
 # %%
-help_text = cli_parser().format_help()
-for name in PARAMETERS: assert f'--{name}' in help_text, name
 print(help_text[:1200])
 
 
