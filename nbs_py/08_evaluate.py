@@ -113,6 +113,16 @@ def _peek(path:Path) -> tuple[list[str], dict|None, str|None]:
 
 
 # %%
+tmp_peek = Path(tempfile.mkdtemp())
+torch.save({'model': {'conv1.weight': torch.zeros(1)}, 'config': {'arch': 'resnetrs_tiny', 'image_size': 64}}, tmp_peek/'ckpt.pth')
+test_eq(_peek(tmp_peek/'ckpt.pth'), (['conv1.weight'], {'arch': 'resnetrs_tiny', 'image_size': 64}, 'resnetrs_tiny'))
+torch.save({'w': torch.zeros(1)}, tmp_peek/'plain.pth')  # a plain state dict: no config, no arch
+test_eq(_peek(tmp_peek/'plain.pth'), (['w'], None, None))
+(tmp_peek/'junk.pth').write_bytes(b'not a checkpoint')
+test_fail(lambda: _peek(tmp_peek/'junk.pth'), contains='junk.pth: cannot read checkpoint')
+
+
+# %%
 #| exports
 def load_backbone(checkpoint_or_model:str|Path|nn.Module,  # PixPro checkpoint, backbone .pth/.safetensors, PixPro or backbone
                   arch:str|None=None,  # backbone name; needed when the file does not say, checked when it does
@@ -211,6 +221,14 @@ def resize_crop(x:Tensor,  # image [3, H, W] uint8, or label map [H, W]
 
 
 # %%
+lab = torch.tensor([[0, 0, 1, 1, 2, 2]] * 4)  # [4, 6]
+test_eq(resize_crop(lab, 2), torch.tensor([[0, 1], [0, 1]]))  # nearest: still class indices; centre crop of 2x3
+img = torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8)
+test_eq((resize_crop(img, 20).shape, resize_crop(img, 20).dtype), ((3, 20, 20), torch.uint8))
+assert resize_crop(img, 30) is not img and resize_crop(resize_crop(img, 30), 30).shape == (3, 30, 30)
+
+
+# %%
 #| exports
 def normalize_images(images:Tensor) -> Tensor:  # [N, 3, H, W] uint8 -> float
     "Scale to [0, 1] and normalise with ImageNet's mean and std, as in pretraining."
@@ -220,11 +238,6 @@ def normalize_images(images:Tensor) -> Tensor:  # [N, 3, H, W] uint8 -> float
 
 
 # %%
-lab = torch.tensor([[0, 0, 1, 1, 2, 2]] * 4)  # [4, 6]
-test_eq(resize_crop(lab, 2), torch.tensor([[0, 1], [0, 1]]))  # nearest: still class indices; centre crop of 2x3
-img = torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8)
-test_eq((resize_crop(img, 20).shape, resize_crop(img, 20).dtype), ((3, 20, 20), torch.uint8))
-assert resize_crop(img, 30) is not img and resize_crop(resize_crop(img, 30), 30).shape == (3, 30, 30)
 test_close(normalize_images(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))[0, :, 0, 0],
            (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD), eps=1e-6)
 
@@ -331,35 +344,10 @@ def confusion_matrix(pred:Tensor,  # predicted class per pixel (or per image), a
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).view(num_classes, num_classes).cpu()
 
 
-# %%
-#| exports
-def iou_per_class(conf:Tensor) -> Tensor:  # [K] float64, nan where a class is in neither labels nor predictions
-    "TP / (TP + FP + FN) per class from a confusion matrix (rows true, columns predicted)."
-    conf = conf.double()
-    tp, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
-    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
-
-
-# %%
-#| exports
-def miou(conf:Tensor) -> float:
-    "Mean IoU over the classes present in the labels or the predictions (nan if there is none)."
-    iou = iou_per_class(conf)
-    return float(iou.nanmean()) if (~iou.isnan()).any() else math.nan
-
-
-# %%
-#| exports
-def pixel_accuracy(conf:Tensor) -> float:
-    "Correctly classified pixels / counted pixels (nan if none was counted)."
-    return float(conf.diag().sum() / conf.sum()) if conf.sum() > 0 else math.nan
-
-
 # %% [markdown]
 # Hand-made masks with known answers: 16 pixels, 4 of them ignored (the predictions there, class 3, must not
 # count), class 4 absent from both (excluded). By hand: class 0 has TP 3 and union 6 (IoU 1/2), class 1 TP 3 of 5
-# (3/5), class 2 TP 3 of 4 (3/4); mIoU = (0.5 + 0.6 + 0.75)/3, pixel accuracy 9/12. Then one correct pixel of class 1
-# is predicted as class 3, which is in no label: class 3 now counts with IoU 0 and class 1 rises to 3/4.
+# (3/5), class 2 TP 3 of 4 (3/4); mIoU = (0.5 + 0.6 + 0.75)/3, pixel accuracy 9/12.
 
 # %%
 target = torch.tensor([[0, 0, 1, 1],
@@ -372,18 +360,59 @@ pred = torch.tensor([[0, 0, 1, 0],
                      [2, 2, 2, 2]])
 conf = confusion_matrix(pred, target, 5)
 test_eq(int(conf.sum()), 12)
+test_eq(confusion_matrix(target.clamp(max=2), target, 3).diag().sum(), 12)  # a perfect prediction
+test_fail(lambda: confusion_matrix(pred[:2], target, 5), contains='shape of target')
+
+
+# %%
+#| exports
+def iou_per_class(conf:Tensor) -> Tensor:  # [K] float64, nan where a class is in neither labels nor predictions
+    "TP / (TP + FP + FN) per class from a confusion matrix (rows true, columns predicted)."
+    conf = conf.double()
+    tp, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+
+
+# %%
 iou = iou_per_class(conf)
 test_close(iou[:3], torch.tensor([0.5, 0.6, 0.75], dtype=torch.float64), eps=1e-12)
 assert iou[3].isnan() and iou[4].isnan()  # 3: predicted only where the label is ignored; 4: nowhere
-test_close(miou(conf), (0.5 + 0.6 + 0.75) / 3, eps=1e-12); test_close(pixel_accuracy(conf), 0.75, eps=1e-12)
+
+
+# %%
+#| exports
+def miou(conf:Tensor) -> float:
+    "Mean IoU over the classes present in the labels or the predictions (nan if there is none)."
+    iou = iou_per_class(conf)
+    return float(iou.nanmean()) if (~iou.isnan()).any() else math.nan
+
+
+# %%
+test_close(miou(conf), (0.5 + 0.6 + 0.75) / 3, eps=1e-12)
+assert math.isnan(miou(torch.zeros(3, 3, dtype=torch.long)))
+
+
+# %%
+#| exports
+def pixel_accuracy(conf:Tensor) -> float:
+    "Correctly classified pixels / counted pixels (nan if none was counted)."
+    return float(conf.diag().sum() / conf.sum()) if conf.sum() > 0 else math.nan
+
+
+# %%
+test_close(pixel_accuracy(conf), 0.75, eps=1e-12)
+assert math.isnan(pixel_accuracy(torch.zeros(3, 3)))
+
+# %% [markdown]
+# Then one correct pixel of class 1 is predicted as class 3, which is in no label: class 3 now counts with IoU 0
+# and class 1 rises to 3/4.
+
+# %%
 pred[1, 1] = 3  # a pixel of class 0 (truth) predicted as 3, a class in no label
 conf = confusion_matrix(pred, target, 5)
 test_close(iou_per_class(conf)[:4], torch.tensor([0.5, 0.75, 0.75, 0.], dtype=torch.float64), eps=1e-12)
 test_close(miou(conf), 0.5, eps=1e-12)
-test_eq(confusion_matrix(target.clamp(max=2), target, 3).diag().sum(), 12)  # a perfect prediction
-assert math.isnan(miou(torch.zeros(3, 3, dtype=torch.long))) and math.isnan(pixel_accuracy(torch.zeros(3, 3)))
 test_fail(lambda: confusion_matrix(pred, target, 3), contains='classes 0..2')  # prediction 3 with K = 3
-test_fail(lambda: confusion_matrix(pred[:2], target, 5), contains='shape of target')
 
 
 # %% [markdown]
@@ -426,6 +455,16 @@ class ProbeHead(nn.Module):
 
 
 # %%
+ph = ProbeHead(3, 2).standardize_from(torch.tensor([[0., 2., 4.], [2., 4., 8.]]))
+test_close(ph.mean, torch.tensor([1., 3., 6.])); test_close(ph.std, torch.tensor([1., 1., 2.]), eps=1e-4)
+test_eq(ph(torch.randn(5, 3)).detach(), torch.zeros(5, 2))  # the classifier starts at zero
+fd = torch.randn(2, 4, 5, 5) * 10 + 3
+phd = ProbeHead(4, 3, dense=True).standardize_from(fd)
+test_close(((fd - phd.mean.view(1, -1, 1, 1)) / phd.std.view(1, -1, 1, 1)).mean((0, 2, 3)), torch.zeros(4), eps=1e-5)
+test_eq(phd(fd).shape, (2, 3, 5, 5))
+
+
+# %%
 #| exports
 def fit_probe(head:ProbeHead,  # trained in place (its `fc` only)
               feats:Tensor,  # [N, C] or [N, C, h, w] training features
@@ -452,6 +491,16 @@ def fit_probe(head:ProbeHead,  # trained in place (its `fc` only)
     return losses
 
 
+# %%
+torch.manual_seed(0)
+fx = torch.randn(64, 2); fy = (fx[:, 0] > 0).long()  # separable by the first feature
+fl = fit_probe(ProbeHead(2, 2).standardize_from(fx), fx, fy, steps=50, batch_size=32)
+test_eq(len(fl), 50); test_close(fl[0], math.log(2), eps=1e-5); assert np.mean(fl[-5:]) < 0.5 * fl[0]
+test_eq(fit_probe(ProbeHead(2, 2).standardize_from(fx), fx, fy, steps=50, batch_size=32), fl)  # seeded: the same losses
+test_eq(fit_probe(ProbeHead(2, 2, dense=True), torch.randn(4, 2, 2, 2), torch.full((4, 8, 8), 255), steps=3), [])  # all ignored
+test_fail(lambda: fit_probe(ProbeHead(2, 2), fx, fy, steps=0), contains='steps')
+
+
 # %% [markdown]
 # The probes take any dataset of uint8 images: `(image, label)` pairs (`ClassFolders`, `SyntheticScenes`) for the
 # linear probe, `(image, label map)` pairs (`SegmentationFolders` below, or `SyntheticScenes`, whose `scene(i)` gives
@@ -467,6 +516,12 @@ def _num_classes(ds:Dataset) -> int|None:
     "K of a dataset: `num_classes` or `len(classes)` when it says."
     if isinstance(getattr(ds, 'num_classes', None), int): return ds.num_classes
     return len(ds.classes) if hasattr(ds, 'classes') else None
+
+
+# %%
+test_eq(_num_classes(SyntheticScenes(2, 32, num_classes=4)), 4)
+test_eq(_num_classes(type('Named', (), {'classes': ['a', 'b', 'c']})()), 3)
+test_eq(_num_classes([]), None)
 
 
 # %%
@@ -488,6 +543,15 @@ def _probe_data(backbone:nn.Module, ds:Dataset, image_size:int, features:str, de
     y = torch.stack(targets)
     if y.min() < 0 or y.max() > 255: raise ConfigError('labels', f'values {int(y.min())}..{int(y.max())}', '0..254 and 255 (ignore)')
     return torch.cat(feats), y.to(torch.uint8)
+
+
+# %%
+pd_scenes = SyntheticScenes(3, 48, num_classes=4, seed=0)
+pf, py = _probe_data(net, pd_scenes, 32, 'pooled', dense=False, batch_size=2)  # two chunks
+test_eq((pf.shape, py.tolist()), ((3, 512), [int(pd_scenes[i][1]) for i in range(3)]))
+pf, py = _probe_data(net, pd_scenes, 32, 'c5', dense=True, batch_size=2)
+test_eq((pf.shape, py.shape, py.dtype), ((3, 512, 1, 1), (3, 32, 32), torch.uint8))
+test_eq(py[0].long(), resize_crop(pd_scenes.scene(0)[1], 32).long())
 
 
 # %%
@@ -604,6 +668,11 @@ class MaskError(BadImageError):
 
 
 # %%
+test_eq((len(VOC_CLASSES), VOC_CLASSES[0], VOC_CLASSES[15]), (21, 'background', 'person'))
+assert isinstance(MaskError('x'), BadImageError)
+
+
+# %%
 #| exports
 def load_mask(path:str|Path) -> Tensor:  # [H, W] int64
     "Class indices of a palette ('P', as Pascal VOC) or 8-bit grayscale ('L') PNG; the palette's colours are not used."
@@ -617,6 +686,18 @@ def load_mask(path:str|Path) -> Tensor:  # [H, W] int64
             return torch.from_numpy(np.array(m, dtype=np.int64))
     except MaskError: raise
     except (OSError, ValueError, SyntaxError, EOFError) as e: raise MaskError(f'{path}: {type(e).__name__}: {e}') from e
+
+
+# %%
+tmp_mask = Path(tempfile.mkdtemp())
+idx_map = np.array([[0, 1, 2], [255, 4, 0]], np.uint8)
+pm = Image.frombytes('P', (3, 2), idx_map.tobytes()); pm.putpalette([0, 0, 0, 255, 0, 0] * 128); pm.save(tmp_mask/'p.png')
+Image.fromarray(idx_map).save(tmp_mask/'l.png')  # 8-bit grayscale
+for f in ('p.png', 'l.png'): test_eq(load_mask(tmp_mask/f), torch.from_numpy(idx_map.astype(np.int64)))  # indices, not colours
+Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_mask/'rgb.png')
+test_fail(lambda: load_mask(tmp_mask/'rgb.png'), contains="rgb.png: mode 'RGB'")
+(tmp_mask/'junk.png').write_bytes(b'not a png')
+test_fail(lambda: load_mask(tmp_mask/'junk.png'), contains='junk.png: UnidentifiedImageError')
 
 
 # %%
@@ -654,6 +735,10 @@ class SegmentationFolders(Dataset):
 
     def __len__(self): return len(self.ids)
     def __repr__(self): return f'SegmentationFolders({str(self.root)!r}, split={self.split!r}, {len(self)} pairs, {self.num_classes} classes)'
+
+
+# %%
+test_fail(lambda: SegmentationFolders(tmp/'nowhere'), contains='nowhere does not exist')
 
 
 # %%
@@ -710,7 +795,6 @@ test_eq(mask[2:-2, 2:-2], lab[2:-2, 2:-2]); test_eq(set(mask[0].tolist()), {255}
 
 # %%
 bad = write_voc(tmp/'bad', SyntheticScenes(3, 32, num_classes=4, seed=4), {'train': [0, 1, 2], 'extra': [0, 7]})
-test_fail(lambda: SegmentationFolders(tmp/'nowhere'), contains='nowhere does not exist')
 test_fail(lambda: SegmentationFolders(bad, 'test'), contains='test.txt; it does not exist (lists there: extra, train)')
 test_fail(lambda: SegmentationFolders(bad, 'extra'), contains="lists '000007', not in")
 (bad/'SegmentationClass'/'000000.png').rename(bad/'SegmentationClass'/'other.png')
@@ -724,7 +808,6 @@ test_fail(lambda: ds[0], contains='000001.png: mask 32x30 (HxW) does not match i
 test_fail(lambda: ds[1], contains="000002.png: mode 'RGB'")
 (bad/'JPEGImages'/'other.jpg').write_bytes((bad/'JPEGImages'/'000000.jpg').read_bytes())
 test_fail(lambda: SegmentationFolders(bad, classes=VOC_CLASSES[:5])[2], contains='other.png: label 9 is not a class (0..4)')
-assert isinstance(MaskError('x'), BadImageError)
 for p in (bad/'SegmentationClass').glob('*.png'): p.unlink()
 test_fail(lambda: SegmentationFolders(bad), contains='image/mask pairs; none found (4 images')
 
@@ -791,18 +874,6 @@ def dense_probe(backbone:nn.Module,  # frozen (see `extract_features`); e.g. fro
                             pixel_accuracy(chance), head.eval(), features, image_size)
 
 
-# %%
-#| exports
-@torch.no_grad()
-def dense_predict(backbone:nn.Module,  # the probed backbone
-                  probe:DenseProbeResult,  # what `dense_probe` returned
-                  images:Tensor,  # [N, 3, S, S] uint8, S = probe.image_size (see `resize_crop`)
-                 ) -> Tensor:  # [N, S, S] int64 predicted classes
-    "The dense probe's per-pixel predictions for a batch of images."
-    f = extract_features(backbone, images, probe.features)  # [N, C, h, w]
-    return F.interpolate(probe.head(f), size=images.shape[-2:], mode='bilinear', align_corners=False).argmax(1)
-
-
 # %% [markdown]
 # **The dense probe learns and beats chance.** On 96-pixel scenes with 4 object classes (5 with the background) and
 # `'c4c5'` features (a 6x6 map), the randomly initialised backbone of the linear probe must give a falling loss and a
@@ -821,6 +892,25 @@ assert np.mean(dp.losses[-20:]) < 0.7 * dp.losses[0]
 assert dp.miou > dp.chance_miou + 0.05, (dp.miou, dp.chance_miou)
 test_eq(int(dp.confusion.sum()), 100 * 96 * 96)
 for k, v in backbone.state_dict().items(): test_eq(v, state[k])
+
+
+# %%
+#| exports
+@torch.no_grad()
+def dense_predict(backbone:nn.Module,  # the probed backbone
+                  probe:DenseProbeResult,  # what `dense_probe` returned
+                  images:Tensor,  # [N, 3, S, S] uint8, S = probe.image_size (see `resize_crop`)
+                 ) -> Tensor:  # [N, S, S] int64 predicted classes
+    "The dense probe's per-pixel predictions for a batch of images."
+    f = extract_features(backbone, images, probe.features)  # [N, C, h, w]
+    return F.interpolate(probe.head(f), size=images.shape[-2:], mode='bilinear', align_corners=False).argmax(1)
+
+
+# %%
+vi, vl = zip(*[dense_val.scene(i)[:2] for i in range(len(dense_val))])
+pv = dense_predict(backbone, dp, torch.stack(vi))
+test_eq((pv.shape, pv.dtype), ((100, 96, 96), torch.int64))
+test_close(confusion_matrix(pv, torch.stack(vl), 5).float(), dp.confusion.float(), eps=5)  # the probe's own scores (to a few pixels: batching)
 
 # %% [markdown]
 # Figure 1 shows what such a probe sees: scenes of the validation set, their label maps, and the probe's
@@ -896,6 +986,25 @@ def to_detectron2(sd:dict) -> dict:
     return out
 
 
+# %% [markdown]
+# The reference's mapping (zdaxie/PixPro at commit e390d6b, `transfer/detection/convert_pretrain_to_d2.py`, lines
+# 19-27: drop the prefix, `stem.` for keys outside the stages, `layer{t}` -> `res{t+1}`, `bn{t}` -> `conv{t}.norm`,
+# `downsample.0/1` -> `shortcut`/`shortcut.norm`), on the keys that matter (the stem, a block with a shortcut, a last
+# block):
+
+# %%
+sd50 = create_model('resnet50', num_classes=0).state_dict()
+d2 = to_detectron2(sd50)
+for ours, theirs in [('conv1.weight', 'stem.conv1.weight'), ('bn1.running_var', 'stem.conv1.norm.running_var'),
+                     ('layer1.0.conv1.weight', 'res2.0.conv1.weight'), ('layer1.0.bn2.bias', 'res2.0.conv2.norm.bias'),
+                     ('layer2.0.downsample.0.weight', 'res3.0.shortcut.weight'),
+                     ('layer3.0.downsample.1.running_mean', 'res4.0.shortcut.norm.running_mean'),
+                     ('layer4.2.bn3.weight', 'res5.2.conv3.norm.weight')]:
+    assert d2[theirs] is sd50[ours], (ours, theirs)
+test_eq(len(d2), len(sd50)); assert not any(k.startswith(('layer', 'bn', 'fc')) or 'downsample' in k for k in d2)
+assert 'resnetrs50' in TIMM_ARCHS and 'resnet50' in TIMM_ARCHS and 'resnetrs_tiny' not in TIMM_ARCHS  # timm builds these by name
+
+
 # %%
 #| exports
 def from_detectron2(sd:dict) -> dict:
@@ -910,22 +1019,9 @@ def from_detectron2(sd:dict) -> dict:
 
 
 # %% [markdown]
-# The reference's mapping (zdaxie/PixPro at commit e390d6b, `transfer/detection/convert_pretrain_to_d2.py`, lines
-# 19-27: drop the prefix, `stem.` for keys outside the stages, `layer{t}` -> `res{t+1}`, `bn{t}` -> `conv{t}.norm`,
-# `downsample.0/1` -> `shortcut`/`shortcut.norm`), on the keys that matter (the stem, a block with a shortcut, a last
-# block), and the
-# inverse, on every key of ResNet-50:
+# The inverse, on every key of ResNet-50:
 
 # %%
-sd50 = create_model('resnet50', num_classes=0).state_dict()
-d2 = to_detectron2(sd50)
-for ours, theirs in [('conv1.weight', 'stem.conv1.weight'), ('bn1.running_var', 'stem.conv1.norm.running_var'),
-                     ('layer1.0.conv1.weight', 'res2.0.conv1.weight'), ('layer1.0.bn2.bias', 'res2.0.conv2.norm.bias'),
-                     ('layer2.0.downsample.0.weight', 'res3.0.shortcut.weight'),
-                     ('layer3.0.downsample.1.running_mean', 'res4.0.shortcut.norm.running_mean'),
-                     ('layer4.2.bn3.weight', 'res5.2.conv3.norm.weight')]:
-    assert d2[theirs] is sd50[ours], (ours, theirs)
-test_eq(len(d2), len(sd50)); assert not any(k.startswith(('layer', 'bn', 'fc')) or 'downsample' in k for k in d2)
 test_eq(list(from_detectron2(d2)), list(sd50))
 
 # %%
@@ -945,6 +1041,14 @@ def _check_export(fmt:str, arch:str|None, suffix:str):
     if fmt == 'torchvision' and arch != 'resnet50':
         raise ConfigError('fmt', fmt, f"'timm' for {arch}: torchvision has no ResNet-RS, its export is for arch 'resnet50'")
     check_choice('path suffix', suffix, ['.pkl'] if fmt == 'detectron2' else ['.pth', '.pt', '.bin', '.safetensors'])
+
+
+# %%
+_check_export('timm', 'resnetrs50', '.safetensors'); _check_export('detectron2', 'resnet50', '.pkl')  # accepted
+test_fail(lambda: _check_export('timm', None, '.pth'), contains='the model does not say')
+test_fail(lambda: _check_export('detectron2', 'resnet50', '.pth'), contains='path suffix')
+test_fail(lambda: _check_export('detectron2', 'resnetrs50', '.pkl'), contains='BACKBONE_REGISTRY')
+test_fail(lambda: _check_export('torchvision', 'resnetrs50', '.pth'), contains='torchvision has no ResNet-RS')
 
 
 # %%

@@ -133,6 +133,11 @@ def connected_components(labels:Tensor,  # [H, W] integer class map, 0 = backgro
 
 
 # %%
+cc = connected_components(torch.tensor([[1, 0, 1], [0, 1, 0], [2, 2, 0]]))
+test_eq(cc, torch.tensor([[5, 0, 5], [0, 5, 0], [8, 8, 0]]))  # the 1s touch by corners: one component; ids of the last pixels
+
+
+# %%
 #| exports
 def instance_boxes(labels:Tensor,  # [H, W] class map, 0 = background, 1..K classes
                    min_area:float=0.004,  # drop instances smaller than this fraction of the image's pixels
@@ -352,6 +357,15 @@ def frozen_bn(module:nn.Module) -> nn.Module:
 
 
 # %%
+torch.manual_seed(0)
+bn = nn.BatchNorm2d(3).eval()
+with torch.no_grad(): bn.running_mean.normal_(); bn.running_var.uniform_(0.5, 2); bn.weight.normal_(); bn.bias.normal_()
+xf = torch.randn(2, 3, 4, 4)
+with torch.no_grad(): want_f = bn(xf)
+seq = frozen_bn(nn.Sequential(nn.Conv2d(3, 3, 1), bn))
+test_eq(type(seq[1]), FrozenBatchNorm2d); test_close(seq[1](xf), want_f, eps=1e-5)  # the same statistics and affine values
+
+# %%
 #| exports
 STAGES = (('conv1', 'bn1', 'maxpool'), ('layer1',), ('layer2',), ('layer3',), ('layer4',))  # the units `trainable_layers` counts
 
@@ -505,8 +519,20 @@ def hflip(image:Tensor, target:dict) -> tuple[Tensor, dict]:
 
 
 # %%
+image = torch.arange(12, dtype=torch.uint8).view(1, 3, 4).expand(3, 3, 4)
+fi, ft = hflip(image, {'boxes': torch.tensor([[0., 1., 1., 3.]]), 'labels': torch.tensor([1])})
+test_eq(fi[0, 0].tolist(), [3, 2, 1, 0]); test_eq(ft['boxes'], torch.tensor([[3., 1., 4., 3.]]))  # column 0 -> column 3
+test_eq(hflip(*hflip(image, ft))[1]['boxes'], ft['boxes'])
+
+
+# %%
 #| exports
 def _collate(batch): return batch  # a list of (image, target): images may differ in size
+
+
+# %%
+batch = [(torch.zeros(3, 4, 4), {}), (torch.zeros(3, 6, 5), {})]
+assert _collate(batch) is batch  # images of different sizes stay a list
 
 
 # %%
@@ -553,10 +579,13 @@ def finetune_detector(model:FasterRCNN,  # e.g. from `build_detector`; trained i
 
 
 # %%
-image = torch.arange(12, dtype=torch.uint8).view(1, 3, 4).expand(3, 3, 4)
-fi, ft = hflip(image, {'boxes': torch.tensor([[0., 1., 1., 3.]]), 'labels': torch.tensor([1])})
-test_eq(fi[0, 0].tolist(), [3, 2, 1, 0]); test_eq(ft['boxes'], torch.tensor([[3., 1., 4., 3.]]))  # column 0 -> column 3
-test_eq(hflip(*hflip(image, ft))[1]['boxes'], ft['boxes'])
+few = [SceneBoxes(SyntheticScenes(2, 64, num_classes=4, seed=0))[i] for i in range(2)]
+h = finetune_detector(det, few, steps=2, batch_size=2, warmup_steps=1)
+test_eq(sorted(h), ['loss', 'loss_box_reg', 'loss_classifier', 'loss_objectness', 'loss_rpn_box_reg'])
+assert all(len(v) == 2 and np.isfinite(v).all() for v in h.values())
+test_close(h['loss'][0], sum(h[k][0] for k in h if k != 'loss'), eps=1e-4)  # the sum of the four
+test_fail(lambda: finetune_detector(det, few, steps=0), contains='steps')
+test_fail(lambda: finetune_detector(det, [], steps=1), contains='at least one image')
 
 # %% [markdown]
 # **The tiny run.** A `resnetrs_tiny` from random init (the baseline a pretrained checkpoint must beat), 128 px scenes
@@ -634,6 +663,13 @@ def voc_ap(recall:Tensor,  # [n] recall after each detection (non-decreasing)
     p = p.flip(0).cummax(0).values.flip(0)  # the envelope: max precision at any recall >= r
     steps = torch.nonzero(r[1:] != r[:-1]).flatten()
     return float(((r[steps + 1] - r[steps]) * p[steps + 1]).sum())
+
+
+# %%
+rec, prec = torch.tensor([0.5, 0.5, 1.0]), torch.tensor([1.0, 0.5, 2 / 3])  # the last row of the table below
+test_close(voc_ap(rec, prec, use_07_metric=True), 28 / 33, eps=1e-6); test_close(voc_ap(rec, prec, use_07_metric=False), 5 / 6, eps=1e-6)
+test_close(voc_ap(torch.tensor([0.5]), torch.tensor([1.0])), 6 / 11, eps=1e-12)  # recall 1/2 at most: 6 of the 11 points
+test_eq(voc_ap(torch.tensor([0.5]), torch.tensor([1.0]), use_07_metric=False), 0.5)
 
 
 # %%
@@ -731,6 +767,16 @@ def mean_ap(predictions:list,  # per image: {'boxes' [n, 4], 'scores' [n], 'labe
 
 
 # %%
+p_perfect = [{'boxes': t['boxes'], 'labels': t['labels'], 'scores': torch.ones(len(t['labels']))} for _, t in val_boxes]
+m, per = mean_ap(p_perfect, [t for _, t in val_boxes], 4)
+test_eq((m, per), (1.0, [1.0] * 4))
+p_swapped = [{**p, 'labels': p['labels'] % 4 + 1} for p in p_perfect]  # every class wrong
+test_eq(mean_ap(p_swapped, [t for _, t in val_boxes], 4)[0], 0.0)
+m, per = mean_ap(p_perfect, [t for _, t in val_boxes], 6)  # classes 5, 6 have no ground truth: left out
+test_eq(m, 1.0); assert math.isnan(per[4]) and math.isnan(per[5])
+
+
+# %%
 #| exports
 @torch.no_grad()
 def predict(model:FasterRCNN, images:list, batch_size:int=8, device:str|torch.device='cpu') -> list[dict]:
@@ -742,6 +788,12 @@ def predict(model:FasterRCNN, images:list, batch_size:int=8, device:str|torch.de
             out += [{k: v.cpu() for k, v in p.items()} for p in model([x.to(device).float() / 255 for x in images[i:i + batch_size]])]
     finally: model.train(was)
     return out
+
+
+# %%
+pr = predict(det.train(), [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)], batch_size=1)
+test_eq([sorted(p_) for p_ in pr], [['boxes', 'labels', 'scores']] * 2); assert det.training  # mode restored
+assert pr[1]['boxes'].numel() == 0 or pr[1]['boxes'][:, 3].max() <= 48  # in the image's own coordinates
 
 
 # %%
@@ -764,13 +816,9 @@ def evaluate_detector(model:FasterRCNN,  # a detector in torchvision's format
 
 
 # %%
-p_perfect = [{'boxes': t['boxes'], 'labels': t['labels'], 'scores': torch.ones(len(t['labels']))} for _, t in val_boxes]
-m, per = mean_ap(p_perfect, [t for _, t in val_boxes], 4)
-test_eq((m, per), (1.0, [1.0] * 4))
-p_swapped = [{**p, 'labels': p['labels'] % 4 + 1} for p in p_perfect]  # every class wrong
-test_eq(mean_ap(p_swapped, [t for _, t in val_boxes], 4)[0], 0.0)
-m, per = mean_ap(p_perfect, [t for _, t in val_boxes], 6)  # classes 5, 6 have no ground truth: left out
-test_eq(m, 1.0); assert math.isnan(per[4]) and math.isnan(per[5])
+ev = evaluate_detector(det, few, batch_size=1)
+test_eq((sorted(ev), len(ev['per_class']), len(ev['predictions'])), (['AP', 'AP50', 'AP75', 'per_class', 'predictions'], 4, 2))
+assert all(0 <= ev[k] <= 1 for k in ('AP50', 'AP75', 'AP')) and ev['AP75'] <= ev['AP50'] + 1e-9
 
 # %% [markdown]
 # **The tiny run's mAP.** The detector fine-tuned above, on 40 validation scenes (another seed), with VOC2007's
@@ -845,6 +893,15 @@ def voc_target(annotation:dict,  # VOCDetection's target: {'annotation': {'filen
 
 
 # %%
+vt = voc_target({'annotation': {'filename': 'a.jpg', 'object': {'name': 'dog', 'difficult': '1',
+                 'bndbox': {'xmin': '5', 'ymin': '6', 'xmax': '30', 'ymax': '40'}}}})  # one object: a dict, not a list
+test_eq((vt['boxes'], vt['labels'], vt['difficult']), (torch.tensor([[4., 5., 30., 40.]]), torch.tensor([12]), torch.tensor([True])))
+test_fail(lambda: voc_target({'object': [{'name': 'cat', 'bndbox': {'xmin': 9, 'ymin': 1, 'xmax': 3, 'ymax': 5}}]}, source='b.xml'),
+          contains="b.xml: object 'cat' has an empty bndbox")
+test_fail(lambda: voc_target({'annotation': {'filename': 'x.jpg', 'object': [{'name': 'unicorn', 'bndbox': {}}]}}), contains="x.jpg: object 'unicorn'")
+
+
+# %%
 #| exports
 class VOCBoxes(Dataset):
     "Pascal VOC detection through torchvision's `VOCDetection` (no download): (uint8 image [3, H, W], `voc_target`)."
@@ -904,7 +961,6 @@ test_eq(target['difficult'], torch.tensor([False, True]))
 test_eq(ds[1][1]['boxes'], torch.tensor([[0., 0., 40., 56.]]))  # the whole 40 x 56 image
 test_fail(lambda: VOCBoxes(tmp/'nowhere'), contains='nowhere/VOCdevkit/VOC2007 does not exist')
 test_fail(lambda: VOCBoxes(voc_root, '2007', 'test'), contains='test.txt does not exist')
-test_fail(lambda: voc_target({'annotation': {'filename': 'x.jpg', 'object': [{'name': 'unicorn', 'bndbox': {}}]}}), contains="x.jpg: object 'unicorn'")
 
 
 # %% [markdown]
@@ -966,6 +1022,12 @@ def cli_parser() -> argparse.ArgumentParser:
 
 
 # %%
+args = cli_parser().parse_args(['--voc-root', 'data', '--output-dir', 'out'])
+test_eq((args.train_sets, args.test_set, args.steps, args.batch_size, args.lr, args.use_07_metric, args.weights),
+        ('2007-trainval,2012-trainval', '2007-test', 24000, 16, 0.02, 1, None))  # the paper's protocol by default
+
+
+# %%
 #| exports
 def _voc_sets(root:str, spec:str) -> Dataset:
     "'2007-trainval,2012-trainval' -> the concatenation of those VOCBoxes."
@@ -975,6 +1037,12 @@ def _voc_sets(root:str, spec:str) -> Dataset:
         if not split: raise ConfigError('train-sets/test-set', s, "YEAR-SPLIT items such as '2007-trainval'")
         sets.append(VOCBoxes(root, year, split))
     return sets[0] if len(sets) == 1 else ConcatDataset(sets)
+
+
+# %%
+test_eq(len(_voc_sets(str(voc_root), '2007-trainval')), 2)
+test_eq(len(_voc_sets(str(voc_root), '2007-trainval, 2007-trainval')), 4)  # a concatenation
+test_fail(lambda: _voc_sets(str(voc_root), '2007'), contains='YEAR-SPLIT')
 
 
 # %%

@@ -117,6 +117,14 @@ def crop_view(img:Tensor,  # [3, H, W] uint8 source image
 
 
 # %%
+im = torch.randint(0, 256, (3, 8, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+test_eq(crop_view(im, ViewParams(2, 3, 4, 4, 8, 10), size=4), im[:, 2:6, 3:7])  # no resize: the crop itself
+test_eq(crop_view(im, ViewParams(2, 3, 4, 4, 8, 10, True), size=4), im[:, 2:6, 3:7].flip(-1))  # and flipped
+big = crop_view(im, ViewParams(0, 0, 8, 10, 8, 10), size=16)
+test_eq((big.shape, big.dtype), ((3, 16, 16), torch.uint8))
+
+
+# %%
 #| exports
 class TwoCrops(TwoViews):
     "`(crop1, crop2, coord1, coord2, params1, params2[, label])`: `TwoViews` with the colour work left for `BatchAugment`."
@@ -210,6 +218,11 @@ def batch_gray(x:Tensor,  # [B, 3, H, W] float
 
 
 # %%
+xb = torch.rand(5, 3, 12, 16)
+test_eq(batch_gray(xb), F.rgb_to_grayscale(xb))
+
+
+# %%
 #| exports
 def batch_blend(x:Tensor,  # [B, 3, H, W] float in [0, 1]
                 target:Tensor,  # broadcastable to x: [B, 1, 1, 1] or [B, 1, H, W]
@@ -221,9 +234,7 @@ def batch_blend(x:Tensor,  # [B, 3, H, W] float in [0, 1]
 
 
 # %%
-xb = torch.rand(5, 3, 12, 16)
 fb = torch.tensor([0.6, 0.9, 1.0, 1.2, 1.4])
-test_eq(batch_gray(xb), F.rgb_to_grayscale(xb))
 zero = torch.zeros(())
 for i in range(5):
     f = fb[i].item()
@@ -286,6 +297,16 @@ def _blend_at(y:Tensor, order:Tensor, factors:Tensor, k:int, apply:Tensor) -> Te
 
 
 # %%
+yb = torch.rand(3, 3, 6, 7, generator=torch.Generator().manual_seed(0))
+ord_b = torch.tensor([[0, 1, 2, 3], [3, 2, 0, 1], [2, 3, 0, 1]])  # position 1: contrast, saturation, hue
+fac_b = torch.tensor([[1.3, 0.8, 0.6, 0.0]] * 3)
+ob = _blend_at(yb, ord_b, fac_b, 1, torch.tensor([True, True, False]))
+test_close(ob[0], F.adjust_contrast(yb[0], fac_b[0, 1].item()), eps=1e-6)
+test_close(ob[1], F.adjust_saturation(yb[1], fac_b[1, 2].item()), eps=1e-6)
+test_eq(ob[2], yb[2])  # not applied: unchanged
+
+
+# %%
 #| exports
 def batch_color_jitter(x:Tensor,  # [B, 3, H, W] float in [0, 1]
                        params:Tensor,  # [B, 13] in the order of `PARAM_NAMES`
@@ -341,6 +362,11 @@ def _box_l(sigma):
 
 
 # %%
+test_eq([_box_l(s) for s in (0.5, 2.0, 5.0)], [0., 1., 4.])  # (sqrt(4 sigma^2 + 1) - 1) / 2 = 0.21, 1.56, 4.52
+test_eq(_box_l(torch.tensor([0.5, 2.0, 5.0], dtype=torch.float64)), torch.tensor([0., 1., 4.], dtype=torch.float64))
+
+
+# %%
 #| exports
 def pil_blur_kernels(sigma:Tensor,  # [B] blur standard deviations
                      max_sigma:float=2.0,  # the largest sigma allowed: fixes the kernel length
@@ -357,6 +383,19 @@ def pil_blur_kernels(sigma:Tensor,  # [B] blur standard deviations
     B, n = box.shape
     k = nnF.conv1d(box[None], box[:, None], padding=n - 1, groups=B)  # [1, B, 2n-1]; box is symmetric
     return nnF.conv1d(k, box[:, None], padding=n - 1, groups=B)[0].float()  # [B, 3n-2]
+
+
+# %% [markdown]
+# The kernels are PIL's kernels (`pil_blur_kernel`) to float32 rounding, centred and padded:
+
+# %%
+sig = torch.tensor([0.1, 0.5, 0.77, 1.0, 1.3, 1.7, 2.0])
+ks = pil_blur_kernels(sig)
+test_eq(ks.shape, (7, 13))
+for s, k in zip(sig.tolist(), ks):
+    kr = pil_blur_kernel(s); R = (len(kr) - 1) // 2
+    test_close(k[6 - R:7 + R], kr, eps=1e-7); test_eq((k[:6 - R] != 0).sum() + (k[7 + R:] != 0).sum(), 0)
+test_eq(pil_blur_kernels(torch.tensor([0.3]), max_sigma=5.0).shape, (1, 31))  # l = 4: boxes of 11, kernels of 31
 
 
 # %%
@@ -377,17 +416,10 @@ def batch_blur(x:Tensor,  # [B, C, H, W] float
 
 
 # %% [markdown]
-# The kernels are PIL's kernels (`pil_blur_kernel`) to float32 rounding, centred and padded; the blur equals
-# `gaussian_blur` per sample, including images narrower than the kernel (where every tap reads the repeated edge).
+# The blur equals `gaussian_blur` per sample, including images narrower than the kernel (where every tap reads the
+# repeated edge).
 
 # %%
-sig = torch.tensor([0.1, 0.5, 0.77, 1.0, 1.3, 1.7, 2.0])
-ks = pil_blur_kernels(sig)
-test_eq(ks.shape, (7, 13))
-for s, k in zip(sig.tolist(), ks):
-    kr = pil_blur_kernel(s); R = (len(kr) - 1) // 2
-    test_close(k[6 - R:7 + R], kr, eps=1e-7); test_eq((k[:6 - R] != 0).sum() + (k[7 + R:] != 0).sum(), 0)
-test_eq(pil_blur_kernels(torch.tensor([0.3]), max_sigma=5.0).shape, (1, 31))  # l = 4: boxes of 11, kernels of 31
 xs = torch.rand(7, 3, 20, 30)
 outb = batch_blur(xs, ks)
 for i, s in enumerate(sig.tolist()): test_close(outb[i], gaussian_blur(xs[i], s), eps=1e-6)
@@ -490,6 +522,14 @@ def to_views(batch:tuple|list,  # a batch of `make_crop_loader`: crop1, crop2, c
     views = augment.to(dev)(torch.cat([mv(c1), mv(c2)]), torch.cat([mv(p1), mv(p2)]))  # [2B, 3, S, S]
     v1, v2 = views.chunk(2)
     return (v1, v2, mv(co1), mv(co2), *map(mv, rest))
+
+
+# %%
+co = torch.arange(12.).view(3, 4); lab3 = torch.tensor([1, 2, 3])
+v1, v2, o1, o2, l3 = to_views((crops_b[:3], crops_b[3:], co, co + 1, pars_b[:3], pars_b[3:], lab3), ba, 'cpu')
+test_eq(torch.cat([v1, v2]), outv)  # both views through one `BatchAugment` call
+test_eq((o1, o2, l3), (co, co + 1, lab3))
+test_eq(len(to_views((crops_b[:3], crops_b[3:], co, co, pars_b[:3], pars_b[3:]), ba)), 4)  # without labels
 
 
 # %%
