@@ -212,13 +212,6 @@ def check_range(name:str,  # parameter name
 
 
 # %%
-#| exports
-def check_positive(name:str, value:float) -> float:
-    "Return `value` if it is a finite number > 0, else raise `ConfigError`."
-    return check_range(name, value, 0, None, low_open=True)
-
-
-# %%
 test_eq(check_range('threshold', 0.7, 0, 10, low_open=True), 0.7)
 test_eq(check_range('threshold', 10, 0, 10, low_open=True), 10)
 test_fail(lambda: check_range('threshold', 0, 0, 10, low_open=True),
@@ -226,6 +219,16 @@ test_fail(lambda: check_range('threshold', 0, 0, 10, low_open=True),
 test_fail(lambda: check_range('threshold', float('nan'), 0, 10, low_open=True), contains='threshold=nan')
 test_fail(lambda: check_range('gamma', '2', 0), contains="gamma='2'")
 test_fail(lambda: check_range('gamma', True, 0), contains="gamma=True")
+
+
+# %%
+#| exports
+def check_positive(name:str, value:float) -> float:
+    "Return `value` if it is a finite number > 0, else raise `ConfigError`."
+    return check_range(name, value, 0, None, low_open=True)
+
+
+# %%
 test_eq(check_positive('lr', 1e-3), 1e-3)
 test_fail(lambda: check_positive('lr', 0.0), contains="invalid lr=0.0: expected a number in (0, inf)")
 test_fail(lambda: check_positive('batch_size', -8), contains="batch_size=-8")
@@ -296,6 +299,12 @@ def _umask() -> int:
 
 
 # %%
+old_umask = os.umask(0o027)
+try: test_eq(_umask(), 0o027); test_eq(_umask(), 0o027)  # read twice: reading does not change it
+finally: test_eq(os.umask(old_umask), 0o027)
+
+
+# %%
 #| exports
 def _out_of_space(e:BaseException,  # what the write raised
                   tmp:Path,  # the partial file, not yet removed
@@ -308,6 +317,21 @@ def _out_of_space(e:BaseException,  # what the write raised
     nospace = {errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)}
     # without the partial file the folder would have free + written bytes; below written + margin, the disk was full
     return (isinstance(e, OSError) and e.errno in nospace) or 0 <= free < _SPACE_MARGIN, written, free
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    part = Path(d)/'.last.pt.abcd1234.tmp'; part.write_bytes(b'half')
+    full, written, free = _out_of_space(OSError(errno.ENOSPC, 'No space left on device'), part)
+    test_eq((full, written), (True, 4)); assert free >= 0
+    real_disk_usage = shutil.disk_usage
+    try:
+        shutil.disk_usage = lambda f: real_disk_usage(f)._replace(free=0)
+        test_eq(_out_of_space(RuntimeError('unexpected pos 576 vs 534'), part), (True, 4, 0))  # no errno: the free space says
+        shutil.disk_usage = lambda f: real_disk_usage(f)._replace(free=10 * _SPACE_MARGIN)
+        test_eq(_out_of_space(ValueError('not a disk problem'), part), (False, 4, 10 * _SPACE_MARGIN))
+    finally: shutil.disk_usage = real_disk_usage
+    test_eq(_out_of_space(ValueError('x'), Path(d)/'gone.tmp')[:2], (False, 0))  # no partial file: 0 bytes written
 
 
 # %%

@@ -221,6 +221,14 @@ def conv_bn(cin:int, cout:int, k:int=3, stride:int=1) -> list:
 
 
 # %%
+conv, bn = conv_bn(4, 6, 3, 2)
+test_eq((conv.kernel_size, conv.stride, conv.padding, conv.bias), ((3, 3), (2, 2), (1, 1), None))
+test_eq((type(bn), bn.num_features, bn.eps), (nn.BatchNorm2d, 6, 1e-5))
+test_eq(conv(torch.randn(1, 4, 7, 7)).shape, (1, 6, 4, 4))  # 'same' padding: ceil(7 / 2)
+test_eq(conv_bn(4, 6, 1)[0].padding, (0, 0))
+
+
+# %%
 #| exports
 class Bottleneck(nn.Module):
     "ResNet-D bottleneck with SE: 1x1 -> 3x3 (stride) -> 1x1 (x4) -> SE -> stochastic depth -> + shortcut -> ReLU."
@@ -343,6 +351,10 @@ RS_CONFIGS: dict[str, RSConfig] = {
     'resnetrs_tiny': RSConfig((1, 1, 1, 1), 64, 0.0, 0.0, 10, None, (16, 32, 64, 128), 16, paper=False),
 }
 
+# %%
+test_eq([n for n, c in RS_CONFIGS.items() if not c.paper], ['resnetrs_tiny'])
+test_eq(sum(RS_CONFIGS['resnetrs200'].layers), 66)
+
 # %% [markdown]
 # Every ImageNet result of the paper for these models (TF1 checkpoints, train = eval size): `(arch, image_size, top1)`.
 
@@ -359,8 +371,6 @@ RS_PAPER_RESULTS: list[tuple[str, int, float]] = [
 for name, c in RS_CONFIGS.items():
     test_eq(len(c.layers), 4); test_eq(len(c.widths), 4)
     if c.paper: assert (name, c.image_size, c.top1) in RS_PAPER_RESULTS, name
-test_eq([n for n, c in RS_CONFIGS.items() if not c.paper], ['resnetrs_tiny'])
-test_eq(sum(RS_CONFIGS['resnetrs200'].layers), 66)
 
 
 # %% [markdown]
@@ -564,6 +574,14 @@ def on_meta(model:nn.Module) -> nn.Module:
 
 
 # %%
+m = create_model('resnetrs_tiny')
+mm = on_meta(m)
+assert mm is not m and all(p.is_meta for p in mm.parameters())
+assert not any(p.is_meta for p in m.parameters())  # the caller's weights are untouched
+assert on_meta(mm) is mm  # already on meta: no copy
+
+
+# %%
 #| exports
 def stage_shapes(model:nn.Module,  # a model from `create_model`
                  image_size:int,  # side of the square input
@@ -620,6 +638,11 @@ def count_params(model:nn.Module) -> int:
 
 
 # %%
+test_eq(count_params(nn.Linear(3, 2)), 3*2 + 2)
+test_eq(count_params(nn.BatchNorm2d(4)), 8)  # gamma and beta; the running statistics are buffers
+
+
+# %%
 #| exports
 def count_macs(model:nn.Module,  # any model; it is moved to the `meta` device (no memory, no arithmetic)
                image_size:int,  # side of the square input
@@ -629,6 +652,12 @@ def count_macs(model:nn.Module,  # any model; it is moved to the `meta` device (
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.empty(1, 3, image_size, image_size, device='meta'))
     return counter.get_total_flops() // 2
+
+
+# %%
+conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+test_eq(count_macs(conv, 8), 8*8 * 4 * 3*3*3)  # output pixels x output channels x (input channels x taps); BN, ReLU: 0
+assert not conv[0].weight.is_meta  # counted on a copy
 
 
 # %% [markdown]
@@ -756,6 +785,10 @@ class CheckpointError(ValueError):
 
 
 # %%
+assert issubclass(CheckpointError, ValueError)  # callers that catch ValueError keep working
+
+
+# %%
 #| exports
 def _read_state_dict(path:Path) -> dict:
     "Load a tensor dict from `.safetensors` or a torch file (weights only), unwrapping common containers."
@@ -768,6 +801,17 @@ def _read_state_dict(path:Path) -> dict:
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f'{path}: no state dict of tensors found')
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    d = Path(d)
+    torch.save({'model': {'w': torch.ones(2), 'step': 3}, 'epoch': 3}, d/'m.pt')  # a container, a non-tensor entry
+    sd = _read_state_dict(d/'m.pt'); test_eq(list(sd), ['w']); test_eq(sd['w'], torch.ones(2))
+    save_file({'a.w': torch.zeros(3)}, str(d/'s.safetensors'))
+    test_eq(list(_read_state_dict(d/'s.safetensors')), ['a.w'])
+    torch.save({'epoch': 3}, d/'e.pt')
+    test_fail(lambda: _read_state_dict(d/'e.pt'), contains='no state dict of tensors found')
 
 
 # %%

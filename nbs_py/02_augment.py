@@ -224,6 +224,16 @@ def sample_jitter(brightness:float=0.4,  # factor drawn in [max(0, 1-b), 1+b]
 
 
 # %%
+torch.manual_seed(5); fn_idx, *factors = T.ColorJitter.get_params([0.6, 1.4], [0.6, 1.4], [0.8, 1.2], [-0.1, 0.1])
+torch.manual_seed(5); order, *drawn = sample_jitter()
+test_eq(order, tuple(fn_idx.tolist())); test_close(drawn, factors, eps=1e-12)
+g = torch.Generator().manual_seed(0)
+for order, b, c, s, h in (sample_jitter(generator=g) for _ in range(200)):
+    test_eq(sorted(order), [0, 1, 2, 3]); assert 0.6 <= b <= 1.4 and 0.6 <= c <= 1.4 and 0.8 <= s <= 1.2 and -0.1 <= h <= 0.1
+test_eq(sample_jitter(0, 0, 0, 0, generator=g)[1:], (1., 1., 1., 0.))  # no jitter: identity factors
+
+
+# %%
 #| exports
 def color_jitter(x:Tensor,  # [3, H, W] float in [0, 1]
                  order:tuple[int, ...],  # permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue
@@ -277,12 +287,28 @@ def pil_blur_kernel(sigma:float,  # PIL's `radius`, the standard deviation of th
 
 
 # %%
+for s in (0.1, 0.5, 1.0, 1.7, 2.0):
+    k = pil_blur_kernel(s); t = torch.arange(len(k)) - (len(k) - 1) / 2
+    test_close(k.sum(), 1.0, eps=1e-6); test_close(k, k.flip(0), eps=1e-7)
+    test_close((k * t**2).sum(), s * s, eps=1e-4)
+test_eq(len(pil_blur_kernel(2.0)), 13)
+
+
+# %%
 #| exports
 def _blur_matrix(n:int, k:Tensor) -> Tensor:
     "[n, n] matrix M with (M @ v)[i] = sum_t k[t] v[clamp(i + t - R)], i.e. the filter with repeated edges."
     R = (len(k) - 1) // 2
     idx = (torch.arange(n)[:, None] + torch.arange(-R, R + 1)[None]).clamp_(0, n - 1)  # [n, 2R+1]
     return torch.zeros(n, n).scatter_add_(1, idx, k.expand(n, -1).contiguous())
+
+
+# %%
+k = pil_blur_kernel(1.0); R = (len(k) - 1) // 2
+mb = _blur_matrix(20, k)
+test_close(mb.sum(1), torch.ones(20), eps=1e-6)  # every row sums to 1: a constant image stays constant
+test_close(mb[10, 10 - R:11 + R], k, eps=1e-7)  # away from the edges a row is the kernel
+test_close(mb[0, 0], k[:R + 1].sum(), eps=1e-7)  # at the edge the taps outside fold onto the border pixel
 
 
 # %%
@@ -295,6 +321,13 @@ def _banded(x:Tensor, m:Tensor, R:int, dim:int, block:int=32) -> Tensor:
         if dim == -1: out[..., s:s + block] = x[..., lo:hi] @ m[s:s + block, lo:hi].T
         else: out[..., s:s + block, :] = m[s:s + block, lo:hi] @ x[..., lo:hi, :]
     return out
+
+
+# %%
+xb, k = torch.rand(3, 50, 70), pil_blur_kernel(1.3); R = (len(k) - 1) // 2
+mw, mh = _blur_matrix(70, k), _blur_matrix(50, k)
+test_close(_banded(xb, mw, R, -1), xb @ mw.T, eps=1e-5)  # rows
+test_close(_banded(xb, mh, R, -2, block=7), mh @ xb, eps=1e-5)  # columns, blocks that do not divide the size
 
 
 # %%
@@ -316,11 +349,6 @@ def gaussian_blur(x:Tensor,  # [C, H, W] float
 # of 0..255.
 
 # %%
-for s in (0.1, 0.5, 1.0, 1.7, 2.0):
-    k = pil_blur_kernel(s); t = torch.arange(len(k)) - (len(k) - 1) / 2
-    test_close(k.sum(), 1.0, eps=1e-6); test_close(k, k.flip(0), eps=1e-7)
-    test_close((k * t**2).sum(), s * s, eps=1e-4)
-test_eq(len(pil_blur_kernel(2.0)), 13)
 xr = torch.rand(3, 50, 70); k = pil_blur_kernel(1.3)
 test_close(gaussian_blur(xr, 1.3), _blur_matrix(50, k) @ xr @ _blur_matrix(70, k).T, eps=1e-5)
 
@@ -454,6 +482,15 @@ def apply_view_pil(img:Image.Image,  # RGB source image
     return TF.normalize(TF.to_tensor(v), list(mean), list(std))
 
 
+# %%
+x_photo = F.pil_to_tensor(photo)
+for p in (ViewParams(20, 30, 300, 280, *x_photo.shape[1:], flip=True, gray=True),
+          ViewParams(20, 30, 300, 280, *x_photo.shape[1:], sigma=1.0, solarize=True)):
+    ref = apply_view_pil(photo, p, size=64)
+    test_eq((ref.shape, ref.dtype), ((3, 64, 64), torch.float32))
+    assert ((ref - apply_view(x_photo, p, size=64)) * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255).abs().mean() < 1
+
+
 # %% [markdown]
 # ## `PixProAugment`
 #
@@ -502,6 +539,11 @@ class PixProAugment:
                 f'solarize_p={self.solarize_p})')
 
 
+# %%
+test_fail(lambda: PixProAugment(blur_p=(1.0,)), contains='blur_p')
+test_fail(lambda: PixProAugment(scale=(0.5, 0.2)), contains='scale')
+
+
 # %% [markdown]
 # `draw` makes every random decision of a pair, in a fixed order, from one generator: crop, flip, jitter, grayscale,
 # blur, solarize for view 1, then the same for view 2. A coin is tossed for every step even when its probability is 0
@@ -510,6 +552,15 @@ class PixProAugment:
 # %%
 #| exports
 def _coin(p:float, g) -> bool: return bool(torch.rand(1, generator=g).item() < p)
+
+
+# %%
+g = torch.Generator().manual_seed(0)
+test_eq({_coin(1.0, g) for _ in range(100)}, {True}); test_eq({_coin(0.0, g) for _ in range(100)}, {False})
+test_close(sum(_coin(0.3, g) for _ in range(4000)) / 4000, 0.3, eps=0.03)
+g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+_coin(0.0, g1); torch.rand(1, generator=g2)
+test_eq(torch.rand(1, generator=g1), torch.rand(1, generator=g2))  # one draw per coin, whatever p
 
 
 # %%
@@ -523,6 +574,15 @@ def _draw_view(self:PixProAugment, img_h:int, img_w:int, view:int, g) -> ViewPar
     sigma = torch.empty(1).uniform_(*self.blur_sigma, generator=g).item()
     solarize = _coin(self.solarize_p[view], g)
     return ViewParams(top, left, h, w, img_h, img_w, flip, jitter, gray, sigma if blur else None, solarize)
+
+
+# %%
+fixed = PixProAugment(flip_p=1.0, jitter_p=0.0, gray_p=1.0, blur_p=(0.0, 1.0), solarize_p=(1.0, 0.0))
+v0 = _draw_view(fixed, 375, 500, 0, torch.Generator().manual_seed(0))
+test_eq((v0.img_h, v0.img_w, v0.flip, v0.jitter, v0.gray, v0.sigma, v0.solarize), (375, 500, True, None, True, None, True))
+v1 = _draw_view(fixed, 375, 500, 1, torch.Generator().manual_seed(0))
+assert 0.1 <= v1.sigma <= 2.0 and not v1.solarize
+test_eq((v1.top, v1.left, v1.height, v1.width), (v0.top, v0.left, v0.height, v0.width))  # same seed: same crop
 
 
 # %%
@@ -573,6 +633,14 @@ def to_rgb_tensor(img:Image.Image|Tensor) -> Tensor:  # [3, H, W] uint8
 
 
 # %%
+test_eq(to_rgb_tensor(Image.new('L', (5, 4), 7)), torch.full((3, 4, 5), 7, dtype=torch.uint8))
+g8 = torch.randint(0, 256, (4, 5), dtype=torch.uint8)
+test_eq(to_rgb_tensor(g8), g8.expand(3, -1, -1)); test_eq(to_rgb_tensor(g8[None]), g8.expand(3, -1, -1))
+test_fail(lambda: to_rgb_tensor(torch.zeros(3, 8, 8)), contains='uint8')
+test_fail(lambda: to_rgb_tensor(torch.zeros(4, 8, 8, dtype=torch.uint8)), contains='1 or 3 channels')
+
+
+# %%
 #| exports
 def _call(self:PixProAugment,
           img:Image.Image|Tensor,  # PIL image or uint8 [3, H, W] tensor
@@ -598,8 +666,6 @@ tiny = Image.new('L', (9, 5), 128)  # grayscale, far smaller than the view
 t1, t2, tc1, tc2 = PixProAugment(image_size=32)(tiny)
 test_eq(t1.shape, (3, 32, 32)); assert torch.isfinite(t1).all() and (tc1 >= 0).all() and (tc1 <= 1).all()
 test_fail(lambda: aug(torch.zeros(3, 8, 8)), contains='uint8')
-test_fail(lambda: PixProAugment(blur_p=(1.0,)), contains='blur_p')
-test_fail(lambda: PixProAugment(scale=(0.5, 0.2)), contains='scale')
 
 # %% [markdown]
 # Replayed through the PIL reference, the same parameters give the same views: across many random draws the mean

@@ -64,6 +64,14 @@ def _check_coords(coord_q:Tensor, coord_k:Tensor, n:int|None=None):
 
 
 # %%
+c = torch.rand(3, 4)
+_check_coords(c, c, 3)  # valid: no error
+test_fail(lambda: _check_coords(c, torch.rand(3, 5)), contains='invalid coord_k=')
+test_fail(lambda: _check_coords(c[:2], c), contains='the same N as coord_q (2)')
+test_fail(lambda: _check_coords(c, c, 4), contains='N = 4, the batch size of the features')
+
+
+# %%
 #| exports
 def _bin_centres(coord:Tensor, H:int, W:int):
     "Centres [N, H*W] (x and y, row-major) and bin diagonals [N, 1] of an H x W grid over each crop."
@@ -75,6 +83,13 @@ def _bin_centres(coord:Tensor, H:int, W:int):
     cy = coord[:, 1, None, None] + b[None, :, None] * bh[:, None, None]  # [N, H, 1]
     cx, cy = cx.expand(-1, H, W).reshape(-1, H * W), cy.expand(-1, H, W).reshape(-1, H * W)  # [N, H*W]
     return cx, cy, torch.sqrt(bw**2 + bh**2)[:, None]
+
+
+# %%
+cx, cy, diag = _bin_centres(torch.tensor([[0., 0, 1, 1], [1., 0, 0, 1]]), 2, 2)
+test_close(cx, torch.tensor([[.25, .75, .25, .75], [.75, .25, .75, .25]]))  # flipped: column 0 at the right
+test_close(cy, torch.tensor([[.25, .25, .75, .75]] * 2))
+test_close(diag, torch.full((2, 1), .5 ** .5))
 
 
 # %% [markdown]
@@ -412,11 +427,24 @@ def _check_features(q:Tensor, k:Tensor, coord_q:Tensor, coord_k:Tensor):
 
 
 # %%
+fm, cc = torch.zeros(2, 8, 7, 7), torch.rand(2, 4)
+_check_features(fm, fm, cc, cc)  # valid: no error
+test_fail(lambda: _check_features(fm[0], fm[0], cc, cc), contains='invalid q=')
+test_fail(lambda: _check_features(fm, fm[:, :4], cc, cc), contains='the shape of q, (2, 8, 7, 7)')
+test_fail(lambda: _check_features(fm, fm, cc[:1], cc[:1]), contains='N = 2, the batch size of the features')
+
+
+# %%
 #| exports
 def _float(*ts:Tensor):
     "Cast to float32 (float64 stays float64)."
     dt = torch.promote_types(ts[0].dtype, torch.float32)
     return [t.to(dt) for t in ts]
+
+
+# %%
+test_eq([t.dtype for t in _float(torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.float16))], [torch.float32] * 2)
+test_eq([t.dtype for t in _float(torch.zeros(2, dtype=torch.float64), torch.zeros(2))], [torch.float64] * 2)  # the first decides
 
 
 # %%

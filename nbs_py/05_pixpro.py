@@ -368,6 +368,15 @@ def backbone_features(backbone:nn.Module, x:Tensor) -> Tensor:  # [N, C, H, W]
 
 
 # %%
+class _WithFeatures(nn.Module):
+    def forward_features(self, x): return x[:, :2]
+    def forward(self, x): raise AssertionError('forward_features must be preferred')
+test_eq(backbone_features(_WithFeatures(), torch.zeros(1, 3, 4, 4)).shape, (1, 2, 4, 4))
+test_eq(backbone_features(nn.Conv2d(3, 4, 3, 2, 1), torch.zeros(1, 3, 8, 8)).shape, (1, 4, 4, 4))  # else forward
+test_fail(lambda: backbone_features(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), torch.zeros(1, 3, 8, 8)), contains='backbone')
+
+
+# %%
 #| exports
 def feature_channels(backbone:nn.Module, image_size:int=64) -> int:
     "C of the backbone's feature map: its `num_features`, else measured by a dry run in eval mode."
@@ -390,7 +399,6 @@ def tiny_backbone(c:int=32):
 bb = tiny_backbone()
 test_eq(feature_channels(bb), 32); assert bb.training
 bb.num_features = 7; test_eq(feature_channels(bb), 7)
-test_fail(lambda: backbone_features(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), torch.zeros(1, 3, 8, 8)), contains='backbone')
 
 
 # %% [markdown]
@@ -441,6 +449,12 @@ class PixProOutput(NamedTuple):
     pixel: Tensor  # pixel loss, both directions (pixpro or pixcontrast); 0 for method='instance'
     instance: Tensor  # instance loss, both directions; 0 when the branch is off
     momentum: float  # the EMA momentum used by this call's target update (nan when there was none)
+
+
+# %%
+o = PixProOutput(torch.tensor(-1.), torch.tensor(-1.5), torch.tensor(.5), .99)
+test_eq(o._fields, ('loss', 'pixel', 'instance', 'momentum'))
+loss_, pixel_, instance_, m_ = o; test_eq((float(loss_), float(instance_), m_), (-1., .5, .99))  # unpacks in that order
 
 
 # %%
@@ -526,6 +540,15 @@ class PixPro(nn.Module):
         return m
 
 
+# %%
+pp = PixPro(tiny_backbone(), hidden_dim=64, proj_dim=16)
+test_eq(set(pp.target), {'encoder', 'projector'}); assert not any(p.requires_grad for p in pp.target.parameters())
+test_eq((int(pp.step), int(pp.total_steps)), (0, 0))
+test_fail(lambda: pp.momentum_update(), contains='total_steps')  # K unknown: refused
+pp.set_total_steps(10); test_eq(pp.momentum_update(), 0.99); test_eq(int(pp.step), 1)
+test_fail(lambda: PixPro(tiny_backbone(), tau=0.), contains='tau')
+
+
 # %% [markdown]
 # The two branches of one view, each in its own call. The online branch returns the L2-normalised pixel output
 # $y$ [N, 256, H, W] (through the PPM for PixPro, straight from the projector for PixContrast) and the instance
@@ -548,6 +571,16 @@ def _online(self:PixPro, x:Tensor) -> tuple[Tensor|None, Tensor|None]:
 
 
 # %%
+torch.manual_seed(0)
+pp, xv = PixPro(tiny_backbone(), hidden_dim=64, proj_dim=16, instance_weight=1.), torch.randn(2, 3, 56, 56)
+pix, inst = _online(pp, xv)
+test_eq((pix.shape, inst.shape), ((2, 16, 7, 7), (2, 16)))
+test_close(pix.norm(dim=1), torch.ones(2, 7, 7), eps=1e-5); test_close(inst.norm(dim=1), torch.ones(2), eps=1e-5)
+assert pix.requires_grad and inst.requires_grad
+test_eq(_online(PixPro(tiny_backbone(), 'instance', hidden_dim=64, proj_dim=16), xv)[0], None)  # no pixel branch
+
+
+# %%
 #| exports
 @torch.no_grad()
 def _target(self:PixPro, x:Tensor) -> tuple[Tensor|None, Tensor|None]:
@@ -560,6 +593,12 @@ def _target(self:PixPro, x:Tensor) -> tuple[Tensor|None, Tensor|None]:
     return pix, inst
 
 PixPro._online, PixPro._target = _online, _target
+
+# %%
+pix_t, inst_t = pp._target(xv)
+test_eq((pix_t.shape, inst_t.shape), ((2, 16, 7, 7), (2, 16))); assert not pix_t.requires_grad and not inst_t.requires_grad
+test_close(pix_t, F.normalize(pp.projector(pp.encoder(xv)), dim=1).detach(), eps=1e-5)  # a fresh target is the online copy, no PPM
+test_close(inst_t.norm(dim=1), torch.ones(2), eps=1e-5)
 
 
 # %% [markdown]

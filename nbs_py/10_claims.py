@@ -90,6 +90,11 @@ from fastcore.test import test_eq, test_fail
 SETTING = dict(arch='resnetrs_tiny', classes=3, scene_size=96, image_size=96, batch_size=32, lr=8.0,
                probe_size=128)  # what every arm shares; lr per 256 images, as `train` reads it
 
+# %%
+bb = create_model(SETTING['arch'], num_classes=0).eval()
+test_eq([tuple(bb.forward_features(torch.zeros(1, 3, s, s)).shape[-2:]) for s in (SETTING['image_size'], SETTING['probe_size'])],
+        [(3, 3), (4, 4)])
+
 
 # %%
 #| exports
@@ -120,6 +125,11 @@ ABLATION = {'PixPro, T = 0.35': dict(method='pixpro', threshold=0.35),
             'PixPro, T = 1.4': dict(method='pixpro', threshold=1.4),
             'PixPro, gamma = 1': dict(method='pixpro', gamma=1.0),
             'PixPro, gamma = 4': dict(method='pixpro', gamma=4.0)}  # around the paper's T = 0.7, gamma = 2
+
+# %%
+test_eq([a[8:] for a in ABLATION], ['T = 0.35', 'T = 1.4', 'gamma = 1', 'gamma = 4'])  # the claims table reads arm[8:]
+assert all(k['method'] == 'pixpro' for k in ABLATION.values()) and not set(ARMS) & set(ABLATION)
+test_eq([a for a, k in ARMS.items() if not isinstance(k, dict)], ['random init', 'supervised'])
 
 
 # %% [markdown]
@@ -264,6 +274,13 @@ def run_arm(kind,  # an ARMS / ABLATION value
     return row | probe_scores(backbone, *probes, scale.probe_steps, seed)
 
 
+# %%
+row = run_arm(None, 0, SCALES['smoke'], Path('unused'), None,
+              (SyntheticScenes(8, 128, num_classes=3, seed=1), SyntheticScenes(4, 128, num_classes=3, seed=2)), Path('unused'))
+test_eq(row['steps'], 0)
+test_eq({k: row[k] for k in s}, s)  # the network `train` starts from with seed 0: the one probed above
+
+
 # %% [markdown]
 # ## The whole experiment
 #
@@ -276,6 +293,10 @@ def run_arm(kind,  # an ARMS / ABLATION value
 def machine() -> str:
     "The machine in words: architecture, processor, CPU cores, torch's threads."
     return f'{platform.machine()} {platform.processor() or "cpu"}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
+
+
+# %%
+assert f'{os.cpu_count()} cores, {torch.get_num_threads()} torch threads' in machine(), machine()
 
 
 # %%
@@ -306,6 +327,9 @@ def run_experiments(scale:str='full',  # a key of SCALES
             if output: atomic_write(output, lambda p: Path(p).write_text(json.dumps(res, indent=1)))
     return res
 
+
+# %%
+test_fail(lambda: run_experiments('huge'), contains="invalid scale='huge': expected one of 'full', 'smoke'")
 
 # %%
 #| exports
@@ -583,6 +607,11 @@ class RecipeScale:
 RECIPE_SCALES = {'full': RecipeScale(2048, 6, 18, (0, 1, 2)), 'smoke': RecipeScale(64, 1, 2, (0,))}
 
 # %%
+steps_per_epoch = RECIPE_SCALES['full'].train_images // RECIPE_SETTING['batch_size']
+test_eq((RECIPE_SCALES['full'].short_epochs * steps_per_epoch, RECIPE_SCALES['full'].long_epochs * steps_per_epoch), (384, 1152))
+test_eq(RECIPE_SCALES['smoke'].train_images // RECIPE_SETTING['batch_size'], 2)  # smoke: 2 steps per epoch
+
+# %%
 #| exports
 BASELINE = dict(lr_schedule='step', epochs='short', weight_decay=1e-4, ema=False, label_smoothing=0.0,
                 stochastic_depth=0.0, randaugment_ops=0, dropout=0.0)
@@ -628,6 +657,14 @@ def recipe_run(row:dict,  # one of `additive_rows()`' settings
     return dict(top1=last['top1_ema' if ema else 'top1'], top1_raw=last['top1'], top1_ema=last['top1_ema'],
                 steps=last['step'], first_loss=r.metrics[0]['loss'], final_loss=last['loss'],
                 wall_s=time.perf_counter() - t)
+
+
+# %%
+import contextlib, io
+with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    rr = recipe_run(additive_rows()[0][1], 0, RECIPE_SCALES['smoke'], tmp)
+test_eq(rr['steps'], 2)  # 64 images, batch 32, the short run's 1 epoch
+test_eq(rr['top1'], rr['top1_raw']); assert 0 <= rr['top1'] <= 1  # the baseline has no EMA: it reads the raw weights
 
 
 # %%
