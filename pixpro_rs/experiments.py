@@ -196,6 +196,7 @@ def main(argv:list[str]|None=None) -> int:
         check_choice('scale', args.scale, list(SCALES))
         for k in ('threads', 'jobs'):
             if getattr(args, k) < 1: raise ConfigError(k, getattr(args, k), 'an integer >= 1')
+        if args.study == 'claims' and args.jobs != 1: raise ConfigError('jobs', args.jobs, "1 with --study claims (one run at a time)")
         out = Path(args.output)
         if out.is_dir() or not out.parent.is_dir():
             raise ConfigError('output', args.output, 'a file in an existing folder')

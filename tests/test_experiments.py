@@ -21,6 +21,7 @@ def run(*args, timeout=300):
     (['--output', '{tmp}/x.json', '--threads', '0'], 'invalid threads=0'),
     (['--study', 'both', '--output', '{tmp}/x.json'], "invalid study='both'"),
     (['--study', 'recipes', '--output', '{tmp}/x.json', '--jobs', '0'], 'invalid jobs=0'),
+    (['--output', '{tmp}/x.json', '--jobs', '2'], 'invalid jobs=2'),
 ])
 def test_bad_flags_exit_2_in_one_line(flags, word, tmp_path):
     r = run(*(f.format(tmp=tmp_path) for f in flags))
