@@ -37,6 +37,8 @@ from pixpro_rs.finetune import finetune
 
 # %%
 #| hide
+import contextlib
+import io
 import statistics
 
 import matplotlib.pyplot as plt
@@ -661,7 +663,6 @@ def recipe_run(row:dict,  # one of `additive_rows()`' settings
 
 
 # %%
-import contextlib, io
 with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
     rr = recipe_run(additive_rows()[0][1], 0, RECIPE_SCALES['smoke'], tmp)
 test_eq(rr['steps'], 2)  # 64 images, batch 32, the short run's 1 epoch

@@ -41,7 +41,8 @@ from pixpro_rs.train import TrainConfig, _bool, _int, resolve_config, speed_up, 
 #| hide
 import io
 import subprocess
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
+from unittest import mock
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -83,6 +84,10 @@ def _cpu_model() -> str:
             if line.startswith('model name'): return line.split(':', 1)[1].strip()
     except OSError: pass
     return platform.processor() or platform.machine()
+
+
+# %%
+assert isinstance(_cpu_model(), str) and _cpu_model().strip()  # a name for the record, never empty
 
 
 # %%
@@ -141,6 +146,12 @@ class BenchCase:
 
 
 # %%
+test_fail(lambda: BenchCase(mixed_precision='fp32'), contains="'no', 'bf16', 'fp16'")
+test_fail(lambda: BenchCase(batch_size=0), contains='batch_size')
+test_eq(BenchCase('resnetrs_tiny', 64, 4, 'bf16', channels_last=True, compile=True).label, 'resnetrs_tiny 64px b4 bf16 NHWC compiled')
+
+
+# %%
 #| exports
 def grid(**axes) -> list[BenchCase]:
     "Every combination of the given axes (lists of values for `BenchCase` fields), the other fields at their defaults."
@@ -155,7 +166,6 @@ test_eq(len(grid(mixed_precision=['no', 'bf16'], channels_last=[False, True], ar
 test_eq(grid(batch_size=[2, 4])[1].batch_size, 4)
 test_fail(lambda: grid(arch=['resnet51']), contains='resnet51')
 test_fail(lambda: grid(mixed_precison=['bf16']), contains='axis')
-test_fail(lambda: BenchCase(mixed_precision='fp32'), contains="'no', 'bf16', 'fp16'")
 test_eq([c.label for c in grid(mixed_precision=['no', 'bf16', 'fp16'])], ['resnetrs50 224px b64 ' + p for p in ('fp32', 'bf16', 'fp16')])
 
 
@@ -173,9 +183,21 @@ def sample_batch(batch_size:int, image_size:int, seed:int=0) -> tuple[Tensor, Te
 
 
 # %%
+v1, v2, c1, c2 = sample_batch(3, 64)
+test_eq((v1.shape, c1.shape), ((3, 3, 64, 64), (3, 4)))
+assert not torch.equal(v1, v2) and ((c1[:, 2:] > c1[:, :2]) | True).all()
+
+
+# %%
 #| exports
 def _sync(device:torch.device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
+
+
+# %%
+with mock.patch('torch.cuda.synchronize') as s:  # waits for a CUDA device only
+    _sync(torch.device('cpu')); test_eq(s.call_count, 0)
+    _sync(torch.device('cuda', 0)); test_eq(s.call_count, 1)
 
 
 # %%
@@ -187,9 +209,7 @@ def _peak_memory_gib(device:torch.device) -> float:
 
 
 # %%
-v1, v2, c1, c2 = sample_batch(3, 64)
-test_eq((v1.shape, c1.shape), ((3, 3, 64, 64), (3, 4)))
-assert not torch.equal(v1, v2) and ((c1[:, 2:] > c1[:, :2]) | True).all()
+assert 0 < _peak_memory_gib(torch.device('cpu')) < 1024  # GiB: ru_maxrss counts KiB on Linux
 
 
 # %% [markdown]
@@ -304,6 +324,11 @@ def step_flops(arch:str, image_size:int, method:str='pixpro') -> int:
 
 
 # %%
+f_pix = step_flops('resnet50', 224)
+assert 60e9 < f_pix < 90e9  # 8 forward passes' worth of ResNet-50's ~8.2 GFLOP, plus the heads
+
+
+# %%
 #| exports
 def supervised_flops(arch:str, image_size:int) -> int:
     "FLOPs of one supervised training step (forward + backward) per image, for comparison."
@@ -316,7 +341,7 @@ def supervised_flops(arch:str, image_size:int) -> int:
 
 
 # %%
-f_pix, f_sup = step_flops('resnet50', 224), supervised_flops('resnet50', 224)
+f_sup = supervised_flops('resnet50', 224)
 print(f'ResNet-50 at 224 px: PixPro step {f_pix / 1e9:.1f} GFLOP per image, supervised step {f_sup / 1e9:.1f}, '
       f'ratio {f_pix / f_sup:.2f}')
 assert 2.3 < f_pix / f_sup < 3.2  # two online views forward+backward, two target forwards, the heads
@@ -337,6 +362,11 @@ def datasheet_peak(gpu_name:str|None) -> float|None:
 
 
 # %%
+test_eq(datasheet_peak('NVIDIA H200'), 989.0); test_eq(datasheet_peak(None), None)
+test_eq(datasheet_peak('Tesla T4'), None)  # not in the table
+
+
+# %%
 #| exports
 def matmul_tflops(n:int=8192, reps:int=10, device:str='cuda') -> float:
     "Measured bf16 matrix-product rate (TFLOP/s) of an n x n x n product, the practical peak of the chip."
@@ -349,7 +379,6 @@ def matmul_tflops(n:int=8192, reps:int=10, device:str='cuda') -> float:
 
 
 # %%
-test_eq(datasheet_peak('NVIDIA H200'), 989.0); test_eq(datasheet_peak(None), None)
 assert matmul_tflops(64, 2, 'cpu') > 0
 
 
@@ -377,6 +406,14 @@ def search_largest(fits:Callable[[int], bool],  # does this batch size fit?
 
 
 # %%
+for true in (1, 63, 64, 100, 1152, 1500, 5000):
+    ok, bad = search_largest(lambda b: b <= true, start=64, limit=8192)
+    assert ok <= true < bad and bad - ok <= max(ok // 16, 1), (true, ok, bad)
+test_eq(search_largest(lambda b: True, start=64, limit=300), (256, None))  # never failed: the last doubling
+test_eq(search_largest(lambda b: b <= 1152), (1152, 1216))  # the H200's RS-50 answer below, and its bracket
+
+
+# %%
 #| exports
 def max_batch(case:BenchCase, start:int=64, limit:int=8192, device:str|None=None) -> int:
     "The largest batch (within 1/16 of the true one) of `case` for which a training step fits in device memory."
@@ -387,13 +424,6 @@ def max_batch(case:BenchCase, start:int=64, limit:int=8192, device:str|None=None
 # %% [markdown]
 # The search itself is tested against known answers; on a CPU there is no out-of-memory error to search for (the
 # machine swaps first), so `max_batch` is a GPU tool, and its own test runs on a GPU only:
-
-# %%
-for true in (1, 63, 64, 100, 1152, 1500, 5000):
-    ok, bad = search_largest(lambda b: b <= true, start=64, limit=8192)
-    assert ok <= true < bad and bad - ok <= max(ok // 16, 1), (true, ok, bad)
-test_eq(search_largest(lambda b: True, start=64, limit=300), (256, None))  # never failed: the last doubling
-test_eq(search_largest(lambda b: b <= 1152), (1152, 1216))  # the H200's RS-50 answer below, and its bracket
 
 # %%
 #| cuda
@@ -459,6 +489,13 @@ def make_jpeg_folder(root:str|Path,
 
 
 # %%
+with tempfile.TemporaryDirectory() as d:
+    folder = make_jpeg_folder(d, 16, unique=8)
+    test_eq(len(list(folder.glob('*.jpg'))), 16)
+    test_eq((folder/'scene_000009.jpg').read_bytes(), (folder/'scene_000001.jpg').read_bytes())
+
+
+# %%
 #| exports
 def bench_data(root:str|Path,  # a folder of images
                image_size:int=224, batch_size:int=64, num_workers:int=2,
@@ -495,8 +532,6 @@ def bench_data(root:str|Path,  # a folder of images
 # %%
 with tempfile.TemporaryDirectory() as d:
     folder = make_jpeg_folder(d, 16, unique=8)
-    test_eq(len(list(folder.glob('*.jpg'))), 16)
-    test_eq((folder/'scene_000009.jpg').read_bytes(), (folder/'scene_000001.jpg').read_bytes())
     r = bench_data(folder, image_size=64, batch_size=4, num_workers=0, batches=2)
     print(r)
     assert r['pairs_per_s'] > 0
@@ -550,6 +585,12 @@ def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
 
 
 # %%
+with tempfile.TemporaryDirectory() as d:
+    folder = make_jpeg_folder(d, 16, unique=8)
+    rates = bench_decoders(folder, n=4, rounds=1)
+    assert 'PIL' in rates and all(v > 0 for v in rates.values()), rates
+
+# %%
 #| exports
 PIPELINE_PHASES = {'decode': 'load_image', 'crop + resize': 'resized_crop', 'colour jitter': 'color_jitter',
                    'grayscale': 'rgb_to_grayscale', 'blur': 'gaussian_blur', 'normalise': 'normalize',
@@ -579,8 +620,6 @@ def profile_pipeline(root:str|Path,  # a folder of JPEG files
 # %%
 with tempfile.TemporaryDirectory() as d:
     folder = make_jpeg_folder(d, 16, unique=8)
-    rates = bench_decoders(folder, n=4, rounds=1)
-    assert 'PIL' in rates and all(v > 0 for v in rates.values()), rates
     pairs_s, phases = profile_pipeline(folder, image_size=64, batch_size=4, batches=2)
     test_eq([p for p, _ in phases], list(PIPELINE_PHASES) + ['Python and the rest'])
     assert pairs_s > 0 and all(ms >= 0 for _, ms in phases[:-1]) and phases[0][1] > 0  # every pair was decoded
@@ -610,6 +649,12 @@ def train_config(root:str|Path, case:BenchCase, num_workers:int, steps:int, gpu_
 
 
 # %%
+tcfg = train_config('synthetic', BenchCase('resnetrs_tiny', 64, 4, 'bf16', True), 2, 10, gpu_augment=True, output_dir=Path('runs/x'))
+test_eq((tcfg.arch, tcfg.image_size, tcfg.batch_size, tcfg.mixed_precision, tcfg.channels_last, tcfg.compile, tcfg.num_workers,
+         tcfg.max_steps, tcfg.gpu_augment, tcfg.output_dir), ('resnetrs_tiny', 64, 4, 'bf16', True, False, 2, 10, True, 'runs/x'))
+
+
+# %%
 #| exports
 def bench_train(root:str|Path,  # a folder of images
                 case:BenchCase,
@@ -630,6 +675,10 @@ def bench_train(root:str|Path,  # a folder of images
                 images_per_s=case.batch_size * len(m) / sum(step_s), busy=1 - sum(wait_s) / sum(step_s),
                 data_wait_s=sum(wait_s) / len(m))
 
+
+# %%
+test_fail(lambda: bench_train('synthetic', BenchCase('resnetrs_tiny', 64, 4), steps=5), contains='skip=5')  # before any training
+test_fail(lambda: bench_train('synthetic', BenchCase('resnetrs_tiny', 64, 4), steps=0), contains='steps=0')
 
 # %% [markdown]
 # ## The command line
@@ -671,6 +720,13 @@ def add_derived(rows:list[dict]) -> list[dict]:
 
 
 # %%
+rows = add_derived([bench_step(c, steps=1, warmup=1) for c in grid(arch='resnetrs_tiny', image_size=64, batch_size=4,
+                                                                   mixed_precision=['no', 'bf16'])])
+test_eq(rows[0]['speedup'], 1.0)
+assert rows[1]['speedup'] > 0 and rows[0]['tflops'] > 0
+
+
+# %%
 #| exports
 def format_table(rows:list[dict], columns:tuple=COLUMNS) -> str:
     "A markdown table of benchmark rows."
@@ -683,10 +739,6 @@ def format_table(rows:list[dict], columns:tuple=COLUMNS) -> str:
 
 
 # %%
-rows = add_derived([bench_step(c, steps=1, warmup=1) for c in grid(arch='resnetrs_tiny', image_size=64, batch_size=4,
-                                                                   mixed_precision=['no', 'bf16'])])
-test_eq(rows[0]['speedup'], 1.0)
-assert rows[1]['speedup'] > 0 and rows[0]['tflops'] > 0
 print(format_table(rows))
 assert format_table(rows).count('\n') == 3
 
@@ -710,11 +762,22 @@ def _bools(name:str, s:str) -> list[bool]:
 
 
 # %%
+test_eq(_bools('compile', 'false,1,True'), [False, True, True])
+test_fail(lambda: _bools('compile', 'false,maybe'), contains="compile='maybe'")
+
+
+# %%
 #| exports
 def _ints(name:str, s:str, low:int) -> list[int]:
     "A comma-separated list of integers >= `low` (`--batch_size 64,128`)."
     try: return [_int(name, int(x), low) for x in s.split(',')]
     except ValueError: raise ConfigError(name, s, f'comma-separated integers >= {low}') from None  # ConfigError too
+
+
+# %%
+test_eq(_ints('batch_size', '64,128', 1), [64, 128])
+test_fail(lambda: _ints('batch_size', '4,x', 1), contains="batch_size='4,x': expected comma-separated integers >= 1")
+test_fail(lambda: _ints('num_workers', '2,-1', 0), contains='num_workers')
 
 
 # %%
@@ -726,10 +789,21 @@ def _one_int(name:str, s:str, low:int) -> int:
 
 
 # %%
+test_eq(_one_int('steps', '20', 1), 20)
+test_fail(lambda: _one_int('steps', '2.5', 1), contains="steps='2.5': expected an integer >= 1")
+test_fail(lambda: _one_int('warmup', '-1', 0), contains="warmup='-1'")
+
+
+# %%
 #| exports
 def _choices(name:str, s:str, allowed) -> list[str]:
     "A comma-separated list of names, each one of `allowed` (`--arch resnet50,resnetrs50`)."
     return [check_choice(name, x, allowed) for x in s.split(',')]
+
+
+# %%
+test_eq(_choices('arch', 'resnet50,resnetrs50', MODEL_NAMES), ['resnet50', 'resnetrs50'])
+test_fail(lambda: _choices('arch', 'resnet50,resnet51', MODEL_NAMES), contains="arch='resnet51'")
 
 
 # %%
@@ -745,6 +819,11 @@ def check_device(device:str|None) -> str:
 
 
 # %%
+test_eq(check_device('cpu'), 'cpu'); test_eq(check_device(None), 'cuda' if torch.cuda.is_available() else 'cpu')
+test_fail(lambda: check_device('gpu'), contains="device='gpu'")
+
+
+# %%
 #| exports
 def check_output(name:str, path:str) -> Path:
     "`path` if a file can be written there: not a folder, in an existing folder where we may write."
@@ -753,6 +832,13 @@ def check_output(name:str, path:str) -> Path:
     try: tempfile.TemporaryFile(dir=path.parent).close()  # the one sure test: write there (as root, os.access says yes)
     except OSError as e: raise ConfigError(name, str(path), f'a file in an existing, writable folder ({e.strerror})') from None
     return path
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    test_eq(check_output('json', f'{d}/b.json'), Path(d)/'b.json'); assert not (Path(d)/'b.json').exists()
+    test_fail(lambda: check_output('json', d), contains='this is a folder')
+    test_fail(lambda: check_output('json', f'{d}/no/b.json'), contains='writable folder')
 
 
 # %%
@@ -769,6 +855,14 @@ def check_data_dir(data_dir:str,
     return Path(data_dir)
 
 
+# %%
+with tempfile.TemporaryDirectory() as d:
+    folder = make_jpeg_folder(d, 4, unique=2)
+    test_eq(check_data_dir(str(folder), {'one batch of 4': 4}), folder)
+    test_fail(lambda: check_data_dir(str(folder), {'two batches of 4': 8}), contains='at least 8 images for two batches of 4; it holds 4')
+    test_fail(lambda: check_data_dir(str(folder/'scene_000000.jpg'), {}), contains='this is a file')
+
+
 # %% [markdown]
 # The parser reads every value as text, so that `check_args` gives the glossary's messages, and its own errors
 # (an unknown flag, a missing value) are one line too.
@@ -778,6 +872,14 @@ def check_data_dir(data_dir:str,
 class _Parser(argparse.ArgumentParser):
     "argparse, with its errors on one line and the module's name, like `check_args`'s."
     def error(self, message:str): self.exit(2, f'pixpro_rs.bench: error: {message}\n')
+
+
+# %%
+err = io.StringIO()
+with redirect_stderr(err):
+    try: _Parser(prog='x').parse_args(['--nope']); raise AssertionError('no error')
+    except SystemExit as e: test_eq(e.code, 2)
+test_eq(err.getvalue(), 'pixpro_rs.bench: error: unrecognized arguments: --nope\n')
 
 
 # %%
@@ -802,6 +904,11 @@ def cli_parser() -> argparse.ArgumentParser:
     p.add_argument('--train_steps', default='30', help='steps of each training-engine run (default 30)')
     p.add_argument('--json', metavar='PATH', help='write the results and the machine to this JSON file')
     return p
+
+
+# %%
+a = cli_parser().parse_args(['--arch', 'resnet50,resnetrs50', '--max_batch'])
+test_eq((a.preset, a.arch, a.max_batch, a.train_steps, a.image_size), ('smoke', 'resnet50,resnetrs50', True, '30', None))
 
 
 # %%
@@ -842,6 +949,37 @@ def check_args(args:argparse.Namespace) -> dict:
     return plan
 
 
+# %% [markdown]
+# `check_args` refuses each bad flag with a message naming it, and returns the plan of a good command line:
+
+# %%
+def plan_of(*argv): return check_args(cli_parser().parse_args(list(argv)))
+
+for argv, msg in ((['--batch_size', '4,x'], "batch_size='4,x': expected comma-separated integers >= 1"),
+                  (['--image_size', '0'], "image_size='0'"), (['--steps', '0'], "steps='0': expected an integer >= 1"),
+                  (['--warmup', '-1'], "warmup='-1'"), (['--num_workers', 'a'], "num_workers='a'"),
+                  (['--train_workers', '-2'], "train_workers='-2'"), (['--train_steps', '5'], 'train_steps=5'),
+                  (['--preset', 'huge'], "preset='huge'"), (['--mixed_precision', 'fp32'], "'no', 'bf16', 'fp16'"),
+                  (['--mixed_precision', 'fp16', '--device', 'cpu'], "'no' or 'bf16' on a cpu device"),
+                  (['--method', 'byol'], "method='byol'"), (['--device', 'gpu'], "device='gpu'"),
+                  (['--device', 'cuda:7'], "device='cuda:7'"),
+                  (['--train_workers', '0', '--image_size', '32'], 'image_size=32'),  # the engine's own check
+                  (['--data_dir', '/no/such/folder'], "data_dir='/no/such/folder'")):
+    test_fail(lambda: plan_of(*argv), contains=msg)
+with tempfile.TemporaryDirectory() as d:
+    folder = make_jpeg_folder(Path(d)/'jpeg', 70, unique=8)
+    test_fail(lambda: plan_of('--data_dir', str(folder), '--num_workers', '0'), contains='at least 128 images')
+    test_fail(lambda: plan_of('--data_dir', str(folder), '--train_workers', '0', '--batch_size', '96'), contains='holds 70')
+    test_fail(lambda: plan_of('--data_dir', str(folder/'scene_000000.jpg')), contains='this is a file')
+    test_fail(lambda: plan_of('--json', str(folder/'scene_000000.jpg'/'x.json')), contains='writable folder')
+    test_fail(lambda: plan_of('--json', str(folder)), contains='this is a folder')
+    p = plan_of('--data_dir', str(folder), '--train_workers', '0', '--arch', 'resnetrs_tiny,resnet50', '--json', f'{d}/b.json')
+    test_eq((p['data_dir'], p['train_workers'], p['train_steps'], p['json']), (folder, 0, 30, Path(d)/'b.json'))
+    test_eq([c.label for c in p['train_cases']], ['resnetrs_tiny 64px b4 fp32', 'resnet50 64px b4 fp32'])
+    assert not (Path(d)/'b.json').exists()  # checked, not written
+test_eq(plan_of('--device', 'cpu')['device'], 'cpu')
+
+
 # %%
 #| exports
 def run(args:argparse.Namespace) -> dict:
@@ -874,6 +1012,10 @@ def run(args:argparse.Namespace) -> dict:
 
 
 # %%
+test_fail(lambda: run(cli_parser().parse_args(['--steps', '0'])), contains="steps='0'")  # checked before measuring
+
+
+# %%
 #| exports
 def main(argv:list[str]|None=None) -> int:
     "`python -m pixpro_rs.bench`: print the tables; bad flags give one line and exit code 2."
@@ -900,37 +1042,6 @@ test_eq(rc, 0)
 assert '| resnetrs_tiny 64px b4 fp32 |' in buf.getvalue(), buf.getvalue()
 test_eq(main(['--arch', 'resnet51']), 2)
 test_eq(main(['--channels_last', 'maybe']), 2)
-
-
-# %% [markdown]
-# `check_args` refuses each bad flag with a message naming it, and returns the plan of a good command line:
-
-# %%
-def plan_of(*argv): return check_args(cli_parser().parse_args(list(argv)))
-
-for argv, msg in ((['--batch_size', '4,x'], "batch_size='4,x': expected comma-separated integers >= 1"),
-                  (['--image_size', '0'], "image_size='0'"), (['--steps', '0'], "steps='0': expected an integer >= 1"),
-                  (['--warmup', '-1'], "warmup='-1'"), (['--num_workers', 'a'], "num_workers='a'"),
-                  (['--train_workers', '-2'], "train_workers='-2'"), (['--train_steps', '5'], 'train_steps=5'),
-                  (['--preset', 'huge'], "preset='huge'"), (['--mixed_precision', 'fp32'], "'no', 'bf16', 'fp16'"),
-                  (['--mixed_precision', 'fp16', '--device', 'cpu'], "'no' or 'bf16' on a cpu device"),
-                  (['--method', 'byol'], "method='byol'"), (['--device', 'gpu'], "device='gpu'"),
-                  (['--device', 'cuda:7'], "device='cuda:7'"),
-                  (['--train_workers', '0', '--image_size', '32'], 'image_size=32'),  # the engine's own check
-                  (['--data_dir', '/no/such/folder'], "data_dir='/no/such/folder'")):
-    test_fail(lambda: plan_of(*argv), contains=msg)
-with tempfile.TemporaryDirectory() as d:
-    folder = make_jpeg_folder(Path(d)/'jpeg', 70, unique=8)
-    test_fail(lambda: plan_of('--data_dir', str(folder), '--num_workers', '0'), contains='at least 128 images')
-    test_fail(lambda: plan_of('--data_dir', str(folder), '--train_workers', '0', '--batch_size', '96'), contains='holds 70')
-    test_fail(lambda: plan_of('--data_dir', str(folder/'scene_000000.jpg')), contains='this is a file')
-    test_fail(lambda: plan_of('--json', str(folder/'scene_000000.jpg'/'x.json')), contains='writable folder')
-    test_fail(lambda: plan_of('--json', str(folder)), contains='this is a folder')
-    p = plan_of('--data_dir', str(folder), '--train_workers', '0', '--arch', 'resnetrs_tiny,resnet50', '--json', f'{d}/b.json')
-    test_eq((p['data_dir'], p['train_workers'], p['train_steps'], p['json']), (folder, 0, 30, Path(d)/'b.json'))
-    test_eq([c.label for c in p['train_cases']], ['resnetrs_tiny 64px b4 fp32', 'resnet50 64px b4 fp32'])
-    assert not (Path(d)/'b.json').exists()  # checked, not written
-test_eq(plan_of('--device', 'cpu')['device'], 'cpu')
 
 # %% [markdown]
 # ## The speed switches, one by one
