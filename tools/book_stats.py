@@ -1,5 +1,5 @@
-"""Figures of the book's shape: exported cells (median lines, share with two or more definitions), code hidden from
-the docs (`#| export` outside the imports cell), the two engines' lengths, and citations of our private notes.
+"""Figures of the book's shape: exported cells (median lines, share with two or more definitions, those not followed
+by a test), code hidden from the docs (`#| export` outside the imports cell), the two engines' lengths, and citations of our private notes.
 Run: python tools/book_stats.py"""
 import ast
 import json
@@ -15,8 +15,12 @@ def code_lines(src: str) -> list[str]:
 
 
 def main():
-    sizes, multi, hidden = [], 0, 0
+    sizes, multi, hidden, untested = [], 0, 0, 0
+    is_export = lambda c: (c is not None and c['cell_type'] == 'code' and bool(re.search(r'^#\|\s*exports?\s*$', ''.join(c['source']), re.M))
+                           and not re.search(r'^(?:from|import) ', ''.join(c['source']), re.M))
     for nb in sorted((ROOT/'nbs').glob('*.ipynb')):
+        code = [c for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code']
+        untested += sum(is_export(a) and (b is None or is_export(b)) for a, b in zip(code, code[1:] + [None]))
         for c in json.loads(nb.read_text())['cells']:
             src = ''.join(c['source'])
             if c['cell_type'] != 'code' or not re.search(r'^#\|\s*exports?\s*$', src, re.M): continue
@@ -25,7 +29,8 @@ def main():
             if re.search(r'^#\|\s*export\s*$', src, re.M) and not re.search(r'^(?:from|import) ', src, re.M):
                 hidden += len(code_lines(src))
     print(f'exported cells: {len(sizes)}, median {statistics.median(sizes):g} lines, '
-          f'{multi / len(sizes):.0%} with two or more definitions, {hidden} lines hidden by `#| export`')
+          f'{multi / len(sizes):.0%} with two or more definitions, {hidden} lines hidden by `#| export`; '
+          f'{untested} exported cells (imports cells aside) directly followed by another exported cell, not a test')
     for module, name in (('train', 'train'), ('finetune', 'finetune')):
         tree = ast.parse((ROOT/'pixpro_rs'/f'{module}.py').read_text())
         fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
