@@ -676,6 +676,29 @@ def _recipe_job(args:tuple) -> dict:  # in a worker process: (row name, settings
     torch.set_num_threads(threads)
     return dict(row=name, seed=seed) | recipe_run(row, seed, scale, folder)
 
+
+# %%
+threads = torch.get_num_threads()
+with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    out = _recipe_job(('+ cosine lr', additive_rows()[1][1], 0, RECIPE_SCALES['smoke'], tmp, 1))
+test_eq((out['row'], out['seed'], out['steps'], torch.get_num_threads()), ('+ cosine lr', 0, 2, 1))  # its row, its threads
+torch.set_num_threads(threads)
+
+
+# %%
+#| exports
+class _Serial:  # `ProcessPoolExecutor`'s map, in this process
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+    def map(self, fn, items): return map(fn, items)
+
+
+# %%
+with _Serial() as pool: test_eq(list(pool.map(str, [1, 2])), ['1', '2'])
+
+
+# %%
+#| exports
 def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
                      output:str|Path|None=None,  # results JSON, rewritten after every run; None: not written
                      command:str|None=None,  # the command line recorded with the results
@@ -703,11 +726,6 @@ def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
                       file=sys.stderr, flush=True)
                 if output: atomic_write(output, lambda p: Path(p).write_text(json.dumps(res, indent=1)))
     return res
-
-class _Serial:  # `ProcessPoolExecutor`'s map, in this process
-    def __enter__(self): return self
-    def __exit__(self, *exc): return False
-    def map(self, fn, items): return map(fn, items)
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
 

@@ -483,6 +483,27 @@ test_fail(lambda: looks[7], exc=IndexError)
 
 # %%
 #| exports
+def _object_crop(img:Tensor, labels:Tensor, size:int, margin:float=1.3) -> Tensor:
+    "The square around the labelled pixels' box (`margin` x its larger side, inside the image), resized to `size`."
+    ys, xs = torch.nonzero(labels > 0, as_tuple=True)
+    H, W = labels.shape
+    side = min(int(margin * max(int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1)), H, W)
+    y0 = min(max(int((ys.min() + ys.max()) / 2 - side / 2), 0), H - side)
+    x0 = min(max(int((xs.min() + xs.max()) / 2 - side / 2), 0), W - side)
+    return TF.resize(img[:, y0:y0 + side, x0:x0 + side], [size, size], antialias=True)
+
+
+# %%
+lab = torch.zeros(40, 40, dtype=torch.long); lab[10:20, 30:34] = 1  # a 10 x 4 box, columns 30..33
+img = torch.arange(40.).expand(3, 40, 40)  # the column index as the image
+test_eq(_object_crop(img, lab, 13).shape, (3, 13, 13))  # side 13 = 1.3 x 10
+test_eq(_object_crop(img, lab, 13)[0, 0], torch.arange(25., 38.))  # centred on the box's centre column 31.5
+lab = torch.zeros(40, 40, dtype=torch.long); lab[10:20, 36:40] = 1  # the same box at the right border
+test_eq(_object_crop(img, lab, 13)[0, 0], torch.arange(27., 40.))  # shifted to stay inside the image
+
+
+# %%
+#| exports
 class SceneObjects(Dataset):
     "Single-object SyntheticScenes cut to the object and resized: (uint8 image [3, s, s], class of the object)."
     def __init__(self, length:int=2048, image_size:int=64, num_classes:int=8, seed:int=0):
@@ -498,15 +519,6 @@ class SceneObjects(Dataset):
     def __getitem__(self, i:int) -> tuple[Tensor, int]: return self.images[i], int(self.labels[i])
     def __repr__(self): return f'SceneObjects({len(self)}, image_size={self.images.shape[-1]}, num_classes={self.num_classes}, seed={self.seed})'
 
-def _object_crop(img:Tensor, labels:Tensor, size:int, margin:float=1.3) -> Tensor:
-    "The square around the labelled pixels' box (`margin` x its larger side, inside the image), resized to `size`."
-    ys, xs = torch.nonzero(labels > 0, as_tuple=True)
-    H, W = labels.shape
-    side = min(int(margin * max(int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1)), H, W)
-    y0 = min(max(int((ys.min() + ys.max()) / 2 - side / 2), 0), H - side)
-    x0 = min(max(int((xs.min() + xs.max()) / 2 - side / 2), 0), W - side)
-    return TF.resize(img[:, y0:y0 + side, x0:x0 + side], [size, size], antialias=True)
-
 
 # %%
 objs = SceneObjects(24, 32, num_classes=4, seed=3)
@@ -514,12 +526,6 @@ test_eq((objs.images.shape, objs.images.dtype, len(objs)), ((24, 3, 32, 32), tor
 test_eq(set(objs.labels.tolist()) <= set(range(4)), True); test_eq(objs[5], (objs.images[5], int(objs.labels[5])))
 test_eq(SceneObjects(24, 32, num_classes=4, seed=3).images, objs.images)  # a pure function of the seed
 assert not torch.equal(SceneObjects(4, 32, num_classes=4, seed=4).images, objs.images[:4])
-lab = torch.zeros(40, 40, dtype=torch.long); lab[10:20, 30:34] = 1  # a 10 x 4 box, columns 30..33
-img = torch.arange(40.).expand(3, 40, 40)  # the column index as the image
-test_eq(_object_crop(img, lab, 13).shape, (3, 13, 13))  # side 13 = 1.3 x 10
-test_eq(_object_crop(img, lab, 13)[0, 0], torch.arange(25., 38.))  # centred on the box's centre column 31.5
-lab = torch.zeros(40, 40, dtype=torch.long); lab[10:20, 36:40] = 1  # the same box at the right border
-test_eq(_object_crop(img, lab, 13)[0, 0], torch.arange(27., 40.))  # shifted to stay inside the image
 test_fail(lambda: SceneObjects(4, 32, num_classes=13), contains='num_classes=13')
 
 # %% [markdown]

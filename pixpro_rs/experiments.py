@@ -261,6 +261,13 @@ def _recipe_job(args:tuple) -> dict:  # in a worker process: (row name, settings
     torch.set_num_threads(threads)
     return dict(row=name, seed=seed) | recipe_run(row, seed, scale, folder)
 
+# %% ../nbs/10_claims.ipynb #5fd37a3c
+class _Serial:  # `ProcessPoolExecutor`'s map, in this process
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+    def map(self, fn, items): return map(fn, items)
+
+# %% ../nbs/10_claims.ipynb #fa66f7e8
 def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
                      output:str|Path|None=None,  # results JSON, rewritten after every run; None: not written
                      command:str|None=None,  # the command line recorded with the results
@@ -288,10 +295,5 @@ def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
                       file=sys.stderr, flush=True)
                 if output: atomic_write(output, lambda p: Path(p).write_text(json.dumps(res, indent=1)))
     return res
-
-class _Serial:  # `ProcessPoolExecutor`'s map, in this process
-    def __enter__(self): return self
-    def __exit__(self, *exc): return False
-    def map(self, fn, items): return map(fn, items)
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -172,6 +172,16 @@ class SceneLooks(Dataset):
     def __repr__(self): return f'SceneLooks({self.length}, seed={self.scenes.seed})'
 
 # %% ../nbs/11_finetune.ipynb #f335e778
+def _object_crop(img:Tensor, labels:Tensor, size:int, margin:float=1.3) -> Tensor:
+    "The square around the labelled pixels' box (`margin` x its larger side, inside the image), resized to `size`."
+    ys, xs = torch.nonzero(labels > 0, as_tuple=True)
+    H, W = labels.shape
+    side = min(int(margin * max(int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1)), H, W)
+    y0 = min(max(int((ys.min() + ys.max()) / 2 - side / 2), 0), H - side)
+    x0 = min(max(int((xs.min() + xs.max()) / 2 - side / 2), 0), W - side)
+    return TF.resize(img[:, y0:y0 + side, x0:x0 + side], [size, size], antialias=True)
+
+# %% ../nbs/11_finetune.ipynb #3989d1ad
 class SceneObjects(Dataset):
     "Single-object SyntheticScenes cut to the object and resized: (uint8 image [3, s, s], class of the object)."
     def __init__(self, length:int=2048, image_size:int=64, num_classes:int=8, seed:int=0):
@@ -186,15 +196,6 @@ class SceneObjects(Dataset):
     def __len__(self): return len(self.labels)
     def __getitem__(self, i:int) -> tuple[Tensor, int]: return self.images[i], int(self.labels[i])
     def __repr__(self): return f'SceneObjects({len(self)}, image_size={self.images.shape[-1]}, num_classes={self.num_classes}, seed={self.seed})'
-
-def _object_crop(img:Tensor, labels:Tensor, size:int, margin:float=1.3) -> Tensor:
-    "The square around the labelled pixels' box (`margin` x its larger side, inside the image), resized to `size`."
-    ys, xs = torch.nonzero(labels > 0, as_tuple=True)
-    H, W = labels.shape
-    side = min(int(margin * max(int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1)), H, W)
-    y0 = min(max(int((ys.min() + ys.max()) / 2 - side / 2), 0), H - side)
-    x0 = min(max(int((xs.min() + xs.max()) / 2 - side / 2), 0), W - side)
-    return TF.resize(img[:, y0:y0 + side, x0:x0 + side], [size, size], antialias=True)
 
 # %% ../nbs/11_finetune.ipynb #40ca36a9
 def build_classifier(arch:str,  # a ResNet-RS name
