@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shlex
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +45,8 @@ import io
 import statistics
 
 import matplotlib.pyplot as plt
+from torchvision.io import decode_image
+
 import pixpro_rs.experiments
 from pixpro_rs.data import find_images
 from fastcore.test import test_eq, test_fail
@@ -156,7 +161,6 @@ with tempfile.TemporaryDirectory() as tmp:
     few = SyntheticScenes(3, 40, num_classes=3, seed=5)
     files = find_images(scene_folder(Path(tmp)/'s', few))
     test_eq([f.name for f in files], ['scene-00000.png', 'scene-00001.png', 'scene-00002.png'])
-    from torchvision.io import decode_image
     test_eq(decode_image(str(files[1])), few.scene(1)[0])  # lossless: the pixels pretraining sees
 
 
@@ -653,7 +657,8 @@ def recipe_run(row:dict,  # one of `additive_rows()`' settings
     "Fine-tune one row with one seed; its top-1 (EMA or raw weights, as the row says), both readings, loss and time."
     t, row = time.perf_counter(), dict(row)
     epochs, ema = getattr(scale, f"{row.pop('epochs')}_epochs"), row.pop('ema')
-    r = finetune(**RECIPE_SETTING, **row, epochs=epochs, synthetic_length=scale.train_images, synthetic_size=64,
+    r = finetune(**RECIPE_SETTING, **row, epochs=epochs, synthetic_length=scale.train_images,
+                 synthetic_size=RECIPE_SETTING['image_size'],  # the crops come at the training size
                  seed=seed, output_dir=str(output_dir), num_workers=num_workers, progress=False, save_every=epochs,
                  overwrite=True)
     last = r.metrics[-1]
@@ -685,17 +690,6 @@ test_eq((out['row'], out['seed'], out['steps'], torch.get_num_threads()), ('+ co
 torch.set_num_threads(threads)
 
 
-# %%
-#| exports
-class _Serial:  # `ProcessPoolExecutor`'s map, in this process
-    def __enter__(self): return self
-    def __exit__(self, *exc): return False
-    def map(self, fn, items): return map(fn, items)
-
-
-# %%
-with _Serial() as pool: test_eq(list(pool.map(str, [1, 2])), ['1', '2'])
-
 
 # %%
 #| exports
@@ -707,8 +701,6 @@ def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
                     ) -> dict:
     "Every row of the additive table with every seed; rows of top-1 in table order, with machine, torch and wall time."
     check_choice('scale', scale, list(RECIPE_SCALES)); check_positive('jobs', jobs)
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing
     sc, t0 = RECIPE_SCALES[scale], time.perf_counter()
     res = dict(study='recipes', scale=scale, setting=RECIPE_SETTING, scale_values=asdict(sc), baseline=BASELINE,
                command=command, machine=machine(), torch=torch.__version__, jobs=jobs, rows=[], wall_s=0.0)
@@ -717,8 +709,8 @@ def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
     with tempfile.TemporaryDirectory() as tmp:
         work = [(name, row, seed, sc, f'{tmp}/run-{order[name, seed]}', threads or torch.get_num_threads())
                 for seed in sc.seeds for name, row, _ in additive_rows()]
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) if jobs > 1 else _Serial() as pool:
-            for out in pool.map(_recipe_job, work):
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) if jobs > 1 else nullcontext() as pool:
+            for out in (pool.map if pool else map)(_recipe_job, work):  # jobs=1: in this process
                 res['rows'].append(out | dict(paper_top1=paper[out['row']]))
                 res['rows'].sort(key=lambda r: order[r['row'], r['seed']])
                 res['wall_s'] = time.perf_counter() - t0

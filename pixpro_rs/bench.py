@@ -6,15 +6,20 @@
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
+import io
 import itertools
 import json
 import os
 import platform
+import pstats
 import resource
+import statistics
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +27,12 @@ from typing import Callable
 
 import torch
 import torchvision
+from PIL import Image
 from torch import Tensor
 
 from .augment import PixProAugment
 from .core import MIXED_PRECISIONS, ConfigError, atomic_write, check_choice, check_mixed_precision, check_positive
-from .data import ImageFiles, SyntheticScenes, find_images, make_loader
+from .data import ImageFiles, SyntheticScenes, _pil_rgb, decode_jpeg, find_images, make_loader
 from .pixpro import METHODS, OnlineNet, PixPro
 from .recipes import LARS, lars_param_groups
 from .resnet_rs import MODEL_NAMES, create_model
@@ -301,18 +307,12 @@ def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
                    rounds:int=7,  # alternating rounds; the median is reported
                   ) -> dict[str, float]:  # decoder -> images/s on one core (those that import)
     "JPEG decoding speed of TorchCodec, torchvision and PIL on the same files, one thread, alternating rounds."
-    import io, statistics, warnings
-    import numpy as np
-    from PIL import Image
     datas = [f.read_bytes() for f in find_images(root)[:n]]
     as_tensor = lambda d: torch.frombuffer(bytearray(d), dtype=torch.uint8)
     def pil(d):
-        with Image.open(io.BytesIO(d)) as im: return torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1)
+        with Image.open(io.BytesIO(d)) as im: return _pil_rgb(im)  # `load_image`'s path for what is not a JPEG
     decoders = {'PIL': pil}
-    try:
-        from torchcodec.decoders import decode_jpeg as tc
-        decoders['TorchCodec'] = lambda d: tc(as_tensor(d), mode='RGB')
-    except Exception: pass
+    if decode_jpeg is not None: decoders['TorchCodec'] = lambda d: decode_jpeg(as_tensor(d), mode='RGB')  # `load_image`'s
     try:
         from torchvision.io import ImageReadMode, decode_jpeg as tv
         decoders['torchvision'] = lambda d: tv(as_tensor(d), mode=ImageReadMode.RGB)
@@ -340,7 +340,6 @@ def profile_pipeline(root:str|Path,  # a folder of JPEG files
                      batches:int=6,  # profiled batches (after one untimed)
                     ) -> tuple[float, list[tuple[str, float]]]:  # pairs/s under the profiler; (phase, ms per pair)
     "The CPU path in this process under cProfile, one thread: milliseconds per pair in each phase of `PIPELINE_PHASES`."
-    import cProfile, pstats
     loader = make_loader(ImageFiles(root), batch_size, image_size=image_size, num_workers=0, labels=False)
     threads = torch.get_num_threads(); torch.set_num_threads(1)
     try:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shlex
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -247,7 +250,8 @@ def recipe_run(row:dict,  # one of `additive_rows()`' settings
     "Fine-tune one row with one seed; its top-1 (EMA or raw weights, as the row says), both readings, loss and time."
     t, row = time.perf_counter(), dict(row)
     epochs, ema = getattr(scale, f"{row.pop('epochs')}_epochs"), row.pop('ema')
-    r = finetune(**RECIPE_SETTING, **row, epochs=epochs, synthetic_length=scale.train_images, synthetic_size=64,
+    r = finetune(**RECIPE_SETTING, **row, epochs=epochs, synthetic_length=scale.train_images,
+                 synthetic_size=RECIPE_SETTING['image_size'],  # the crops come at the training size
                  seed=seed, output_dir=str(output_dir), num_workers=num_workers, progress=False, save_every=epochs,
                  overwrite=True)
     last = r.metrics[-1]
@@ -262,12 +266,6 @@ def _recipe_job(args:tuple) -> dict:  # in a worker process: (row name, settings
     return dict(row=name, seed=seed) | recipe_run(row, seed, scale, folder)
 
 # %% ../nbs/10_claims.ipynb #5fd37a3c
-class _Serial:  # `ProcessPoolExecutor`'s map, in this process
-    def __enter__(self): return self
-    def __exit__(self, *exc): return False
-    def map(self, fn, items): return map(fn, items)
-
-# %% ../nbs/10_claims.ipynb #fa66f7e8
 def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
                      output:str|Path|None=None,  # results JSON, rewritten after every run; None: not written
                      command:str|None=None,  # the command line recorded with the results
@@ -276,8 +274,6 @@ def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
                     ) -> dict:
     "Every row of the additive table with every seed; rows of top-1 in table order, with machine, torch and wall time."
     check_choice('scale', scale, list(RECIPE_SCALES)); check_positive('jobs', jobs)
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing
     sc, t0 = RECIPE_SCALES[scale], time.perf_counter()
     res = dict(study='recipes', scale=scale, setting=RECIPE_SETTING, scale_values=asdict(sc), baseline=BASELINE,
                command=command, machine=machine(), torch=torch.__version__, jobs=jobs, rows=[], wall_s=0.0)
@@ -286,8 +282,8 @@ def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
     with tempfile.TemporaryDirectory() as tmp:
         work = [(name, row, seed, sc, f'{tmp}/run-{order[name, seed]}', threads or torch.get_num_threads())
                 for seed in sc.seeds for name, row, _ in additive_rows()]
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) if jobs > 1 else _Serial() as pool:
-            for out in pool.map(_recipe_job, work):
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) if jobs > 1 else nullcontext() as pool:
+            for out in (pool.map if pool else map)(_recipe_job, work):  # jobs=1: in this process
                 res['rows'].append(out | dict(paper_top1=paper[out['row']]))
                 res['rows'].sort(key=lambda r: order[r['row'], r['seed']])
                 res['wall_s'] = time.perf_counter() - t0
