@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
+# Every temporary file of the run (notebooks' scratch folders, pytest's tmp_path, worker processes) goes under one
+# folder that is removed at the end, pass or fail: repeated runs must not fill the disk.
+export TMPDIR="$(mktemp -d "${TMPDIR:-/tmp}/pixpro_test.XXXXXX")"
+trap 'rm -rf "$TMPDIR"' EXIT
 echo "== 1/3 tree in step with the notebooks"
 python tools/check_tree.py
 echo "== 2/3 nbdev_test over all notebooks"
