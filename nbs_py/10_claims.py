@@ -18,6 +18,7 @@ import platform
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -43,6 +44,7 @@ from pixpro_rs.finetune import finetune
 import contextlib
 import io
 import statistics
+import subprocess
 
 import matplotlib.pyplot as plt
 from torchvision.io import decode_image
@@ -691,6 +693,29 @@ torch.set_num_threads(threads)
 
 
 
+# %% [markdown]
+# A study killed by its user (Ctrl-C, `kill`, a scheduler's SIGTERM) must not leave its workers running for an hour:
+# a killed parent takes no worker with it, so each worker watches its parent and exits when it is gone.
+
+# %%
+#| exports
+def _exit_with_parent(parent:int,  # the pid of the process that started this worker
+                      every:float=0.5,  # seconds between checks
+                     ):
+    "A worker's initializer: a daemon thread ends this process as soon as `parent` is no longer its parent."
+    def watch():
+        while os.getppid() == parent: time.sleep(every)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name='exit-with-parent').start()
+
+
+# %%
+_exit_with_parent(os.getppid())  # our parent lives: nothing happens, the watcher keeps watching
+assert any(t.name == 'exit-with-parent' and t.is_alive() for t in threading.enumerate())
+orphan = subprocess.run([sys.executable, '-c', 'import time; from pixpro_rs.experiments import _exit_with_parent; '
+                         '_exit_with_parent(-1); time.sleep(30)'], timeout=25)  # "parent" -1 is never ours: exits at once
+test_eq(orphan.returncode, 1)
+
 # %%
 #| exports
 def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
@@ -709,7 +734,8 @@ def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
     with tempfile.TemporaryDirectory() as tmp:
         work = [(name, row, seed, sc, f'{tmp}/run-{order[name, seed]}', threads or torch.get_num_threads())
                 for seed in sc.seeds for name, row, _ in additive_rows()]
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) if jobs > 1 else nullcontext() as pool:
+        with (ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_exit_with_parent,
+                                 initargs=(os.getpid(),)) if jobs > 1 else nullcontext()) as pool:
             for out in (pool.map if pool else map)(_recipe_job, work):  # jobs=1: in this process
                 res['rows'].append(out | dict(paper_top1=paper[out['row']]))
                 res['rows'].sort(key=lambda r: order[r['row'], r['seed']])

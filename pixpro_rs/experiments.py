@@ -13,6 +13,7 @@ import platform
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -266,6 +267,16 @@ def _recipe_job(args:tuple) -> dict:  # in a worker process: (row name, settings
     return dict(row=name, seed=seed) | recipe_run(row, seed, scale, folder)
 
 # %% ../nbs/10_claims.ipynb #5fd37a3c
+def _exit_with_parent(parent:int,  # the pid of the process that started this worker
+                      every:float=0.5,  # seconds between checks
+                     ):
+    "A worker's initializer: a daemon thread ends this process as soon as `parent` is no longer its parent."
+    def watch():
+        while os.getppid() == parent: time.sleep(every)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name='exit-with-parent').start()
+
+# %% ../nbs/10_claims.ipynb #d67ae3d7
 def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
                      output:str|Path|None=None,  # results JSON, rewritten after every run; None: not written
                      command:str|None=None,  # the command line recorded with the results
@@ -282,7 +293,8 @@ def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
     with tempfile.TemporaryDirectory() as tmp:
         work = [(name, row, seed, sc, f'{tmp}/run-{order[name, seed]}', threads or torch.get_num_threads())
                 for seed in sc.seeds for name, row, _ in additive_rows()]
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) if jobs > 1 else nullcontext() as pool:
+        with (ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_exit_with_parent,
+                                 initargs=(os.getpid(),)) if jobs > 1 else nullcontext()) as pool:
             for out in (pool.map if pool else map)(_recipe_job, work):  # jobs=1: in this process
                 res['rows'].append(out | dict(paper_top1=paper[out['row']]))
                 res['rows'].sort(key=lambda r: order[r['row'], r['seed']])

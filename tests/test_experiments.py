@@ -1,6 +1,10 @@
 """The experiments' command line: bad flags refused in one line before any work, and the committed results file."""
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,3 +53,35 @@ def test_committed_recipe_study_says_how_it_was_made():
     assert [r['row'] for r in res['rows']] == [name for s in res['scale_values']['seeds'] for name, _, _ in ADDITIVE]
     for r in res['rows']:
         assert 0 <= r['top1'] <= 1 and r['top1'] in (r['top1_raw'], r['top1_ema']) and r['steps'] > 0
+
+
+def _children(pid):
+    "The pids of the spawned worker processes whose parent is `pid` (Linux /proc)."
+    kids = []
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try:
+            fields = stat.read_text().rsplit(')', 1)[1].split()
+            cmd = (stat.parent/'cmdline').read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b'spawn_main' in cmd:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_killed_study_leaves_no_workers(tmp_path):
+    "SIGTERM to a study with 2 jobs: its worker processes end with it instead of training on as orphans."
+    p = subprocess.Popen([sys.executable, '-m', 'pixpro_rs.experiments', '--study', 'recipes', '--scale', 'smoke',
+                          '--output', str(tmp_path/'r.json'), '--jobs', '2', '--threads', '1'],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.monotonic() + 120, []
+    while len(workers) < 2 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2); workers = _children(p.pid)
+    assert len(workers) == 2, f'the study did not start its 2 workers (rc {p.poll()})'
+    p.send_signal(signal.SIGTERM); p.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while any(Path(f'/proc/{w}').exists() for w in workers) and time.monotonic() < deadline: time.sleep(0.2)
+    alive = [w for w in workers if Path(f'/proc/{w}').exists()]
+    for w in alive: os.kill(w, signal.SIGKILL)  # leave nothing behind, then fail
+    assert not alive, f'workers {alive} outlived the killed study'
