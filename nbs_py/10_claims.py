@@ -716,6 +716,7 @@ orphan = subprocess.run([sys.executable, '-c', 'import time; from pixpro_rs.expe
                          '_exit_with_parent(-1); time.sleep(30)'], timeout=25)  # "parent" -1 is never ours: exits at once
 test_eq(orphan.returncode, 1)
 
+
 # %%
 #| exports
 def run_recipe_study(scale:str='full',  # a key of RECIPE_SCALES
