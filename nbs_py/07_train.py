@@ -1070,12 +1070,14 @@ test_eq((od/'metrics.csv').read_text().splitlines(), ['step,loss', '1,0.5'])
 
 # %%
 #| exports
-def announce(head:str, c:dict, accelerator, total_steps:int, step:int, resumed:Path|None):
+def announce(head:str, c:dict, accelerator, total_steps:int, step:int, resumed:Path|None,
+             per:int=256,  # the batch size `c['lr']` is given for (`scaled_lr`'s reference batch)
+            ):
     "The run's one line on the main process: processes, global batch, lr, steps, and where it resumes."
     if not accelerator.is_main_process: return
     n = accelerator.num_processes
     print(f"{head}: {n} process(es) on {accelerator.device.type}, global batch {c['global_batch']} = {c['batch_size']} x "
-          f"{c['grad_accum']} x {n}, lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
+          f"{c['grad_accum']} x {n}, lr {c['lr']:g} per {per} -> {c['global_lr']:g}, {total_steps} steps"
           + (f', resuming at step {step} from {resumed}' if resumed else ''), flush=True)
 
 
@@ -1087,6 +1089,9 @@ with contextlib.redirect_stdout(said_elsewhere): announce('x', resolve_config(),
 test_eq(said.getvalue(), 'resnet50 pixpro on synthetic: 1 process(es) on cpu, global batch 32 = 16 x 2 x 1, '
                          'lr 16 per 256 -> 2, 100 steps, resuming at step 40 from c.pt\n')
 test_eq(said_elsewhere.getvalue(), '')
+said = io.StringIO()
+with contextlib.redirect_stdout(said): announce('fcn', dict(resolve_config(), lr=0.01, global_lr=0.01), _Main(), 9, 0, None, per=16)
+assert 'lr 0.01 per 16 -> 0.01, 9 steps' in said.getvalue()  # a recipe whose lr is given for another batch says so
 
 
 # %%

@@ -46,10 +46,11 @@
 # | [Training](07_train.ipynb) | the engine: config, Accelerate, the loop, atomic checkpoints, exact resume, the `pixpro-train` command | `pixpro_rs.train` |
 # | [Train](train.ipynb) | the papermill notebook: pretrain, then the curves, the throughput and the learned pixel similarity | (runs `pixpro_rs.train`) |
 # | [Evaluation and transfer](08_evaluate.ipynb) | linear and dense probes on frozen features (top-1, mIoU), segmentation folders, exports for timm, torchvision and detectron2 | `pixpro_rs.evaluate` |
-# | [Detection transfer](09_detection.ipynb) | Faster R-CNN with our backbone + FPN in torchvision, boxes from SyntheticScenes, VOC AP, the Pascal VOC command | `pixpro_rs.detection` |
+# | [Detection transfer](09_detection.ipynb) | Faster R-CNN and Mask R-CNN with our backbone + FPN in torchvision, boxes and masks from SyntheticScenes, VOC AP and COCOeval (bbox, segm), the paper's schedules, the `pixpro-detect` command for Pascal VOC and COCO | `pixpro_rs.detection` |
 # | [Does it learn? The papers' claims at CPU scale](10_claims.ipynb) | PixPro, PixContrast, instance, PixPro + instance, random init and a supervised ceiling under dense probes on held-out scenes, three seeds; T and gamma; a healthy loss curve; ResNet-RS's training methods added one at a time | `pixpro_rs.experiments` |
 # | [Supervised fine-tuning](11_finetune.ipynb) | the ResNet-RS recipe: RandAugment on TF's scale, label smoothing, EMA with BN statistics, per-model dropout and stochastic depth, the `pixpro-finetune` command | `pixpro_rs.finetune` |
 # | [Fine-tune](finetune.ipynb) | the papermill notebook: fine-tune from a PixPro checkpoint or from scratch | (runs `pixpro_rs.finetune`) |
+# | [Segmentation transfer](14_segmentation.ipynb) | MoCo's FCN-16s protocol on our backbones (dilated C5, output stride 16), Pascal VOC and Cityscapes layouts, mIoU, the `pixpro-segment` command | `pixpro_rs.segmentation` |
 # | [Augmentation on the GPU](12_gpu_augment.ipynb) | crops in the workers, colour, blur and solarize batched on the device, exact to the CPU path | `pixpro_rs.gpu_augment` |
 # | [Performance](13_bench.ipynb) | the benchmark (`python -m pixpro_rs.bench`), the speed switches, H200 and CPU figures, the recipes' cost | `pixpro_rs.bench` |
 #

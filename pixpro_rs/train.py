@@ -484,12 +484,14 @@ def open_output_dir(c:dict, plan:RunPlan, accelerator, metrics:list[dict],
         start_output_dir(c, plan, files); _write_metrics(Path(c['output_dir']), metrics, columns)
 
 # %% ../nbs/07_train.ipynb #6e8e87c9
-def announce(head:str, c:dict, accelerator, total_steps:int, step:int, resumed:Path|None):
+def announce(head:str, c:dict, accelerator, total_steps:int, step:int, resumed:Path|None,
+             per:int=256,  # the batch size `c['lr']` is given for (`scaled_lr`'s reference batch)
+            ):
     "The run's one line on the main process: processes, global batch, lr, steps, and where it resumes."
     if not accelerator.is_main_process: return
     n = accelerator.num_processes
     print(f"{head}: {n} process(es) on {accelerator.device.type}, global batch {c['global_batch']} = {c['batch_size']} x "
-          f"{c['grad_accum']} x {n}, lr {c['lr']:g} per 256 -> {c['global_lr']:g}, {total_steps} steps"
+          f"{c['grad_accum']} x {n}, lr {c['lr']:g} per {per} -> {c['global_lr']:g}, {total_steps} steps"
           + (f', resuming at step {step} from {resumed}' if resumed else ''), flush=True)
 
 # %% ../nbs/07_train.ipynb #04a79cd8

@@ -1,9 +1,10 @@
 """Detection transfer: scene boxes against the data chapter's instance maps, Pascal VOC folders through VOCDetection,
-PixPro checkpoints in the detector, bad input, the CLI."""
+PixPro checkpoints in the detector, bad input, the CLI on VOC and COCO-format folders (Faster R-CNN, Mask R-CNN)."""
 import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ from PIL import Image
 
 from pixpro_rs.core import ConfigError
 from pixpro_rs.data import SyntheticScenes
-from pixpro_rs.detection import (VOC_CLASSES, SceneBoxes, VOCBoxes, build_detector, evaluate_detector, finetune_detector,
-                                 voc_target)
+from pixpro_rs.detection import (DET_PARAMETERS, VOC_CLASSES, SceneBoxes, VOCBoxes, build_detector, evaluate_detector, finetune_detector,
+                                 main, voc_target, write_coco)
 from pixpro_rs.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,18 +189,85 @@ def test_bad_input_names_the_parameter(tmp_path):
 
 # ---------------------------------------------------------------- the command line
 
+TINY_FLAGS = ['--steps', '1', '--batch_size', '2', '--min_size', '64', '--test_size', '64', '--max_size', '64', '--device', 'cpu',
+              '--num_workers', '0']
+
+
+def cli(*argv):
+    return subprocess.run([sys.executable, '-m', 'pixpro_rs.detection', *map(str, argv)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
 def test_cli_runs_the_voc_protocol(voc, pixpro_run, tmp_path):
     write_voc(voc, {'000011': ((64, 48), [('person', (5, 5, 40, 40), False)])}, split='test')
     out = tmp_path / 'det'
-    cmd = [sys.executable, '-m', 'pixpro_rs.detection', '--voc-root', str(voc), '--weights', str(pixpro_run / 'encoder.safetensors'),
-           '--arch', 'resnetrs_tiny', '--train-sets', '2007-trainval', '--steps', '1', '--batch-size', '2',
-           '--min-size', '64', '--test-size', '64', '--max-size', '64', '--device', 'cpu', '--num-workers', '0',
-           '--output-dir', str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = cli('--dataset', 'voc', '--data', voc, '--init', pixpro_run / 'encoder.safetensors', '--arch', 'resnetrs_tiny',
+            '--train_sets', '2007-trainval', *TINY_FLAGS, '--output_dir', out)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert '2007-test: AP' in r.stdout
+    assert 'voc 2007-test: AP' in r.stdout
     res = json.loads((out / 'results.json').read_text())
     assert res['arch'] == 'resnetrs_tiny' and 0 <= res['AP50'] <= 1 and (out / 'detector.pt').is_file()
-    assert res['config']['steps'] == 1
-    bad = subprocess.run(cmd[:4] + [str(tmp_path / 'nowhere')] + cmd[5:], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and 'nowhere/VOCdevkit/VOC2007 does not exist' in bad.stderr
+    assert res['config']['steps'] == 1 and res['config']['masks'] is False and res['config']['recipe'] == 'voc_fpn_24k'
+    assert json.loads((out / 'config.json').read_text()) == res['config']
+    assert math.isnan(res['per_class']['dog']) and set(res['per_class']) == set(VOC_CLASSES)
+
+
+@pytest.fixture
+def coco(tmp_path):
+    "A COCO-format folder exported from SyntheticScenes: train (4 images) and val (2 images of other scenes)."
+    root = write_coco(tmp_path / 'coco', SceneBoxes(SyntheticScenes(4, 64, num_classes=3, seed=7), masks=True), 'train')
+    return write_coco(root, SceneBoxes(SyntheticScenes(2, 64, num_classes=3, seed=8), masks=True), 'val')
+
+
+def test_cli_runs_mask_rcnn_on_a_coco_folder(coco, pixpro_run, tmp_path):
+    out = tmp_path / 'mask'
+    r = cli('--dataset', 'coco', '--data', coco, '--init', pixpro_run / 'encoder.safetensors', '--arch', 'resnetrs_tiny',
+            '--train_sets', 'train', '--test_set', 'val', *TINY_FLAGS, '--output_dir', out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'coco val: bbox AP' in r.stdout and 'segm AP' in r.stdout
+    res = json.loads((out / 'results.json').read_text())
+    for it in ('bbox', 'segm'):
+        assert set(res[it]) == {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'} and 0 <= res[it]['AP'] <= res[it]['AP50'] <= 1
+    assert res['config']['masks'] is True and res['config']['recipe'] == 'coco_fpn_1x' and res['arch'] == 'resnetrs_tiny'
+    sd = torch.load(out / 'detector.pt', weights_only=True)
+    assert any(k.startswith('roi_heads.mask_predictor.') for k in sd)  # a Mask R-CNN was trained and saved
+    again = cli('--dataset', 'coco', '--data', coco, '--init', pixpro_run / 'encoder.safetensors', '--train_sets', 'train',
+                '--test_set', 'val', *TINY_FLAGS, '--output_dir', out)
+    assert again.returncode == 2 and 'invalid output_dir=' in again.stderr and 'results.json' in again.stderr
+
+
+def test_cli_refuses_an_output_dir_that_is_a_file_before_training(coco, pixpro_run, tmp_path):
+    (tmp_path / 'taken').write_text('not a folder')
+    t = time.time()
+    r = cli('--dataset', 'coco', '--data', coco, '--init', pixpro_run / 'encoder.safetensors', '--train_sets', 'train',
+            '--test_set', 'val', '--steps', '100000', '--device', 'cpu', '--output_dir', tmp_path / 'taken')
+    assert r.returncode == 2 and r.stdout == '', (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines() == [f"python -m pixpro_rs.detection: error: invalid output_dir='{tmp_path / 'taken'}': "
+                                             'expected a folder (this is a file)']
+    assert time.time() - t < 60 and (tmp_path / 'taken').read_text() == 'not a folder'  # 100000 steps were never started
+
+
+@pytest.mark.parametrize('argv, name', [
+    (['--dataset', 'kitti'], 'dataset'),
+    (['--dataset', 'coco', '--data', 'MISSING'], 'data'),
+    (['--dataset', 'coco', '--data', 'COCO', '--train_sets', 'train', '--test_set', 'val', '--batch_size', '0'], 'batch_size'),
+    (['--dataset', 'coco', '--data', 'COCO', '--train_sets', 'train', '--test_set', 'test'], 'data'),  # no such split
+    (['--dataset', 'coco', '--data', 'COCO', '--train_sets', 'train', '--test_set', 'val', '--init', 'MISSING'], 'init'),
+    (['--dataset', 'voc', '--data', 'COCO', '--train_sets', '2007'], 'train_sets'),
+])
+def test_cli_bad_input_is_one_line_naming_the_parameter(argv, name, coco, tmp_path, capsys):
+    "The same `main` as `python -m pixpro_rs.detection`, in process (the subprocess path is tested above)."
+    argv = [str(coco) if a == 'COCO' else str(tmp_path / 'missing') if a == 'MISSING' else a for a in argv]
+    code = main(argv + ['--output_dir', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f'python -m pixpro_rs.detection: error: invalid {name}=') and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / 'out').exists()  # refused before anything was written
+
+
+def test_help_everywhere():
+    "`python -m`, the console script and the file as a script give the same help, with every parameter."
+    for cmd in ([sys.executable, '-m', 'pixpro_rs.detection', '--help'], ['pixpro-detect', '--help'],
+                [sys.executable, 'pixpro_rs/detection.py', '--help']):
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        for name in DET_PARAMETERS: assert f'--{name}' in r.stdout, (cmd, name)
