@@ -81,6 +81,13 @@
 # /data/imagenet/train --mixed_precision bf16`. The [Train](train.ipynb) notebook gives the full-scale commands
 # and their expected cost. Runs resume from their `output_dir` when started again.
 #
+# A pretrained encoder transfers with the same conventions (`--help` lists every parameter; `--config params.yaml`
+# reads them from a file): `pixpro-finetune --init runs/.../encoder.safetensors` (ResNet-RS's supervised recipe),
+# `pixpro-segment --recipe voc_aug_30k --data /data/VOCdevkit/VOC2012 --init ...` (MoCo's FCN protocol; also
+# `cityscapes_90k`) and `pixpro-detect --dataset coco --data /data/coco --init ... --output_dir runs/coco_1x`
+# (Mask R-CNN, COCOeval; `--dataset voc` for Faster R-CNN on Pascal VOC). Without a dataset, each chapter runs the
+# same code on SyntheticScenes in a few CPU minutes.
+#
 # The docs site is built by `bash tools/docs.sh`: with Quarto on `PATH` it runs `nbdev_docs`; without it (as on
 # our CI machines) it builds the same chapters offline with Sphinx into `_docs/`.
 
