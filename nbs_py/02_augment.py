@@ -10,6 +10,7 @@
 #| export
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -168,7 +169,6 @@ frac = boxes[:, 2] * boxes[:, 3] / (375 * 500)
 assert frac.min() > 0.07 and frac.max() <= 1.0, (frac.min(), frac.max())
 test_eq(sample_crop(10, 1000), (0, 493, 10, 13))  # too wide for any ratio: the centre fallback, 10 x round(10*4/3)
 
-
 # %% [markdown]
 # ## Colour operations on float tensors
 #
@@ -178,7 +178,29 @@ test_eq(sample_crop(10, 1000), (0, 493, 10, 13))  # too wide for any ratio: the 
 # a view together). A hue shift keeps each pixel's maximum $V$ and minimum $m$, so the result can be written
 # directly from the standard HSV-to-RGB formula: with chroma $C = V - m$ and hue $h \in [0, 6)$ after the shift,
 #
-# $$c_n = V - C \,\mathrm{clamp}(\min(k_n, 4 - k_n), 0, 1), \qquad k_n = (n + h) \bmod 6, \quad n = 5, 3, 1 \text{ for R, G, B}.$$
+# $$c_n = m + C\,\mathrm{clamp}(f_n(h), 0, 1), \qquad f_R = |h - 3| - 1,\quad f_G = 2 - |h - 2|,\quad f_B = 2 - |h - 4|.$$
+#
+# Only $h$ needs the wrap-around (one `remainder` on an [H, W] plane); the three channels then take an absolute
+# value, a sign, an offset and a clamp each. Measured in the benchmark chapter, this form is 1.4x faster per call
+# than our first one ($c_n = V - C\,\mathrm{clamp}(\min(k_n, 4 - k_n), 0, 1)$ with $k_n = (n + h) \bmod 6$, a
+# `remainder` over all three channels), and both agree with torchvision to float rounding.
+
+# %%
+#| exports
+_HUE_RGB = ((3., 2., 4.), (1., -1., -1.), (-1., 2., 2.))  # f_n(h) = sign_n |h - off_n| + base_n for R, G, B
+
+@functools.lru_cache(maxsize=None)
+def _hue_tents(device:torch.device, dtype:torch.dtype) -> tuple[Tensor, ...]:  # off, sign, base [3, 1, 1]
+    "`_HUE_RGB` as tensors, made once per device and dtype (no host-to-device copy per call on a GPU)."
+    return tuple(torch.tensor(v, dtype=dtype).view(3, 1, 1).to(device) for v in _HUE_RGB)
+
+
+# %%
+h_ = torch.linspace(0, 6, 13)[:-1].view(1, 1, -1)  # R, G, B at h' = 0, 0.5, ..., 5.5: the hue circle's tents
+off, sign, base = _hue_tents(torch.device('cpu'), torch.float32)
+test_eq(((h_ - off).abs() * sign + base).clamp(0, 1)[:, 0, ::2], torch.tensor([[1., 1, 0, 0, 0, 1], [0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1]]))
+assert _hue_tents(torch.device('cpu'), torch.float32)[0] is off  # made once
+
 
 # %%
 #| exports
@@ -189,10 +211,11 @@ def adjust_hue(x:Tensor,  # [3, H, W] float RGB in [0, 1]
     r, g, b = x.unbind(0)  # each [H, W]
     mx, mn = x.amax(0), x.amin(0)
     c = mx - mn  # chroma
-    inv = c.clamp(min=1e-12).reciprocal()  # where c == 0 every difference below is 0 too
-    h = torch.where(mx == r, (g - b) * inv, torch.where(mx == g, (b - r) * inv + 2, (r - g) * inv + 4))  # [-1, 5]
-    k = (torch.tensor([5., 3., 1.]).view(3, 1, 1) + (h + 6 * hue)).remainder_(6)  # [3, H, W]
-    return mx - c * torch.minimum(k, 4 - k).clamp_(0, 1)
+    inv = c.clamp(min=1e-12).reciprocal_()  # where c == 0 every difference below is 0 too
+    h = torch.where(mx == r, (g - b).mul_(inv), torch.where(mx == g, (b - r).mul_(inv).add_(2), (r - g).mul_(inv).add_(4)))  # [-1, 5]
+    h = h.add_(6 * hue).remainder_(6)  # the shifted hue, in [0, 6)
+    off, sign, base = _hue_tents(x.device, x.dtype)
+    return (h - off).abs_().mul_(sign).add_(base).clamp_(0, 1).mul_(c).add_(mn)  # f_R, f_G, f_B, then m + C f
 
 
 # %%
@@ -201,6 +224,8 @@ for hshift in (-0.5, -0.1, 0.0, 0.03, 0.1, 0.5):
     test_close(adjust_hue(x, hshift), F.adjust_hue(x, hshift), eps=1e-5)
 grey = torch.rand(1, 8, 8).expand(3, -1, -1)
 test_eq(adjust_hue(grey, 0.3), grey)  # no chroma: nothing to rotate
+prim = torch.eye(3).view(3, 3, 1, 1)  # pure red, green, blue: a third of a turn sends each to the next
+test_close(torch.stack([adjust_hue(p, 1 / 3) for p in prim]), prim[[1, 2, 0]], eps=1e-6)
 
 
 # %% [markdown]

@@ -33,7 +33,7 @@ import time
 import numpy as np
 import matplotlib.pyplot as plt
 from torch.utils.data import default_collate
-from pixpro_rs.augment import adjust_hue, apply_view, color_jitter, gaussian_blur, pil_blur_kernel, sample_jitter
+from pixpro_rs.augment import _hue_tents, adjust_hue, apply_view, color_jitter, gaussian_blur, pil_blur_kernel, sample_jitter
 from pixpro_rs.data import SyntheticScenes
 
 # %% [markdown]
@@ -248,8 +248,8 @@ test_eq(batch_blend(xb, zero, torch.ones(5)), xb)
 # ### Hue
 #
 # `adjust_hue` of the augmentation chapter rotates the hue with the closed form
-# $c_n = V - C\,\mathrm{clamp}(\min(k_n, 4-k_n), 0, 1)$, $k_n = (n + h + 6\,\Delta h) \bmod 6$. It is already
-# branch-free, so batching it only means a channel axis at 1 and a shift $\Delta h$ per sample.
+# $c_n = m + C\,\mathrm{clamp}(f_n(h'), 0, 1)$, $h' = (h + 6\,\Delta h) \bmod 6$, $f_n$ a tent of $h'$ per channel.
+# It is already branch-free, so batching it only means a channel axis at 1 and a shift $\Delta h$ per sample.
 
 # %%
 #| exports
@@ -260,11 +260,11 @@ def batch_hue(x:Tensor,  # [B, 3, H, W] float RGB in [0, 1]
     r, g, b = x.unbind(1)  # each [B, H, W]
     mx, mn = x.amax(1), x.amin(1)
     c = mx - mn  # chroma
-    inv = c.clamp(min=1e-12).reciprocal()
-    h = torch.where(mx == r, (g - b) * inv, torch.where(mx == g, (b - r) * inv + 2, (r - g) * inv + 4))  # [B, H, W]
-    n = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1 for R, G, B
-    k = (n + (h.unsqueeze(1) + 6 * hue.view(-1, 1, 1, 1))).remainder_(6)  # [B, 3, H, W]
-    return mx.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
+    inv = c.clamp(min=1e-12).reciprocal_()
+    h = torch.where(mx == r, (g - b).mul_(inv), torch.where(mx == g, (b - r).mul_(inv).add_(2), (r - g).mul_(inv).add_(4)))  # [B, H, W]
+    h = h.add_(6 * hue.view(-1, 1, 1)).remainder_(6).unsqueeze(1)  # the shifted hue, [B, 1, H, W] in [0, 6)
+    off, sign, base = _hue_tents(x.device, x.dtype)  # [3, 1, 1]: broadcast over [B, 1, H, W]
+    return (h - off).abs_().mul_(sign).add_(base).clamp_(0, 1).mul_(c.unsqueeze(1)).add_(mn.unsqueeze(1))
 
 
 # %%

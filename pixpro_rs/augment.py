@@ -5,6 +5,7 @@
 # %% ../nbs/02_augment.ipynb #c91cd55f
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -65,6 +66,14 @@ def sample_crop(img_h:int,  # H of the image
     return (img_h - h) // 2, (img_w - w) // 2, h, w
 
 # %% ../nbs/02_augment.ipynb #15b525a2
+_HUE_RGB = ((3., 2., 4.), (1., -1., -1.), (-1., 2., 2.))  # f_n(h) = sign_n |h - off_n| + base_n for R, G, B
+
+@functools.lru_cache(maxsize=None)
+def _hue_tents(device:torch.device, dtype:torch.dtype) -> tuple[Tensor, ...]:  # off, sign, base [3, 1, 1]
+    "`_HUE_RGB` as tensors, made once per device and dtype (no host-to-device copy per call on a GPU)."
+    return tuple(torch.tensor(v, dtype=dtype).view(3, 1, 1).to(device) for v in _HUE_RGB)
+
+# %% ../nbs/02_augment.ipynb #460c4c9f
 def adjust_hue(x:Tensor,  # [3, H, W] float RGB in [0, 1]
                hue:float,  # shift in turns, in [-0.5, 0.5]
               ) -> Tensor:  # [3, H, W]
@@ -72,10 +81,11 @@ def adjust_hue(x:Tensor,  # [3, H, W] float RGB in [0, 1]
     r, g, b = x.unbind(0)  # each [H, W]
     mx, mn = x.amax(0), x.amin(0)
     c = mx - mn  # chroma
-    inv = c.clamp(min=1e-12).reciprocal()  # where c == 0 every difference below is 0 too
-    h = torch.where(mx == r, (g - b) * inv, torch.where(mx == g, (b - r) * inv + 2, (r - g) * inv + 4))  # [-1, 5]
-    k = (torch.tensor([5., 3., 1.]).view(3, 1, 1) + (h + 6 * hue)).remainder_(6)  # [3, H, W]
-    return mx - c * torch.minimum(k, 4 - k).clamp_(0, 1)
+    inv = c.clamp(min=1e-12).reciprocal_()  # where c == 0 every difference below is 0 too
+    h = torch.where(mx == r, (g - b).mul_(inv), torch.where(mx == g, (b - r).mul_(inv).add_(2), (r - g).mul_(inv).add_(4)))  # [-1, 5]
+    h = h.add_(6 * hue).remainder_(6)  # the shifted hue, in [0, 6)
+    off, sign, base = _hue_tents(x.device, x.dtype)
+    return (h - off).abs_().mul_(sign).add_(base).clamp_(0, 1).mul_(c).add_(mn)  # f_R, f_G, f_B, then m + C f
 
 # %% ../nbs/02_augment.ipynb #29afcf56
 def sample_jitter(brightness:float=0.4,  # factor drawn in [max(0, 1-b), 1+b]

@@ -85,11 +85,11 @@ def batch_hue(x:Tensor,  # [B, 3, H, W] float RGB in [0, 1]
     r, g, b = x.unbind(1)  # each [B, H, W]
     mx, mn = x.amax(1), x.amin(1)
     c = mx - mn  # chroma
-    inv = c.clamp(min=1e-12).reciprocal()
-    h = torch.where(mx == r, (g - b) * inv, torch.where(mx == g, (b - r) * inv + 2, (r - g) * inv + 4))  # [B, H, W]
-    n = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1 for R, G, B
-    k = (n + (h.unsqueeze(1) + 6 * hue.view(-1, 1, 1, 1))).remainder_(6)  # [B, 3, H, W]
-    return mx.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
+    inv = c.clamp(min=1e-12).reciprocal_()
+    h = torch.where(mx == r, (g - b).mul_(inv), torch.where(mx == g, (b - r).mul_(inv).add_(2), (r - g).mul_(inv).add_(4)))  # [B, H, W]
+    h = h.add_(6 * hue.view(-1, 1, 1)).remainder_(6).unsqueeze(1)  # the shifted hue, [B, 1, H, W] in [0, 6)
+    off, sign, base = _hue_tents(x.device, x.dtype)  # [3, 1, 1]: broadcast over [B, 1, H, W]
+    return (h - off).abs_().mul_(sign).add_(base).clamp_(0, 1).mul_(c.unsqueeze(1)).add_(mn.unsqueeze(1))
 
 # %% ../nbs/12_gpu_augment.ipynb #aa24cbad
 def _blend_at(y:Tensor, order:Tensor, factors:Tensor, k:int, apply:Tensor) -> Tensor:
