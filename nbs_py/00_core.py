@@ -499,6 +499,8 @@ class RunLock:
         if self.fd is not None: raise RuntimeError(f'{self.path} is already held by this RunLock')
         try: self.folder.mkdir(parents=True); self.created = True
         except FileExistsError: self.created = False
+        except OSError as e: raise ConfigError('output_dir', str(self.folder), f'a folder we can create ({e.strerror})') from None
+        if not self.folder.is_dir(): raise ConfigError('output_dir', str(self.folder), 'a folder (this is a file)')
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -558,6 +560,11 @@ with tempfile.TemporaryDirectory() as d:
         test_fail(lambda: RunLock(run).acquire(), contains="invalid output_dir=")
         test_eq(sorted(f.name for f in run.iterdir()), ['.lock'])
     assert not run.exists()  # the lock created it, it is empty: removed
+    (Path(d)/'file').write_text('x')  # a file where the folder should be, or above it: refused by name, untouched
+    test_fail(lambda: RunLock(Path(d)/'file').acquire(), contains="invalid output_dir=")
+    test_fail(lambda: RunLock(Path(d)/'file').acquire(), contains="(this is a file)")
+    test_fail(lambda: RunLock(Path(d)/'file'/'run').acquire(), contains="a folder we can create")
+    test_eq((Path(d)/'file').read_text(), 'x')
     run.mkdir(); (run/'metrics.jsonl').write_text('{}\n')
     lock = RunLock(run).acquire(); assert not lock.created
     lock.release(); lock.release()  # a second release does nothing

@@ -219,6 +219,8 @@ class RunLock:
         if self.fd is not None: raise RuntimeError(f'{self.path} is already held by this RunLock')
         try: self.folder.mkdir(parents=True); self.created = True
         except FileExistsError: self.created = False
+        except OSError as e: raise ConfigError('output_dir', str(self.folder), f'a folder we can create ({e.strerror})') from None
+        if not self.folder.is_dir(): raise ConfigError('output_dir', str(self.folder), 'a folder (this is a file)')
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -248,3 +248,14 @@ def test_yaml_no_is_mixed_precision_no(tmp_path):
     r = run(TRAIN + ['--config', str(tmp_path/'p.yaml'), '--output_dir', str(tmp_path/'run')])
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path/'run'/'config.json').read_text())['mixed_precision'] == 'no'
+
+
+@pytest.mark.parametrize('command', ['pixpro-train', 'pixpro-finetune', 'pixpro-segment'])
+@pytest.mark.parametrize('where', ['file', 'file/run'])
+def test_output_dir_that_is_a_file_exit_2(tmp_path, command, where):
+    "An output_dir that is a file, or lies under one, is refused in one line naming output_dir (exit 2); the file is untouched."
+    (tmp_path/'file').write_text('keep')
+    r = run([command, '--output_dir', str(tmp_path/where)])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and 'invalid output_dir=' in lines[0], (r.returncode, r.stderr[-2000:])
+    assert (tmp_path/'file').read_text() == 'keep' and sorted(p.name for p in tmp_path.iterdir()) == ['file']
