@@ -1350,12 +1350,13 @@ fig.suptitle('Figure 5: Mask R-CNN after 80 steps on exported COCO-format scenes
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# In the execution stored with this chapter (our shared 2-core machine, one thread), the 80 steps took 32 s, the loss
-# fell from 2.82 (mean of the first 10 steps) to 2.14 (last 10) and `loss_mask` from 0.89 to 0.60, and COCOeval gave
-# bbox AP 0.007 (AP50 0.031) and segm AP 0.008 (AP50 0.031) on the 24 validation scenes (the printed tables above are
+# In the execution stored with this chapter (our shared 2-core machine, one thread), the 80 steps took 25 s, the loss
+# fell from 2.82 (mean of the first 10 steps) to 2.20 (last 10) and `loss_mask` from 0.89 to 0.59, and COCOeval gave
+# bbox AP 0.009 (AP50 0.028) and segm AP 0.007 (AP50 0.030) on the 24 validation scenes (the printed tables above are
 # that run's). Near zero, as expected of 80 steps from a backbone pretrained for one step: the demo shows that boxes
 # and masks flow through training, `coco_results` and COCOeval, not that the detector is good. Figure 5 therefore
-# shows the three best detections per image: in the stored run they score 0.11 to 0.19, mostly as `disc stripes`.
+# shows the three best detections per image: in the stored run they score 0.13 to 0.31, mostly as `disc stripes`
+# and `triangle dots`.
 # COCO's area ranges are meant for real photographs: at 96 px nearly every object is "small" (under $32^2$ pixels),
 # so APs/APm/APl say little here.
 
@@ -1699,7 +1700,7 @@ _DET_TYPES = {f.name: (bool if f.name in ('masks', 'use_07_metric', 'overwrite')
 
 def cli_parser() -> argparse.ArgumentParser:
     "The command line's parser: one flag per `DetectionConfig` field, with the detection glossary as help."
-    return config_parser(DetectionConfig, 'python -m pixpro_rs.detection', 'Detection transfer (pixpro_rs): fine-tune '
+    return config_parser(DetectionConfig, 'pixpro-detect', 'Detection transfer (pixpro_rs): fine-tune '
                          'Faster R-CNN on Pascal VOC or Mask R-CNN on COCO from a PixPro checkpoint, evaluate with VOC AP '
                          'or COCOeval. Parameters left out take the recipe\'s values; see the detection chapter.',
                          _DET_TYPES, DETECTION_GLOSSARY, DET_RECIPE_FIELDS)

@@ -728,7 +728,7 @@ _DET_TYPES = {f.name: (bool if f.name in ('masks', 'use_07_metric', 'overwrite')
 
 def cli_parser() -> argparse.ArgumentParser:
     "The command line's parser: one flag per `DetectionConfig` field, with the detection glossary as help."
-    return config_parser(DetectionConfig, 'python -m pixpro_rs.detection', 'Detection transfer (pixpro_rs): fine-tune '
+    return config_parser(DetectionConfig, 'pixpro-detect', 'Detection transfer (pixpro_rs): fine-tune '
                          'Faster R-CNN on Pascal VOC or Mask R-CNN on COCO from a PixPro checkpoint, evaluate with VOC AP '
                          'or COCOeval. Parameters left out take the recipe\'s values; see the detection chapter.',
                          _DET_TYPES, DETECTION_GLOSSARY, DET_RECIPE_FIELDS)

@@ -490,7 +490,7 @@ _SEG_TYPES = {f.name: (bool if f.name in SEG_BOOLS else int if f.name in _SEG_IN
 
 def segment_parser() -> argparse.ArgumentParser:
     "The command line's parser: one flag per `SegmentConfig` field, with the glossary as help."
-    return config_parser(SegmentConfig, 'python -m pixpro_rs.segmentation', 'Semantic segmentation transfer (dilated '
+    return config_parser(SegmentConfig, 'pixpro-segment', 'Semantic segmentation transfer (dilated '
                          'FCN-16s, MoCo\'s protocol) from a PixPro encoder or from scratch (pixpro_rs). Parameters left '
                          'out take the recipe\'s values; see the segmentation chapter.', _SEG_TYPES, SEGMENT_GLOSSARY,
                          SEG_RECIPE_FIELDS)

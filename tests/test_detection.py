@@ -242,7 +242,7 @@ def test_cli_refuses_an_output_dir_that_is_a_file_before_training(coco, pixpro_r
     r = cli('--dataset', 'coco', '--data', coco, '--init', pixpro_run / 'encoder.safetensors', '--train_sets', 'train',
             '--test_set', 'val', '--steps', '100000', '--device', 'cpu', '--output_dir', tmp_path / 'taken')
     assert r.returncode == 2 and r.stdout == '', (r.stdout, r.stderr)
-    assert r.stderr.strip().splitlines() == [f"python -m pixpro_rs.detection: error: invalid output_dir='{tmp_path / 'taken'}': "
+    assert r.stderr.strip().splitlines() == [f"pixpro-detect: error: invalid output_dir='{tmp_path / 'taken'}': "
                                              'expected a folder (this is a file)']
     assert time.time() - t < 60 and (tmp_path / 'taken').read_text() == 'not a folder'  # 100000 steps were never started
 
@@ -260,7 +260,7 @@ def test_cli_bad_input_is_one_line_naming_the_parameter(argv, name, coco, tmp_pa
     argv = [str(coco) if a == 'COCO' else str(tmp_path / 'missing') if a == 'MISSING' else a for a in argv]
     code = main(argv + ['--output_dir', str(tmp_path / 'out')])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith(f'python -m pixpro_rs.detection: error: invalid {name}=') and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and err.startswith(f'pixpro-detect: error: invalid {name}=') and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / 'out').exists()  # refused before anything was written
 
 
