@@ -35,7 +35,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FeaturePyramidNetwork, box_iou
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -48,12 +48,13 @@ from .resnet_rs import MODEL_NAMES, create_model
 from .train import _bool, _int, _merged, _read_config, config_parser, run_command, run_differences
 
 # %% auto #0
-__all__ = ['NORMS', 'STAGES', 'TINY', 'VOC_CLASSES', 'COCO_STATS', 'DETECTION_DATASETS', 'DETECTION_RECIPES', 'DEFAULT_RECIPES',
-           'DETECTION_GLOSSARY', 'DET_PARAMETERS', 'DET_RECIPE_FIELDS', 'connected_components', 'instance_boxes',
-           'instance_masks', 'SceneBoxes', 'PyramidFPN', 'frozen_bn', 'freeze_backbone', 'build_detector', 'hflip',
-           'finetune_detector', 'voc_ap', 'class_ap', 'mean_ap', 'predict', 'evaluate_detector', 'voc_target',
-           'VOCBoxes', 'write_coco', 'CocoBoxes', 'coco_results', 'coco_eval', 'evaluate_coco', 'DetectionConfig',
-           'resolve_detection_config', 'check_detection_dir', 'run_detection', 'cli_parser', 'main']
+__all__ = ['NORMS', 'STAGES', 'DETECTOR_HEADS', 'TINY', 'VOC_CLASSES', 'COCO_STATS', 'DETECTION_DATASETS', 'DETECTION_RECIPES',
+           'DEFAULT_RECIPES', 'DETECTION_GLOSSARY', 'DET_PARAMETERS', 'DET_RECIPE_FIELDS', 'connected_components',
+           'instance_boxes', 'instance_masks', 'SceneBoxes', 'PyramidFPN', 'frozen_bn', 'freeze_backbone', 'C4Body',
+           'Res5Head', 'build_detector', 'hflip', 'finetune_detector', 'voc_ap', 'class_ap', 'mean_ap', 'predict',
+           'evaluate_detector', 'voc_target', 'VOCBoxes', 'write_coco', 'CocoBoxes', 'coco_results', 'coco_eval',
+           'evaluate_coco', 'DetectionConfig', 'resolve_detection_config', 'check_detection_dir', 'run_detection',
+           'cli_parser', 'main']
 
 # %% ../nbs/09_detection.ipynb #e5113726
 def connected_components(labels:Tensor,  # [H, W] integer class map, 0 = background
@@ -164,6 +165,26 @@ def freeze_backbone(backbone:nn.Module,  # from `create_model(arch, num_classes=
     return backbone
 
 # %% ../nbs/09_detection.ipynb #22837d21
+class C4Body(nn.Module):
+    "The C4 detectors' trunk: our backbone's stem and C2..C4 (its `layer4` removed: it becomes the box head)."
+    def __init__(self, backbone:nn.Module):  # `create_model(arch, num_classes=0)` or `load_backbone`; its layer4 is taken out
+        super().__init__()
+        self.res5 = [backbone.layer4]  # in a list: handed to the head, not registered (and saved) twice
+        backbone.layer4 = nn.Identity()
+        self.body, self.out_channels = backbone, backbone.pyramid_channels[2]
+    def forward(self, x:Tensor) -> OrderedDict:  # [N, 3, H, W] normalised -> {'0': C4 [N, out_channels, H/16, W/16]}
+        b = self.body
+        return OrderedDict([('0', b.layer3(b.layer2(b.layer1(b.stem(x)))))])
+
+class Res5Head(nn.Module):
+    "The C4 box head: C5 on each pooled region, then the average pool: [R, C, 14, 14] -> [R, C5 channels]."
+    def __init__(self, layer4:nn.Module):
+        super().__init__(); self.layer4 = layer4
+    def forward(self, x:Tensor) -> Tensor: return self.layer4(x).mean((2, 3))
+
+# %% ../nbs/09_detection.ipynb #f4e1da29
+DETECTOR_HEADS = ('fpn', 'c4')
+
 def build_detector(arch:str|None=None,  # backbone name; None: the one saved in `weights`
                    num_classes:int=20,  # K object classes (VOC: 20); the detector predicts K + 1 with the background
                    weights:str|Path|nn.Module|None=None,  # PixPro checkpoint / encoder.safetensors / module; None: random init
@@ -175,15 +196,16 @@ def build_detector(arch:str|None=None,  # backbone name; None: the one saved in 
                    anchor_sizes:tuple=(32, 64, 128, 256, 512),  # one anchor size per level P2..P6, in pixels
                    representation_size:int=1024,  # units of the box head's two fully connected layers
                    masks:bool=False,  # True: Mask R-CNN (a mask branch beside the box head); False: Faster R-CNN
-                   mask_channels:int=256,  # channels of the mask head's four convolutions (masks=True)
+                   mask_channels:int=256,  # channels of the mask head's four convolutions (masks=True; C4: of its upsampling)
+                   head:str='fpn',  # 'fpn': C2..C5 + FPN; 'c4': detectron2's C4 (RPN and pooling on C4, C5 as the box head)
                    **kwargs,  # passed to torchvision's FasterRCNN / MaskRCNN (rpn_*, box_* settings)
                   ) -> FasterRCNN:
-    "torchvision's Faster R-CNN (or Mask R-CNN) on our backbone (C2..C5) + FPN, from a PixPro checkpoint or random init."
+    "torchvision's Faster R-CNN (or Mask R-CNN) on our backbone (FPN or C4), from a PixPro checkpoint or random init."
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError('num_classes', num_classes, 'an integer >= 1 (object classes, without the background)')
     check_positive('out_channels', out_channels); check_positive('representation_size', representation_size)
-    check_positive('mask_channels', mask_channels); masks = _bool('masks', masks)
-    if len(anchor_sizes) != 5: raise ConfigError('anchor_sizes', anchor_sizes, 'five sizes, one per level P2..P6')
+    check_positive('mask_channels', mask_channels); masks = _bool('masks', masks); check_choice('head', head, DETECTOR_HEADS)
+    if len(anchor_sizes) != 5: raise ConfigError('anchor_sizes', anchor_sizes, 'five sizes (per level P2..P6 with FPN; all on C4 with C4)')
     if weights is None:
         if arch is None: raise ConfigError('arch', None, 'a backbone name when there are no weights to read it from')
         backbone, norm, trainable_layers = create_model(arch, num_classes=0), norm or 'bn', 5 if trainable_layers is None else trainable_layers
@@ -194,6 +216,15 @@ def build_detector(arch:str|None=None,  # backbone name; None: the one saved in 
         backbone, norm = load_backbone(weights, arch), norm or 'frozen'
         trainable_layers = 3 if trainable_layers is None else trainable_layers
     backbone = freeze_backbone(backbone.train(), trainable_layers, norm)
+    if head == 'c4': model = _c4_detector(backbone, num_classes, masks, anchor_sizes, mask_channels, min_size, max_size, kwargs)
+    else: model = _fpn_detector(backbone, num_classes, masks, anchor_sizes, out_channels, representation_size, mask_channels,
+                                min_size, max_size, kwargs)
+    model.arch, model.num_classes, model.pretrain_config = backbone.arch, num_classes, getattr(backbone, 'pretrain_config', None)
+    model.head = head
+    return model
+
+def _fpn_detector(backbone, num_classes, masks, anchor_sizes, out_channels, representation_size, mask_channels, min_size,
+                  max_size, kwargs):
     fpn = PyramidFPN(backbone, out_channels)  # created first: the random init of a Faster R-CNN is the same as before masks existed
     heads = dict(rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5),
                  box_head=TwoMLPHead(out_channels * 7 * 7, representation_size),
@@ -203,8 +234,18 @@ def build_detector(arch:str|None=None,  # backbone name; None: the one saved in 
     model = (MaskRCNN if masks else FasterRCNN)(fpn, num_classes=None, min_size=min_size,
                                                 max_size=max_size, image_mean=list(IMAGENET_MEAN),
                                                 image_std=list(IMAGENET_STD), **heads, **kwargs)
-    model.arch, model.num_classes, model.pretrain_config = backbone.arch, num_classes, getattr(backbone, 'pretrain_config', None)
     return model
+
+def _c4_detector(backbone, num_classes, masks, anchor_sizes, mask_channels, min_size, max_size, kwargs):
+    body = C4Body(backbone)
+    res5, width = body.res5[0], backbone.pyramid_channels[3]
+    heads = dict(rpn_anchor_generator=AnchorGenerator((tuple(anchor_sizes),), ((0.5, 1.0, 2.0),)),  # 15 anchors on C4
+                 box_roi_pool=MultiScaleRoIAlign(['0'], 14, sampling_ratio=0), box_head=Res5Head(res5),
+                 box_predictor=FastRCNNPredictor(width, num_classes + 1))
+    if masks: heads.update(mask_roi_pool=MultiScaleRoIAlign(['0'], 14, sampling_ratio=0), mask_head=res5,  # C5 shared
+                           mask_predictor=MaskRCNNPredictor(width, mask_channels, num_classes + 1))
+    return (MaskRCNN if masks else FasterRCNN)(body, num_classes=None, min_size=min_size, max_size=max_size,
+                                               image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), **heads, **kwargs)
 
 # %% ../nbs/09_detection.ipynb #f664b22f
 def hflip(image:Tensor, target:dict) -> tuple[Tensor, dict]:
@@ -532,21 +573,25 @@ def evaluate_coco(model:FasterRCNN,  # a detector in torchvision's format (Mask 
 DETECTION_DATASETS = ('voc', 'coco')
 _TRAIN_SIZES = lambda lo: ','.join(str(s) for s in range(lo, 801, 32))  # '480,512,...,800'
 DETECTION_RECIPES = {  # the schedules of the paper's detectron2 configs (see the table above)
-    'voc_fpn_24k': dict(dataset='voc', steps=24000, batch_size=16, lr=0.02, warmup_steps=100, milestones=[18 / 24, 22 / 24],
+    'voc_fpn_24k': dict(dataset='voc', head='fpn', steps=24000, batch_size=16, lr=0.02, warmup_steps=100, milestones=[18 / 24, 22 / 24],
                         min_size=_TRAIN_SIZES(480), test_size=800, max_size=1333, train_sets='2007-trainval,2012-trainval',
                         test_set='2007-test'),
-    'coco_fpn_1x': dict(dataset='coco', steps=90000, batch_size=16, lr=0.02, warmup_steps=1000, milestones=[60 / 90, 80 / 90],
+    'coco_fpn_1x': dict(dataset='coco', head='fpn', steps=90000, batch_size=16, lr=0.02, warmup_steps=1000, milestones=[60 / 90, 80 / 90],
                         min_size=_TRAIN_SIZES(640), test_size=800, max_size=1333, train_sets='train2017', test_set='val2017'),
 }
+DETECTION_RECIPES |= {  # the same schedules on the C4 detectors (the paper's VOC row and its other COCO row)
+    'voc_c4_24k': DETECTION_RECIPES['voc_fpn_24k'] | dict(head='c4'),
+    'coco_c4_1x': DETECTION_RECIPES['coco_fpn_1x'] | dict(head='c4')}
 DEFAULT_RECIPES = {'voc': 'voc_fpn_24k', 'coco': 'coco_fpn_1x'}
 
 # %% ../nbs/09_detection.ipynb #f33c5828
 DETECTION_GLOSSARY = {**GLOSSARY,
     'dataset': "'voc' (Pascal VOC, Faster R-CNN, VOC AP) or 'coco' (COCO format, Mask R-CNN, COCOeval bbox and segm AP)",
     'data': "the dataset's root: for voc the folder holding VOCdevkit/, for coco the folder holding annotations/ and the split folders",
-    'recipe': "a detection schedule of DETECTION_RECIPES: 'voc_fpn_24k' or 'coco_fpn_1x' (default: the dataset's)",
+    'recipe': "a detection schedule of DETECTION_RECIPES: 'voc_fpn_24k', 'voc_c4_24k', 'coco_fpn_1x' or 'coco_c4_1x' (default: the dataset's FPN one)",
     'init': "'scratch' (random init, needs arch) or a PixPro checkpoint (its online encoder) or an encoder.safetensors",
     'masks': "Mask R-CNN (a mask branch) instead of Faster R-CNN; default: true for coco, false for voc",
+    'head': "'fpn' (C2..C5 + FPN) or 'c4' (detectron2's R50-C4: RPN and pooling on C4, C5 as the box head); default: the recipe's",
     'steps': "optimiser steps (iterations)",
     'batch_size': "images per step (one device)",
     'lr': "peak learning rate for batch_size images (detectron2: 0.02 for 16)",
@@ -573,6 +618,7 @@ class DetectionConfig:
     arch: str|None = None  # None: the one saved with init
     init: str = 'scratch'  # 'scratch' or a PixPro checkpoint / encoder.safetensors
     masks: bool|None = None  # None: True for coco, False for voc
+    head: str|None = None  # 'fpn' or 'c4' (None: the recipe's)
     steps: int|None = None
     batch_size: int|None = None
     lr: float|None = None
@@ -593,7 +639,7 @@ class DetectionConfig:
     overwrite: bool = False
 
 DET_PARAMETERS = tuple(f.name for f in dataclasses.fields(DetectionConfig))
-DET_RECIPE_FIELDS = ('steps', 'batch_size', 'lr', 'warmup_steps', 'milestones', 'min_size', 'test_size', 'max_size',
+DET_RECIPE_FIELDS = ('head', 'steps', 'batch_size', 'lr', 'warmup_steps', 'milestones', 'min_size', 'test_size', 'max_size',
                      'train_sets', 'test_set')
 
 # %% ../nbs/09_detection.ipynb #2a23999f
@@ -642,7 +688,7 @@ def resolve_detection_config(config:DetectionConfig|dict|None=None,  # the param
     _check_data(p)  # a wrong root is named first: nothing else matters without data
     for k, low in (('steps', 1), ('batch_size', 1), ('warmup_steps', 0), ('test_size', 1), ('max_size', 1),
                    ('num_workers', 0), ('seed', 0)): p[k] = _int(k, p[k], low)
-    check_positive('lr', p['lr'])
+    check_positive('lr', p['lr']); check_choice('head', p['head'], DETECTOR_HEADS)
     p['milestones'], p['min_size'] = _numbers('milestones', p['milestones'], float, 0, 1), _numbers('min_size', p['min_size'], int, 1)
     for k in ('use_07_metric', 'overwrite'): p[k] = _bool(k, p[k])
     p['masks'] = p['dataset'] == 'coco' if p['masks'] is None else _bool('masks', p['masks'])
@@ -703,7 +749,8 @@ def run_detection(config:DetectionConfig|dict|None=None,  # the run's parameters
         if c['dataset'] == 'coco' and train_set.classes != test_set.classes:
             raise ConfigError('test_set', c['test_set'], f"a split with the training split's {train_set.num_classes} categories")
         model = build_detector(c['arch'], train_set.num_classes, None if c['init'] == 'scratch' else c['init'],  # 3. model
-                               c['trainable_layers'], c['norm'], min_size=tuple(c['min_size']), max_size=c['max_size'], masks=c['masks'])
+                               c['trainable_layers'], c['norm'], min_size=tuple(c['min_size']), max_size=c['max_size'], masks=c['masks'],
+                               head=c['head'])
         history = finetune_detector(model, train_set, c['steps'], c['batch_size'], c['lr'], warmup_steps=c['warmup_steps'],  # 4. loop
                                     milestones=tuple(c['milestones']), seed=c['seed'], device=c['device'], num_workers=c['num_workers'])
         model.transform.min_size = (c['test_size'],)  # the test size (torchvision uses min_size[-1] in eval mode)

@@ -236,6 +236,20 @@ def test_cli_runs_mask_rcnn_on_a_coco_folder(coco, pixpro_run, tmp_path):
     assert again.returncode == 2 and 'invalid output_dir=' in again.stderr and 'results.json' in again.stderr
 
 
+def test_cli_runs_the_c4_recipes(coco, pixpro_run, tmp_path):
+    "The paper's C4 detectors from the command line: Mask R-CNN C4 on COCO, the checkpoint's C5 as the box head."
+    out = tmp_path / 'c4'
+    r = cli('--dataset', 'coco', '--recipe', 'coco_c4_1x', '--data', coco, '--init', pixpro_run / 'encoder.safetensors',
+            '--train_sets', 'train', '--test_set', 'val', *TINY_FLAGS, '--output_dir', out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / 'results.json').read_text())
+    assert res['config']['head'] == 'c4' and res['config']['steps'] == 1 and 0 <= res['segm']['AP'] <= 1
+    sd = torch.load(out / 'detector.pt', weights_only=True)
+    assert any(k.startswith('roi_heads.box_head.layer4.') for k in sd) and not any(k.startswith('backbone.fpn.') for k in sd)
+    bad = cli('--dataset', 'voc', '--recipe', 'coco_c4_1x', '--data', coco, '--output_dir', tmp_path / 'x')
+    assert bad.returncode == 2 and 'invalid' in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
 def test_cli_refuses_an_output_dir_that_is_a_file_before_training(coco, pixpro_run, tmp_path):
     (tmp_path / 'taken').write_text('not a folder')
     t = time.time()
