@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from pixpro_rs.augment import IMAGENET_MEAN, IMAGENET_STD, PixProAugment, ViewParams, to_rgb_tensor
+from pixpro_rs.augment import IMAGENET_MEAN, IMAGENET_STD, PixProAugment, ViewParams, _hue_tents, to_rgb_tensor
 from pixpro_rs.core import ConfigError
 from pixpro_rs.data import PairLoader, TwoViews, derive_seed, make_loader
 
@@ -33,7 +33,7 @@ import time
 import numpy as np
 import matplotlib.pyplot as plt
 from torch.utils.data import default_collate
-from pixpro_rs.augment import _hue_tents, adjust_hue, apply_view, color_jitter, gaussian_blur, pil_blur_kernel, sample_jitter
+from pixpro_rs.augment import adjust_hue, apply_view, color_jitter, gaussian_blur, pil_blur_kernel, sample_jitter
 from pixpro_rs.data import SyntheticScenes
 
 # %% [markdown]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, PixProAugment, ViewParams, to_rgb_tensor
+from .augment import IMAGENET_MEAN, IMAGENET_STD, PixProAugment, ViewParams, _hue_tents, to_rgb_tensor
 from .core import ConfigError
 from .data import PairLoader, TwoViews, derive_seed, make_loader
 
