@@ -10,6 +10,7 @@
 #| export
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import math
@@ -37,7 +38,10 @@ from fastcore.test import test_eq, test_close, test_fail, test_ne
 from nbdev.showdoc import show_doc
 
 # %%
+import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import matplotlib.pyplot as plt
@@ -719,13 +723,56 @@ def _worker_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL); os.kill(os.getpid(), signal.SIGTERM)  # otherwise: die, as by default
 
 
+# %% [markdown]
+# A process that makes views allocates and frees the same buffers again and again: a 600 KB float view per
+# operation, a 19 MB batch per 32 pairs. glibc's `malloc` serves blocks above its mmap threshold with fresh pages
+# from the kernel and gives freed memory at the top of its heap back once more than its trim threshold is free, so
+# the loop keeps asking the kernel for zeroed pages: page faults, a large share of the time in a virtual machine.
+# (PyTorch's CPU tuning guide suggests an allocator such as jemalloc for the same reason; that needs `LD_PRELOAD`.)
+# `keep_freed_memory` sets both thresholds once (`mallopt`, in the process itself): blocks up to 32 MB come from
+# the heap, and up to 512 MB of freed memory stays in the process for the next batch. The pixels do not change.
+# Where there is no glibc (macOS, Windows, musl) it does nothing and says so. `make_loader` calls it when the views
+# are made in the calling process (`num_workers=0`), and every worker calls it as it starts.
+
+# %%
+#| exports
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+def keep_freed_memory(mmap_threshold:int=32 << 20,  # bytes: larger blocks still get pages of their own
+                      trim_threshold:int=512 << 20,  # bytes of free memory kept before any is returned to the kernel
+                     ) -> bool:  # whether the allocator took the setting (False without glibc)
+    "Ask glibc's malloc to reuse freed memory instead of returning it to the kernel and faulting it back in."
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl has a mallopt that does nothing
+        mallopt = libc.mallopt
+    except (OSError, AttributeError): return False
+    return mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+
+
+# %%
+_faults = '''import resource, sys, torch; from pixpro_rs.data import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == '1' else None
+x = torch.rand(3, 224, 224)
+def batches(n):
+    for _ in range(n): torch.stack([x * 2 + x for _ in range(32)])
+batches(2); f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+batches(10); print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+'''
+runs = {k: subprocess.run([sys.executable, '-c', _faults, k], capture_output=True, text=True, check=True).stdout.split() for k in '01'}
+print(f"page faults in 10 batches of 32 views: {runs['0'][1]} as the process starts, {runs['1'][1]} after keep_freed_memory()")
+if platform.libc_ver()[0] == 'glibc':
+    test_eq(runs['1'][0], 'True'); assert int(runs['1'][1]) < 50, runs
+
+
 # %%
 #| exports
 def _seed_worker(worker_id:int):
-    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; SIGTERM as `hold_worker_sigterm` says."
+    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; SIGTERM as `hold_worker_sigterm` says; `keep_freed_memory`."
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s)
     signal.signal(signal.SIGTERM, _worker_sigterm)
+    keep_freed_memory()
 
 
 # %% [markdown]
@@ -798,6 +845,7 @@ def make_loader(dataset:Dataset,  # images or (image, label) pairs: ImageFiles, 
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError('num_workers', num_workers, 'an integer >= 0')
     augment = augment or PixProAugment(image_size=image_size)
+    if num_workers == 0: keep_freed_memory()  # views are made in this process (the workers call it themselves)
     sampler = PairSampler(len(dataset), shuffle, seed, epoch, rank, world_size, drop_last)
     extra = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor) if num_workers else {}
     loader = DataLoader(pairs(dataset, augment, labels), batch_size=batch_size, sampler=sampler,
@@ -889,8 +937,8 @@ torch.set_num_threads(os.cpu_count() or 1)
 # > same in both (libjpeg-turbo, about 2 ms for 500x375). The PIL pipeline then spends most of its time in
 # > `adjust_hue` (an RGB-HSV-RGB round trip through 8-bit images, ~4 ms) and in the blur of view 1 (~2.5 ms). Ours
 # > resizes the uint8 crop with a vectorised antialiased kernel, converts to float once at 224x224, computes the hue
-# > rotation directly from max, min and chroma (~0.5 ms instead of torchvision's ~5 ms), and blurs with banded matrix
-# > products (~0.6 ms). torchvision's own `adjust_hue`, grouped `conv2d` blur and `solarize` were each slower than the
+# > rotation directly from max, min and chroma (~0.5 ms instead of torchvision's ~5 ms), and blurs with a sum of
+# > shifted copies (~0.4-0.6 ms; the benchmark chapter tells how the CPU path was made faster since). torchvision's own `adjust_hue`, grouped `conv2d` blur and `solarize` were each slower than the
 # > PIL operation they replace; a pipeline of stock v2 transforms would be slower than PIL, not faster. The machine
 # > this book is built on is shared, so the absolute figures move from run to run; the ratio is steadier, as both
 # > pipelines are timed in alternating rounds: 1.5x to 1.8x over our runs while writing (1.4x before the blur was made

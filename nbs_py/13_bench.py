@@ -592,8 +592,8 @@ with tempfile.TemporaryDirectory() as d:
 
 # %%
 #| exports
-PIPELINE_PHASES = {'decode': 'load_image', 'crop + resize': 'resized_crop', 'colour jitter': 'color_jitter',
-                   'grayscale': 'rgb_to_grayscale', 'blur': 'gaussian_blur', 'normalise': 'normalize',
+PIPELINE_PHASES = {'decode': 'load_image', 'crop + resize': 'crop_resize', 'colour jitter': 'color_jitter',
+                   'grayscale': 'grayscale', 'blur': 'gaussian_blur', 'solarize': 'solarize', 'normalise': 'normalize_',
                    'random draws': '_draw', 'batching (collate)': 'default_collate'}  # phase -> function doing it
 
 def profile_pipeline(root:str|Path,  # a folder of JPEG files

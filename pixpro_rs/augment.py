@@ -18,9 +18,9 @@ from torchvision.transforms.v2 import functional as F
 from .core import ConfigError, check_range
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'crop_coord', 'hflip_coord', 'sample_crop', 'adjust_hue', 'sample_jitter',
-           'color_jitter', 'pil_blur_kernel', 'gaussian_blur', 'ViewParams', 'apply_view', 'apply_view_pil',
-           'PixProAugment', 'to_rgb_tensor']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'crop_coord', 'hflip_coord', 'sample_crop', 'adjust_hue', 'sample_jitter', 'luma',
+           'color_jitter', 'pil_blur_kernel', 'gaussian_blur', 'ViewParams', 'crop_resize', 'grayscale', 'solarize',
+           'normalize_', 'apply_view', 'apply_view_pil', 'PixProAugment', 'to_rgb_tensor']
 
 # %% ../nbs/02_augment.ipynb #9678fd82
 def crop_coord(top:int,  # i, row of the crop's top-left pixel
@@ -82,8 +82,13 @@ def adjust_hue(x:Tensor,  # [3, H, W] float RGB in [0, 1]
     mx, mn = x.amax(0), x.amin(0)
     c = mx - mn  # chroma
     inv = c.clamp(min=1e-12).reciprocal_()  # where c == 0 every difference below is 0 too
-    h = torch.where(mx == r, (g - b).mul_(inv), torch.where(mx == g, (b - r).mul_(inv).add_(2), (r - g).mul_(inv).add_(4)))  # [-1, 5]
-    h = h.add_(6 * hue).remainder_(6)  # the shifted hue, in [0, 6)
+    not_r = (mx - r).sign_()  # 0 where red is the largest channel, else 1
+    is_b = (mx - g).sign_().mul_(not_r)  # 1 where neither red nor green is the largest
+    is_g = not_r - is_b
+    h = (g - b).mul_(inv).mul_(1 - not_r)  # red's sector, [-1, 1]
+    h = h.addcmul_((b - r).mul_(inv).add_(2), is_g).addcmul_((r - g).mul_(inv).add_(4), is_b)  # in [-1, 5]
+    h = h.add_(6 * hue)
+    h = h.sub_(h.mul(1 / 6).floor_().mul_(6))  # the shifted hue, in [0, 6] (6 and 0 give the same colour)
     off, sign, base = _hue_tents(x.device, x.dtype)
     return (h - off).abs_().mul_(sign).add_(base).clamp_(0, 1).mul_(c).add_(mn)  # f_R, f_G, f_B, then m + C f
 
@@ -101,16 +106,28 @@ def sample_jitter(brightness:float=0.4,  # factor drawn in [max(0, 1-b), 1+b]
             u(max(0, 1 - saturation), 1 + saturation), u(-hue, hue))
 
 # %% ../nbs/02_augment.ipynb #eebbbd82
-def color_jitter(x:Tensor,  # [3, H, W] float in [0, 1]
+def luma(x:Tensor,  # [3, H, W] float RGB
+        ) -> Tensor:  # [H, W]
+    "ITU-R 601 luma, torchvision's `rgb_to_grayscale` (same operations, same rounding)."
+    r, g, b = x.unbind(0)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114)
+
+# %% ../nbs/02_augment.ipynb #87d69f1e
+def color_jitter(x:Tensor,  # [3, H, W] float in [0, 1] (not changed)
                  order:tuple[int, ...],  # permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue
                  b:float, c:float, s:float, h:float,  # the factors, as drawn by `sample_jitter`
                 ) -> Tensor:  # [3, H, W] float in [0, 1]
-    "Apply one colour jitter draw."
+    "Apply one colour jitter draw: torchvision's blends, in place on a buffer of its own after the first operation."
+    own = False  # whether x is a buffer of ours (then the blends work in place)
     for i in order:
-        if i == 0: x = F.adjust_brightness(x, b)
-        elif i == 1: x = F.adjust_contrast(x, c)
-        elif i == 2: x = F.adjust_saturation(x, s)
-        else: x = adjust_hue(x, h)
+        if i == 3: x = adjust_hue(x, h)
+        else:
+            f = (b, c, s)[i]
+            target = None if i == 0 else luma(x).mean() if i == 1 else luma(x)  # black, mean gray, gray image
+            x = x.mul_(f) if own else x.mul(f)
+            if target is not None: x = x.add_(target, alpha=1 - f)
+            x = x.clamp_(0, 1)
+        own = True
     return x
 
 # %% ../nbs/02_augment.ipynb #1361faf9
@@ -124,32 +141,24 @@ def pil_blur_kernel(sigma:float,  # PIL's `radius`, the standard deviation of th
     return torch.from_numpy(np.convolve(np.convolve(box, box), box)).float()
 
 # %% ../nbs/02_augment.ipynb #5cf4f98e
-def _blur_matrix(n:int, k:Tensor) -> Tensor:
-    "[n, n] matrix M with (M @ v)[i] = sum_t k[t] v[clamp(i + t - R)], i.e. the filter with repeated edges."
-    R = (len(k) - 1) // 2
-    idx = (torch.arange(n)[:, None] + torch.arange(-R, R + 1)[None]).clamp_(0, n - 1)  # [n, 2R+1]
-    return torch.zeros(n, n).scatter_add_(1, idx, k.expand(n, -1).contiguous())
+def _pad_edges(x:Tensor, R:int, dim:int) -> Tensor:
+    "`x` with its first and last slices along `dim` repeated `R` more times (replicate padding)."
+    shape = list(x.shape); shape[dim] = R
+    return torch.cat([x.narrow(dim, 0, 1).expand(shape), x, x.narrow(dim, x.shape[dim] - 1, 1).expand(shape)], dim)
 
 # %% ../nbs/02_augment.ipynb #b67ce3d6
-def _banded(x:Tensor, m:Tensor, R:int, dim:int, block:int=32) -> Tensor:
-    "`m` applied along `dim` (-1: x @ m.T, -2: m @ x), in column blocks that skip the zeros outside the band."
-    n, out = x.shape[dim], torch.empty_like(x)
-    for s in range(0, n, block):
-        lo, hi = max(s - R, 0), min(s + block + R, n)
-        if dim == -1: out[..., s:s + block] = x[..., lo:hi] @ m[s:s + block, lo:hi].T
-        else: out[..., s:s + block, :] = m[s:s + block, lo:hi] @ x[..., lo:hi, :]
-    return out
-
-# %% ../nbs/02_augment.ipynb #292abbb4
 def gaussian_blur(x:Tensor,  # [C, H, W] float
                   sigma:float,  # standard deviation in pixels (PIL's radius)
                  ) -> Tensor:  # [C, H, W]
     "PIL's Gaussian blur (box-filter approximation, repeated edges) on a float tensor."
     if sigma <= 0: return x
-    k = pil_blur_kernel(sigma); R = (len(k) - 1) // 2
-    mw = _blur_matrix(x.shape[-1], k)
-    mh = mw if x.shape[-2] == x.shape[-1] else _blur_matrix(x.shape[-2], k)
-    return _banded(_banded(x, mw, R, -1), mh, R, -2)  # rows, then columns
+    k = pil_blur_kernel(sigma).tolist(); R = (len(k) - 1) // 2
+    for dim in (-1, -2):  # rows, then columns
+        n, p = x.shape[dim], _pad_edges(x, R, dim)
+        tap = lambda t: p.narrow(dim, t, n)  # the pixels t - R along dim
+        x = tap(R) * k[R]
+        for t in range(R): x = x.add_(tap(t) + tap(2 * R - t), alpha=k[t])  # symmetric: taps in pairs
+    return x
 
 # %% ../nbs/02_augment.ipynb #c9ba7300
 @dataclass
@@ -169,9 +178,41 @@ class ViewParams:
         return hflip_coord(c) if self.flip else c
 
 # %% ../nbs/02_augment.ipynb #f84806ba
+def crop_resize(img:Tensor,  # [3, H, W] uint8
+                top:int, left:int, height:int, width:int,  # the crop
+                size:int,  # side of the output
+               ) -> Tensor:  # [3, size, size] uint8 (channels-last memory)
+    "torchvision's `resized_crop` (bilinear, antialiased), with the crop made channels-last first: the same pixels, faster."
+    c = img[None, :, top:top + height, left:left + width].contiguous(memory_format=torch.channels_last)
+    return F.resize(c, [size, size], antialias=True)[0]
+
+# %% ../nbs/02_augment.ipynb #958b6e35
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+def grayscale(v:Tensor,  # [3, H, W] float
+             ) -> Tensor:  # [1, H, W]
+    "torchvision's `rgb_to_grayscale(v)`: the luma as a one-channel image."
+    return luma(v)[None]
+
+def solarize(v:Tensor,  # float in [0, 1]
+             threshold:float,  # on the same scale
+            ) -> Tensor:
+    "PIL's `ImageOps.solarize` on floats: `1 - v` where `v >= threshold`, with 0/1 masks (no branch per pixel)."
+    m = (v - threshold).sign_().add_(1).clamp_(max=1)  # 1 where v >= threshold, else 0
+    return (1 - v).mul_(m).add_((1 - m).mul_(v))  # exactly one term is not 0
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(mean:tuple, std:tuple) -> tuple[Tensor, Tensor]:
+    return tuple(torch.tensor(t, dtype=torch.float32).view(3, 1, 1) for t in (mean, std))
+
+def normalize_(v:Tensor,  # [3, H, W] float, changed in place
+               mean:tuple, std:tuple) -> Tensor:
+    "torchvision's `normalize` (subtract, then divide), in place."
+    m, s = _mean_std(tuple(mean), tuple(std))
+    return v.sub_(m).div_(s)
+
+# %% ../nbs/02_augment.ipynb #802a6515
 def apply_view(img:Tensor,  # [3, H, W] uint8 source image
                p:ViewParams,  # the view's random decisions
                size:int=224,  # side of the output view
@@ -179,14 +220,15 @@ def apply_view(img:Tensor,  # [3, H, W] uint8 source image
                mean:tuple=IMAGENET_MEAN, std:tuple=IMAGENET_STD,  # normalisation; mean=None returns [0, 1] floats
               ) -> Tensor:  # [3, size, size] float32
     "One augmented view of `img` from its parameters."
-    v = F.resized_crop(img, p.top, p.left, p.height, p.width, [size, size], antialias=True)  # uint8 [3, S, S]
+    v = crop_resize(img, p.top, p.left, p.height, p.width, size)  # uint8 [3, S, S]
     if p.flip: v = v.flip(-1)
-    v = v.float().div_(255)
+    v = v.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
     if p.jitter is not None: v = color_jitter(v, *p.jitter)
-    if p.gray: v = F.rgb_to_grayscale(v, num_output_channels=3)
+    if p.gray: v = grayscale(v)  # [1, S, S] until the normalisation: the three channels would be equal
     if p.sigma is not None: v = gaussian_blur(v, p.sigma)
-    if p.solarize: v = torch.where(v >= solarize_threshold / 255, 1 - v, v)
-    return v if mean is None else F.normalize(v, list(mean), list(std))
+    if p.solarize: v = solarize(v, solarize_threshold / 255)
+    if mean is None: return v.expand(3, -1, -1)
+    return normalize_(v, mean, std) if v.shape[0] == 3 else normalize_(v.expand(3, -1, -1).clone(), mean, std)
 
 # %% ../nbs/02_augment.ipynb #414c3f9f
 def apply_view_pil(img:Image.Image,  # RGB source image

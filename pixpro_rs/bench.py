@@ -331,8 +331,8 @@ def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
     return {k: statistics.median(v) for k, v in rates.items()}
 
 # %% ../nbs/13_bench.ipynb #9355a1ac
-PIPELINE_PHASES = {'decode': 'load_image', 'crop + resize': 'resized_crop', 'colour jitter': 'color_jitter',
-                   'grayscale': 'rgb_to_grayscale', 'blur': 'gaussian_blur', 'normalise': 'normalize',
+PIPELINE_PHASES = {'decode': 'load_image', 'crop + resize': 'crop_resize', 'colour jitter': 'color_jitter',
+                   'grayscale': 'grayscale', 'blur': 'gaussian_blur', 'solarize': 'solarize', 'normalise': 'normalize_',
                    'random draws': '_draw', 'batching (collate)': 'default_collate'}  # phase -> function doing it
 
 def profile_pipeline(root:str|Path,  # a folder of JPEG files

@@ -5,6 +5,7 @@
 # %% ../nbs/03_data.ipynb #d77a3b30
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import math
@@ -29,7 +30,7 @@ from .core import ConfigError, check_positive
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'SHAPES', 'TEXTURES', 'SCENE_CLASSES', 'BadImageError', 'load_image', 'find_images',
            'data_fingerprint', 'ImageFiles', 'ClassFolders', 'derive_seed', 'SyntheticScenes', 'PairSampler',
-           'TwoViews', 'hold_worker_sigterm', 'PairLoader', 'make_loader']
+           'TwoViews', 'hold_worker_sigterm', 'keep_freed_memory', 'PairLoader', 'make_loader']
 
 # %% ../nbs/03_data.ipynb #2f58e8fe
 class BadImageError(OSError):
@@ -313,11 +314,26 @@ def _worker_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL); os.kill(os.getpid(), signal.SIGTERM)  # otherwise: die, as by default
 
 # %% ../nbs/03_data.ipynb #07f8d47b
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+def keep_freed_memory(mmap_threshold:int=32 << 20,  # bytes: larger blocks still get pages of their own
+                      trim_threshold:int=512 << 20,  # bytes of free memory kept before any is returned to the kernel
+                     ) -> bool:  # whether the allocator took the setting (False without glibc)
+    "Ask glibc's malloc to reuse freed memory instead of returning it to the kernel and faulting it back in."
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl has a mallopt that does nothing
+        mallopt = libc.mallopt
+    except (OSError, AttributeError): return False
+    return mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+
+# %% ../nbs/03_data.ipynb #0cfb27c9
 def _seed_worker(worker_id:int):
-    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; SIGTERM as `hold_worker_sigterm` says."
+    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; SIGTERM as `hold_worker_sigterm` says; `keep_freed_memory`."
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s)
     signal.signal(signal.SIGTERM, _worker_sigterm)
+    keep_freed_memory()
 
 # %% ../nbs/03_data.ipynb #dd95aa9c
 class PairLoader:
@@ -362,6 +378,7 @@ def make_loader(dataset:Dataset,  # images or (image, label) pairs: ImageFiles, 
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError('num_workers', num_workers, 'an integer >= 0')
     augment = augment or PixProAugment(image_size=image_size)
+    if num_workers == 0: keep_freed_memory()  # views are made in this process (the workers call it themselves)
     sampler = PairSampler(len(dataset), shuffle, seed, epoch, rank, world_size, drop_last)
     extra = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor) if num_workers else {}
     loader = DataLoader(pairs(dataset, augment, labels), batch_size=batch_size, sampler=sampler,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, PixProAugment, ViewParams, _hue_tents, to_rgb_tensor
+from .augment import IMAGENET_MEAN, IMAGENET_STD, PixProAugment, ViewParams, _hue_tents, crop_resize, to_rgb_tensor
 from .core import ConfigError
 from .data import PairLoader, TwoViews, derive_seed, make_loader
 
@@ -40,8 +40,8 @@ def crop_view(img:Tensor,  # [3, H, W] uint8 source image
               size:int=224,  # side of the output
              ) -> Tensor:  # [3, size, size] uint8
     "The crop, resize and flip of `apply_view`, on uint8."
-    v = F.resized_crop(img, p.top, p.left, p.height, p.width, [size, size], antialias=True)
-    return v.flip(-1) if p.flip else v
+    v = crop_resize(img, p.top, p.left, p.height, p.width, size)
+    return (v.flip(-1) if p.flip else v).contiguous()  # planar, as the batch stacks them
 
 # %% ../nbs/12_gpu_augment.ipynb #3d40b0f8
 class TwoCrops(TwoViews):
@@ -86,8 +86,13 @@ def batch_hue(x:Tensor,  # [B, 3, H, W] float RGB in [0, 1]
     mx, mn = x.amax(1), x.amin(1)
     c = mx - mn  # chroma
     inv = c.clamp(min=1e-12).reciprocal_()
-    h = torch.where(mx == r, (g - b).mul_(inv), torch.where(mx == g, (b - r).mul_(inv).add_(2), (r - g).mul_(inv).add_(4)))  # [B, H, W]
-    h = h.add_(6 * hue.view(-1, 1, 1)).remainder_(6).unsqueeze(1)  # the shifted hue, [B, 1, H, W] in [0, 6)
+    not_r = (mx - r).sign_()  # 0 where red is the largest channel
+    is_b = (mx - g).sign_().mul_(not_r)
+    is_g = not_r - is_b
+    h = (g - b).mul_(inv).mul_(1 - not_r)
+    h = h.addcmul_((b - r).mul_(inv).add_(2), is_g).addcmul_((r - g).mul_(inv).add_(4), is_b)  # [B, H, W]
+    h = h.add_(6 * hue.view(-1, 1, 1))
+    h = h.sub_(h.mul(1 / 6).floor_().mul_(6)).unsqueeze(1)  # the shifted hue, [B, 1, H, W] in [0, 6]
     off, sign, base = _hue_tents(x.device, x.dtype)  # [3, 1, 1]: broadcast over [B, 1, H, W]
     return (h - off).abs_().mul_(sign).add_(base).clamp_(0, 1).mul_(c.unsqueeze(1)).add_(mn.unsqueeze(1))
 
