@@ -730,7 +730,8 @@ def _worker_sigterm(signum, frame):
 # the loop keeps asking the kernel for zeroed pages: page faults, a large share of the time in a virtual machine.
 # (PyTorch's CPU tuning guide suggests an allocator such as jemalloc for the same reason; that needs `LD_PRELOAD`.)
 # `keep_freed_memory` sets both thresholds once (`mallopt`, in the process itself): blocks up to 32 MB come from
-# the heap, and up to 512 MB of freed memory stays in the process for the next batch. The pixels do not change.
+# the heap, and up to 512 MB of freed memory stays in the process for the next batch (the test reads glibc's own
+# count of the free memory it holds, `mallinfo2`). The pixels do not change.
 # Where there is no glibc (macOS, Windows, musl) it does nothing and says so. `make_loader` calls it when the views
 # are made in the calling process (`num_workers=0`), and every worker calls it as it starts.
 
@@ -751,18 +752,18 @@ def keep_freed_memory(mmap_threshold:int=32 << 20,  # bytes: larger blocks still
 
 
 # %%
-_faults = '''import resource, sys, torch; from pixpro_rs.data import keep_freed_memory
+_kept = '''import ctypes, sys, torch; from pixpro_rs.data import keep_freed_memory
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]
+libc = ctypes.CDLL(None); libc.mallinfo2.restype = Info
 kept = keep_freed_memory() if sys.argv[1] == '1' else None
-x = torch.rand(3, 224, 224)
-def batches(n):
-    for _ in range(n): torch.stack([x * 2 + x for _ in range(32)])
-batches(2); f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-batches(10); print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+batch = torch.ones(32, 3, 224, 224); del batch  # a 19 MB batch, freed
+print(kept, libc.mallinfo2().fordblks >> 20)  # MB of freed memory the allocator still holds
 '''
-runs = {k: subprocess.run([sys.executable, '-c', _faults, k], capture_output=True, text=True, check=True).stdout.split() for k in '01'}
-print(f"page faults in 10 batches of 32 views: {runs['0'][1]} as the process starts, {runs['1'][1]} after keep_freed_memory()")
 if platform.libc_ver()[0] == 'glibc':
-    test_eq(runs['1'][0], 'True'); assert int(runs['1'][1]) < 50, runs
+    runs = {k: subprocess.run([sys.executable, '-c', _kept, k], capture_output=True, text=True, check=True).stdout.split() for k in '01'}
+    print(f"MB kept by malloc after a 19 MB batch is freed: {runs['0'][1]} as the process starts, {runs['1'][1]} after keep_freed_memory()")
+    test_eq(runs['1'][0], 'True'); assert int(runs['1'][1]) >= 19 > int(runs['0'][1]), runs
 
 
 # %%
