@@ -1119,24 +1119,42 @@ print(f"{'phase':22s} {'ms per pair':>11s} {'share':>6s}")
 for p, ms in phases: print(f'{p:22s} {ms:11.2f} {100 * ms / total:5.0f} %')
 
 # %% [markdown]
-# **Where the time goes now.** On this CPU (AVX without AVX2, so PyTorch's element-wise kernels run unvectorised)
-# a pair costs about 5 ms on one core: the colour jitter is the largest phase (a third; its HSV hue rotation alone
-# is about 0.6-1.0 ms a view, the rest of the jitter under 0.2 ms), then the JPEG decode (a fifth, once per pair),
-# the blur of view 1 (a sixth) and the two resized crops. Decoding is already libjpeg-turbo (TorchCodec and
-# torchvision decode at the same speed, PIL at about 0.7x). What we tried against the two largest phases, timed
-# side by side on this machine, did not pay: in-place variants of the hue rotation and a hue computed on one plane
-# then wrapped per channel (0.9-1.1x, within the machine's noise), wider or narrower blocks for the banded blur
-# (32 columns stays best; 224, one dense product, is 2.5x slower), a `conv1d` blur (3x slower), and
-# `torch.compile` of the hue rotation (2x faster per call, but 4 s of compilation per process and a C++ compiler
-# on every machine that trains). One change paid and was kept: the hue rotation written with one wrap-around per
-# pixel and a tent per channel (the augmentation chapter's `adjust_hue`; the GPU path's `batch_hue` is the same
-# operations). Timed side by side in one process on a 2-core AMD EPYC that reports AVX-512 (a later draw of the
-# same 2-core machine type): 0.87-0.95 ms per 224 px view before, 0.63 ms after; the whole CPU path above, in 10
-# alternating rounds of `bench_data` (224 px, batch 32, one core), went from a median of 162 to 185 pairs/s, a
-# median ratio of 1.09x (rounds from 0.92x to 1.40x: the machine is noisy). Doing brightness, contrast and
-# saturation in place as well measured the same as the hue change alone, so it was not kept. A 1.5x on the whole
-# CPU path would need the jitter fused into one pass over the pixels; on a GPU the batched path of the GPU
-# augmentation chapter does exactly that, and it is the default there.
+# **Where the time goes now.** The table above is the CPU path after two rounds of work on it, on the machine
+# this chapter was last executed on (a 2-core AMD EPYC that reports AVX-512; the older figures of this chapter
+# came from a draw of the same machine type with AVX only). A pair costs 4.5-5.5 ms on one core (186 pairs/s in the
+# run above; this machine's speed drifts by a third from one run to the next). The colour jitter is the largest
+# phase (a quarter), then the JPEG decode (a fifth, once per pair; libjpeg-turbo through TorchCodec, as fast as
+# torchvision's deprecated decoder, PIL at 0.6x), the blur of view 1 and the two resized crops.
+#
+# What made it faster, each piece timed side by side on real views (224 px crops of these 500x375 JPEGs) and kept
+# only because it helped; every piece gives the same pixels as before, to float rounding or to the bit:
+#
+# - *The allocator.* A replay of the pipeline with a timer per stage counted 432 000 page faults in 768 pairs:
+#   glibc gave the freed 600 KB views and 19 MB batches back to the kernel and faulted them in again.
+#   `keep_freed_memory` (data chapter) raises its two thresholds once per process: 139 000 faults, 6.6 to 5.2 ms
+#   per pair in that replay (batching alone 0.76 to 0.14 ms).
+# - *The blur* as a sum of shifted copies with the taps paired, after padding with `torch.cat`: 0.71-0.80 ms to
+#   0.50-0.56 ms per blurred view over the recipe's mix of sigmas, against the banded matrix products before.
+#   `F.pad(mode='replicate')` on the last axis alone took 0.15-0.23 ms.
+# - *The hue rotation* with 0/1 masks from `sign` and the wrap-around by `floor`: 0.46-0.49 to 0.32-0.33 ms per
+#   view. On random pixels `torch.where` looks far worse than on real views (a mispredicted branch per pixel),
+#   which is why all these figures come from real views.
+# - *Small pieces*: brightness, contrast and saturation in place (torchvision's operations, bitwise); the crop
+#   copied to channels-last before the uint8 resize (about 65 us a view less: the kernel no longer repacks its
+#   output, and the cast to float changes the layout in the same pass); grayscale views blurred and solarized on
+#   one channel; solarize with masks; the normalisation in place.
+#
+# The whole CPU path before this round (commit c4d96ca, which also predates the hue change of the round before)
+# and after, `bench_data`'s protocol (in process, one thread, 224 px, batch 32) in fresh processes that alternate
+# between the two checkouts (`python tools/ab_pipeline.py OLD NEW --rounds 14`): median **150 to 215 pairs/s,
+# 1.38x** (rounds 1.08x-1.64x). With the views made in one DataLoader worker (`--workers 1`, 10 rounds): 145 to
+# 180 pairs/s, 1.31x (rounds 1.11x-1.51x). The crop-only loader of the GPU path (`--crops`, 10 rounds) is
+# unchanged: 510 and 497 pairs/s, median ratio 1.00x. The goal was 1.5x, and it is not reached. What is left
+# is memory traffic: every remaining step is a pass over a 600 KB view at some 15-25 us, and the hue rotation
+# alone is about 35 of them (on one or three channels). One pass for the whole jitter needs generated code:
+# `torch.compile` does it, at seconds of compilation per worker and a C++ compiler on every machine that trains,
+# and this PyTorch build has no LLVM for TorchScript's CPU fuser. On a GPU, the batched path of the GPU
+# augmentation chapter runs these operations on the accelerator, and it is the default there.
 
 # %% [markdown]
 # Figure 2: the same split as bars; Figure 3: throughput against batch size, the H200 rows of this chapter (bf16,
