@@ -201,7 +201,7 @@ print(f"training changed (same object - elsewhere) by {gain:+.3f}")
 
 # %% [markdown]
 # Read the table, not the single map. In the committed run (ResNet-RS-50, 48 steps) the gap between same-object and
-# elsewhere similarity grew from +0.03 to +0.09 over 253 query pixels of 16 scenes: the features moved away from the
+# elsewhere similarity grew from +0.03 to +0.085 over 253 query pixels of 16 scenes: the features moved away from the
 # initialisation's near-uniform similarity (random ResNet features are nearly parallel, hence the pale map before
 # training) and group objects a little. A run of a few minutes on 256 synthetic scenes is a demonstration of the
 # machinery, not a pretrained model; whether the features separate objects better is a question with a real answer

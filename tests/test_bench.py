@@ -6,7 +6,7 @@ import pytest
 
 from pixpro_rs.bench import make_jpeg_folder
 
-from helpers import run as run_command
+from helpers import ROOT, run as run_command
 
 
 def run(*args, timeout=900):
@@ -77,3 +77,15 @@ def test_bad_flags_write_no_json(tmp_path):
     r = run('--mixed_precision', 'fp32', '--json', str(tmp_path/'x.json'))
     assert r.returncode == 2 and 'fp32' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('extra', [[], ['--crops']])
+def test_ab_pipeline_compares_two_checkouts(extra):
+    "The before/after tool of the benchmark chapter, on this checkout against itself: one round, one batch."
+    root = str(ROOT)
+    r = run_command([sys.executable, f'{root}/tools/ab_pipeline.py', root, root, '--rounds', '1', '--batches', '1', *extra],
+                    timeout=600)
+    assert r.returncode == 0, r.stderr
+    line = [l for l in r.stdout.splitlines() if l.startswith('round  1:')]
+    assert line and 'new/old' in line[0], r.stdout
+    assert 'median ratio new/old' in r.stdout.splitlines()[-1], r.stdout
