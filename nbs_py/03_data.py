@@ -841,7 +841,7 @@ def make_loader(dataset:Dataset,  # images or (image, label) pairs: ImageFiles, 
                 prefetch_factor:int|None=None,  # batches loaded ahead per worker (None: PyTorch's default)
                 pairs:type=TwoViews,  # what a sample is, from (dataset, augment, labels): `TwoViews`, or `TwoCrops` for the GPU path
                ) -> PairLoader:
-    "A reproducible loader of PixPro view pairs: the same seed gives the same batches with any number of workers."
+    "A reproducible loader of PixPro view pairs: the same seed gives the same batches with any number of workers (`keep_freed_memory` in the processes that make the views)."
     check_positive('batch_size', batch_size)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError('num_workers', num_workers, 'an integer >= 0')
@@ -938,12 +938,13 @@ torch.set_num_threads(os.cpu_count() or 1)
 # > same in both (libjpeg-turbo, about 2 ms for 500x375). The PIL pipeline then spends most of its time in
 # > `adjust_hue` (an RGB-HSV-RGB round trip through 8-bit images, ~4 ms) and in the blur of view 1 (~2.5 ms). Ours
 # > resizes the uint8 crop with a vectorised antialiased kernel, converts to float once at 224x224, computes the hue
-# > rotation directly from max, min and chroma (~0.5 ms instead of torchvision's ~5 ms), and blurs with a sum of
-# > shifted copies (~0.4-0.6 ms; the benchmark chapter tells how the CPU path was made faster since). torchvision's own `adjust_hue`, grouped `conv2d` blur and `solarize` were each slower than the
-# > PIL operation they replace; a pipeline of stock v2 transforms would be slower than PIL, not faster. The machine
-# > this book is built on is shared, so the absolute figures move from run to run; the ratio is steadier, as both
-# > pipelines are timed in alternating rounds: 1.5x to 1.8x over our runs while writing (1.4x before the blur was made
-# > banded). It clears the 1.5x target, but not by much on a busy machine.
+# > rotation directly from max, min and chroma (~0.3-0.5 ms instead of torchvision's ~5 ms), and blurs with a sum of
+# > shifted copies (~0.4-0.6 ms). torchvision's own `adjust_hue`, grouped `conv2d` blur and `solarize` were each
+# > slower than the PIL operation they replace; a pipeline of stock v2 transforms would be slower than PIL, not
+# > faster. The machine this book is built on is shared, so the absolute figures move from run to run; the ratio is
+# > steadier, as both pipelines are timed in alternating rounds: 1.5x to 1.8x over our runs while writing the
+# > chapter, and 2.55x in the execution stored here, after the benchmark chapter's second round of work on the CPU
+# > path (the hue rotation, the blur and the memory allocator).
 
 # %% [markdown]
 # ## Summary

@@ -373,7 +373,7 @@ def make_loader(dataset:Dataset,  # images or (image, label) pairs: ImageFiles, 
                 prefetch_factor:int|None=None,  # batches loaded ahead per worker (None: PyTorch's default)
                 pairs:type=TwoViews,  # what a sample is, from (dataset, augment, labels): `TwoViews`, or `TwoCrops` for the GPU path
                ) -> PairLoader:
-    "A reproducible loader of PixPro view pairs: the same seed gives the same batches with any number of workers."
+    "A reproducible loader of PixPro view pairs: the same seed gives the same batches with any number of workers (`keep_freed_memory` in the processes that make the views)."
     check_positive('batch_size', batch_size)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError('num_workers', num_workers, 'an integer >= 0')
