@@ -203,13 +203,13 @@ def solarize(v:Tensor,  # float in [0, 1]
     return (1 - v).mul_(m).add_((1 - m).mul_(v))  # exactly one term is not 0
 
 @functools.lru_cache(maxsize=None)
-def _mean_std(mean:tuple, std:tuple) -> tuple[Tensor, Tensor]:
-    return tuple(torch.tensor(t, dtype=torch.float32).view(3, 1, 1) for t in (mean, std))
+def _mean_std(mean:tuple, std:tuple, device:torch.device) -> tuple[Tensor, Tensor]:  # [3, 1, 1] each, made once per device
+    return tuple(torch.tensor(t, dtype=torch.float32).view(3, 1, 1).to(device) for t in (mean, std))
 
 def normalize_(v:Tensor,  # [3, H, W] float, changed in place
                mean:tuple, std:tuple) -> Tensor:
     "torchvision's `normalize` (subtract, then divide), in place."
-    m, s = _mean_std(tuple(mean), tuple(std))
+    m, s = _mean_std(tuple(mean), tuple(std), v.device)
     return v.sub_(m).div_(s)
 
 # %% ../nbs/02_augment.ipynb #802a6515
