@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
+try: import cv2  # OpenCV (opencv-python-headless): fused, vectorised kernels for the CPU path
+except ImportError: cv2 = None
 from torchvision.transforms.v2 import functional as F
 
 from pixpro_rs.core import ConfigError, check_range
@@ -534,18 +537,145 @@ vs_ = torch.cat([torch.rand(3, 5, 6), torch.full((3, 1, 6), 128 / 255)], 1)  # p
 test_eq(solarize(vs_, 128 / 255), torch.where(vs_ >= 128 / 255, 1 - vs_, vs_))
 test_eq(normalize_(vg.clone(), IMAGENET_MEAN, IMAGENET_STD), F.normalize(vg, list(IMAGENET_MEAN), list(IMAGENET_STD)))
 
+# %% [markdown]
+# ## The fast path: OpenCV's kernels
+#
+# Every operation above is a handful of tensor operations, and each of them reads and writes the whole view: the hue
+# rotation alone is about 35 passes over memory, the blur of sigma 2 about 26. On a CPU such a pass over a 224x224
+# view costs 5-20 us whatever it computes, so the colour jitter and the blur were most of the time of a view after
+# the decode. OpenCV has the same operations as single fused, vectorised loops (SSE to AVX-512, chosen at run time),
+# on interleaved RGB: the layout the uint8 resize gives anyway. Each kernel below does what the tensor version above
+# does, to float rounding, and the tests say so:
+#
+# - **Hue**: `cvtColor` to HSV (hue in degrees), one addition to the hue channel, `cvtColor` back: two passes. The
+#   shift is added as a turn in [0, 1) (`h % 1`), so the hue lands in [0, 720 degrees); the conversion back reduces
+#   it into one turn (the test covers shifts that wrap).
+# - **Saturation** is linear in RGB: `s x + (1 - s) luma(x)` is the 3x3 matrix `s I + (1 - s) 1 w^T` applied to each
+#   pixel (`cv2.transform`), with `w` torchvision's luma weights (0.2989, 0.587, 0.114; OpenCV's own `COLOR_RGB2GRAY`
+#   uses 0.299 and is not used).
+# - **Contrast** needs the mean luma, which is the luma of the channel means (`cv2.mean`); brightness is one multiply.
+# - **Blur**: `sepFilter2D` with PIL's kernel for rows and columns and repeated edges (`BORDER_REPLICATE`), one pass
+#   each.
+# - **Layout**: the view stays interleaved `[H, W, 3]` until the normalisation, which writes the planar `[3, H, W]`
+#   tensor the model takes in the same pass.
+#
+# `apply_view` uses these kernels when OpenCV is installed (it is a dependency of the package) and the view is on the
+# CPU; `backend='torch'` keeps the tensor operations, which are also what the accelerator runs (the GPU-augmentation
+# chapter). Before its first use, `opencv_agrees` runs both on a small image whose hue shifts wrap around and whose
+# width is less than the blur kernel; if an OpenCV release ever behaved otherwise, the tensor path would be used, with
+# a warning. DataLoader workers run OpenCV on one thread, as they run torch (`setNumThreads(0)`, set in each worker;
+# the data chapter).
 
 # %%
 #| exports
+_LUMA = np.array([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights (ITU-R 601)
+
+def color_jitter_cv(x:np.ndarray,  # [H, W, 3] float32 RGB in [0, 1], interleaved (may be changed)
+                    order:tuple[int, ...],  # permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue
+                    b:float, c:float, s:float, h:float,  # the factors, as drawn by `sample_jitter`
+                   ) -> np.ndarray:  # [H, W, 3] float32 in [0, 1]
+    "`color_jitter` with OpenCV's kernels on an interleaved image: the same operations, to float rounding."
+    for i in order:
+        if i == 0: torch.from_numpy(x).mul_(b).clamp_(0, 1)
+        elif i == 1:
+            m = float(_LUMA @ np.array(cv2.mean(x)[:3]))  # mean luma = luma of the channel means
+            torch.from_numpy(x).mul_(c).add_((1 - c) * m).clamp_(0, 1)
+        elif i == 2:
+            x = cv2.transform(x, s * np.eye(3) + (1 - s) * np.tile(_LUMA, (3, 1)))  # s x + (1 - s) luma(x)
+            torch.from_numpy(x).clamp_(0, 1)
+        else:
+            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # hue in degrees, [0, 360)
+            cv2.add(hsv, (h % 1.0 * 360, 0, 0, 0), dst=hsv)  # the shift as a turn in [0, 1): hue in [0, 720)
+            x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=x)
+    return x
+
+def gaussian_blur_cv(x:np.ndarray,  # [H, W] or [H, W, C] float32
+                     sigma:float,  # standard deviation in pixels (PIL's radius)
+                    ) -> np.ndarray:  # same shape
+    "`gaussian_blur` with OpenCV's separable filter (PIL's kernel, repeated edges)."
+    if sigma <= 0: return x
+    k = pil_blur_kernel(sigma).numpy()
+    return cv2.sepFilter2D(x, -1, k, k, borderType=cv2.BORDER_REPLICATE)
+
+def grayscale_cv(x:np.ndarray,  # [H, W, 3] float32
+                ) -> np.ndarray:  # [H, W]
+    "`grayscale` on an interleaved image: the luma, one channel."
+    return cv2.transform(x, _LUMA[None])
+
+def normalize_planar(v:Tensor,  # [H, W, C] float, C = 1 (grayscale) or 3, interleaved
+                     mean:tuple|None, std:tuple,  # mean=None: no normalisation
+                    ) -> Tensor:  # [3, H, W] float32, planar
+    "The normalisation that also makes the planar `[3, H, W]` tensor (one channel is repeated to three)."
+    out = torch.empty(3, *v.shape[:2])
+    src = v.permute(2, 0, 1).expand(3, -1, -1)
+    if mean is None: return out.copy_(src)
+    m, s = _mean_std(tuple(mean), tuple(std), v.device)
+    return torch.sub(src, m, out=out).div_(s)
+
+
+# %%
+if cv2 is not None:
+    xh = torch.rand(3, 17, 23, generator=torch.Generator().manual_seed(1))
+    xh[:, 0, :3] = torch.tensor([[.2, .7, .7], [.7, .2, .7], [.7, .7, .2]])  # two channels share the maximum
+    xh[:, 1, :2] = torch.tensor([[0., 1.], [0., 1.], [0., 1.]])  # black and white: no chroma
+    il = lambda t: t.permute(1, 2, 0).contiguous().numpy()  # planar tensor -> interleaved array
+    for order in ((0,), (1,), (2,), (3,), (0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)):
+        for hue in (0.0, 0.07, -0.07, 0.45, -0.45, 0.5, -0.5):  # the negative shifts wrap around
+            ours = color_jitter_cv(il(xh), order, 1.3, 0.6, 1.25, hue)
+            test_close(torch.from_numpy(ours).permute(2, 0, 1), color_jitter(xh, order, 1.3, 0.6, 1.25, hue), eps=2e-6)
+    for sigma in (0.0, 0.1, 0.7, 2.0):
+        test_close(torch.from_numpy(gaussian_blur_cv(il(xh), sigma)).permute(2, 0, 1), gaussian_blur(xh, sigma), eps=1e-6)
+        test_close(torch.from_numpy(gaussian_blur_cv(il(xh[:, :5, :4]), sigma)).permute(2, 0, 1),
+                   gaussian_blur(xh[:, :5, :4], sigma), eps=1e-6)  # narrower than the kernel (13 taps at sigma 2)
+    test_close(torch.from_numpy(grayscale_cv(il(xh)))[None], grayscale(xh), eps=1e-6)
+    test_eq(normalize_planar(torch.from_numpy(il(xh)), IMAGENET_MEAN, IMAGENET_STD),
+            normalize_(xh.clone(), IMAGENET_MEAN, IMAGENET_STD))
+    test_eq(normalize_planar(torch.from_numpy(il(xh[:1])), None, IMAGENET_STD), xh[:1].expand(3, -1, -1))
+
+
+# %%
+#| exports
+@functools.lru_cache(maxsize=None)
+def opencv_agrees() -> bool:
+    "Whether this OpenCV's kernels give what the tensor operations give (checked once, on a small image)."
+    if cv2 is None: return False
+    x = torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(0))
+    il = x.permute(1, 2, 0).contiguous().numpy()
+    pairs = [(color_jitter_cv(il.copy(), (0, 1, 2, 3), 1.2, 0.8, 1.1, h), color_jitter(x, (0, 1, 2, 3), 1.2, 0.8, 1.1, h))
+             for h in (-0.45, 0.3)] + [(gaussian_blur_cv(il, 2.0), gaussian_blur(x, 2.0))]
+    if all(torch.allclose(torch.from_numpy(a).permute(2, 0, 1), b, atol=1e-5) for a, b in pairs): return True
+    warnings.warn(f'OpenCV {cv2.__version__} does not give the tensor operations\' results; the CPU views use the tensor '
+                  'operations (slower)')
+    return False
+
+
+# %%
+assert opencv_agrees() == (cv2 is not None)
+
+# %%
+#| exports
+BACKENDS = ('opencv', 'torch')  # the kernels of the CPU path
+
 def apply_view(img:Tensor,  # [3, H, W] uint8 source image
                p:ViewParams,  # the view's random decisions
                size:int=224,  # side of the output view
                solarize_threshold:float=128,  # on the 0..255 scale
                mean:tuple=IMAGENET_MEAN, std:tuple=IMAGENET_STD,  # normalisation; mean=None returns [0, 1] floats
+               backend:str|None=None,  # 'opencv', 'torch', or None: OpenCV's kernels on the CPU when they agree
               ) -> Tensor:  # [3, size, size] float32
     "One augmented view of `img` from its parameters."
+    if backend is None: backend = 'opencv' if img.device.type == 'cpu' and opencv_agrees() else 'torch'
+    elif backend not in BACKENDS: raise ConfigError('backend', backend, f"one of {BACKENDS} or None")
     v = crop_resize(img, p.top, p.left, p.height, p.width, size)  # uint8 [3, S, S]
     if p.flip: v = v.flip(-1)
+    if backend == 'opencv':
+        x = v.permute(1, 2, 0).to(torch.float32).div_(255).numpy()  # [S, S, 3], interleaved like the resize's output
+        if p.jitter is not None: x = color_jitter_cv(x, *p.jitter)
+        if p.gray: x = grayscale_cv(x)  # [S, S]: one channel until the normalisation
+        if p.sigma is not None: x = gaussian_blur_cv(x, p.sigma)
+        v = torch.from_numpy(x).view(size, size, -1)
+        if p.solarize: v = solarize(v, solarize_threshold / 255)
+        return normalize_planar(v, mean, std)
     v = v.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
     if p.jitter is not None: v = color_jitter(v, *p.jitter)
     if p.gray: v = grayscale(v)  # [1, S, S] until the normalisation: the three channels would be equal
@@ -631,6 +761,7 @@ class PixProAugment:
                  solarize_threshold:float=128,  # on 0..255
                  mean:tuple|None=IMAGENET_MEAN,  # normalisation mean (None: return floats in [0, 1])
                  std:tuple=IMAGENET_STD,  # normalisation std
+                 backend:str|None=None,  # kernels of `apply_view`: 'opencv', 'torch', None (OpenCV when it agrees)
                 ):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ConfigError('image_size', image_size, 'a positive integer')
@@ -647,7 +778,10 @@ class PixProAugment:
         self.image_size, self.scale, self.ratio, self.flip_p = image_size, tuple(scale), tuple(ratio), flip_p
         self.jitter, self.jitter_p, self.gray_p = (brightness, contrast, saturation, hue), jitter_p, gray_p
         self.blur_sigma, self.blur_p, self.solarize_p = tuple(blur_sigma), tuple(blur_p), tuple(solarize_p)
-        self.solarize_threshold, self.mean, self.std = solarize_threshold, mean, std
+        if backend is not None and backend not in BACKENDS: raise ConfigError('backend', backend, f'one of {BACKENDS} or None')
+        if backend == 'opencv' and cv2 is None:
+            raise ConfigError('backend', backend, "'torch' or None: OpenCV is not installed (pip install opencv-python-headless)")
+        self.solarize_threshold, self.mean, self.std, self.backend = solarize_threshold, mean, std, backend
 
     def __repr__(self):
         return (f'PixProAugment(image_size={self.image_size}, scale={self.scale}, blur_p={self.blur_p}, '
@@ -764,7 +898,8 @@ def _call(self:PixProAugment,
     "Two augmented views of `img` and their crop coordinates."
     x = to_rgb_tensor(img)
     p1, p2 = self.draw(x.shape[-2], x.shape[-1], generator)
-    kw = dict(size=self.image_size, solarize_threshold=self.solarize_threshold, mean=self.mean, std=self.std)
+    kw = dict(size=self.image_size, solarize_threshold=self.solarize_threshold, mean=self.mean, std=self.std,
+              backend=getattr(self, 'backend', None))  # (objects pickled before the argument existed have none)
     return apply_view(x, p1, **kw), apply_view(x, p2, **kw), p1.coord, p2.coord
 
 PixProAugment.__call__ = _call
@@ -797,6 +932,25 @@ for _ in range(12):
         diffs.append(d.abs().mean().item())
 print(f'mean |ours - PIL| per view, levels of 255: mean {np.mean(diffs):.2f}, worst {np.max(diffs):.2f}')
 assert np.mean(diffs) < 2 and np.max(diffs) < 4
+
+# %% [markdown]
+# The two backends give the same views to float rounding: across many draws the largest difference is a few units
+# of $10^{-6}$, except at the rare pixels that lie within rounding of the solarize threshold, which one backend
+# inverts and the other does not (a step of about one level either way, as any change of rounding would give).
+
+# %%
+if cv2 is not None:
+    g, worst, flips = torch.Generator().manual_seed(12), 0.0, 0
+    for _ in range(20):
+        for p in aug.draw(*x_photo.shape[1:], g):
+            a, b = apply_view(x_photo, p, mean=None), apply_view(x_photo, p, mean=None, backend='torch')
+            near = ((a - 128 / 255).abs() < 1e-5) if p.solarize else torch.zeros_like(a, dtype=torch.bool)
+            worst, flips = max(worst, (a - b)[~near].abs().max().item()), flips + int(((a - b).abs() > 1e-4).sum())
+            test_eq(apply_view(x_photo, p), normalize_(apply_view(x_photo, p, mean=None).clone(), IMAGENET_MEAN, IMAGENET_STD))
+    print(f'opencv vs torch over 40 views: largest difference {worst:.1e} (pixels that differ by more than 1e-4: {flips})')
+    assert worst < 1e-5 and flips < 20
+test_fail(lambda: apply_view(x_photo, p, backend='numpy'), contains="backend")
+test_fail(lambda: PixProAugment(backend='pil'), contains="backend")
 
 
 # %% [markdown]

@@ -35,7 +35,7 @@ import torchvision
 from PIL import Image
 from torch import Tensor
 
-from pixpro_rs.augment import PixProAugment
+from pixpro_rs.augment import PixProAugment, cv2
 from pixpro_rs.core import MIXED_PRECISIONS, ConfigError, atomic_write, check_choice, check_mixed_precision, check_positive
 from pixpro_rs.data import ImageFiles, SyntheticScenes, _pil_rgb, decode_jpeg, find_images, make_loader
 from pixpro_rs.pixpro import METHODS, OnlineNet, PixPro
@@ -102,7 +102,7 @@ def machine_info() -> dict:
     "CPU, GPU and library versions of this machine, for the record of a benchmark."
     info = dict(cpu=_cpu_model(), cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-                gpu=None, cuda=None)
+                opencv=cv2.__version__ if cv2 is not None else None, gpu=None, cuda=None)
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), gpu_count=torch.cuda.device_count(),
@@ -592,9 +592,11 @@ with tempfile.TemporaryDirectory() as d:
 
 # %%
 #| exports
-PIPELINE_PHASES = {'decode': 'load_image', 'crop + resize': 'crop_resize', 'colour jitter': 'color_jitter',
-                   'grayscale': 'grayscale', 'blur': 'gaussian_blur', 'solarize': 'solarize', 'normalise': 'normalize_',
-                   'random draws': '_draw', 'batching (collate)': 'default_collate'}  # phase -> function doing it
+PIPELINE_PHASES = {'decode': ('load_image',), 'crop + resize': ('crop_resize',),
+                   'colour jitter': ('color_jitter', 'color_jitter_cv'), 'grayscale': ('grayscale', 'grayscale_cv'),
+                   'blur': ('gaussian_blur', 'gaussian_blur_cv'), 'solarize': ('solarize',),
+                   'normalise': ('normalize_', 'normalize_planar'), 'random draws': ('_draw',),
+                   'batching (collate)': ('default_collate',)}  # phase -> the functions doing it (tensor or OpenCV kernels)
 
 def profile_pipeline(root:str|Path,  # a folder of JPEG files
                      image_size:int=224, batch_size:int=32,
@@ -602,17 +604,21 @@ def profile_pipeline(root:str|Path,  # a folder of JPEG files
                     ) -> tuple[float, list[tuple[str, float]]]:  # pairs/s under the profiler; (phase, ms per pair)
     "The CPU path in this process under cProfile, one thread: milliseconds per pair in each phase of `PIPELINE_PHASES`."
     loader = make_loader(ImageFiles(root), batch_size, image_size=image_size, num_workers=0, labels=False)
-    threads = torch.get_num_threads(); torch.set_num_threads(1)
+    threads = torch.get_num_threads(), (cv2.getNumThreads() if cv2 is not None else None)
+    torch.set_num_threads(1)
+    if cv2 is not None: cv2.setNumThreads(0)  # OpenCV's kernels sequential too
     try:
         it = iter(loader); next(it)
         prof, n = cProfile.Profile(), 0
         t = time.perf_counter(); prof.enable()
         for _, b in zip(range(batches), it): n += len(b[0])
         prof.disable(); total = time.perf_counter() - t
-    finally: torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads[0])
+        if cv2 is not None: cv2.setNumThreads(threads[1])
     cum = {}
     for (_, _, fn), (_, _, _, ct, _) in pstats.Stats(prof).stats.items(): cum[fn] = cum.get(fn, 0.0) + ct
-    phases = [(phase, 1e3 * cum.get(fn, 0.0) / n) for phase, fn in PIPELINE_PHASES.items()]
+    phases = [(phase, 1e3 * sum(cum.get(f, 0.0) for f in fns) / n) for phase, fns in PIPELINE_PHASES.items()]
     return n / total, phases + [('Python and the rest', 1e3 * total / n - sum(ms for _, ms in phases))]
 
 

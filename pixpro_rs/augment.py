@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
+try: import cv2  # OpenCV (opencv-python-headless): fused, vectorised kernels for the CPU path
+except ImportError: cv2 = None
 from torchvision.transforms.v2 import functional as F
 
 from .core import ConfigError, check_range
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'crop_coord', 'hflip_coord', 'sample_crop', 'adjust_hue', 'sample_jitter', 'luma',
-           'color_jitter', 'pil_blur_kernel', 'gaussian_blur', 'ViewParams', 'crop_resize', 'grayscale', 'solarize',
-           'normalize_', 'apply_view', 'apply_view_pil', 'PixProAugment', 'to_rgb_tensor']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BACKENDS', 'crop_coord', 'hflip_coord', 'sample_crop', 'adjust_hue', 'sample_jitter',
+           'luma', 'color_jitter', 'pil_blur_kernel', 'gaussian_blur', 'ViewParams', 'crop_resize', 'grayscale',
+           'solarize', 'normalize_', 'color_jitter_cv', 'gaussian_blur_cv', 'grayscale_cv', 'normalize_planar',
+           'opencv_agrees', 'apply_view', 'apply_view_pil', 'PixProAugment', 'to_rgb_tensor']
 
 # %% ../nbs/02_augment.ipynb #9678fd82
 def crop_coord(top:int,  # i, row of the crop's top-left pixel
@@ -213,15 +217,87 @@ def normalize_(v:Tensor,  # [3, H, W] float, changed in place
     return v.sub_(m).div_(s)
 
 # %% ../nbs/02_augment.ipynb #802a6515
+_LUMA = np.array([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights (ITU-R 601)
+
+def color_jitter_cv(x:np.ndarray,  # [H, W, 3] float32 RGB in [0, 1], interleaved (may be changed)
+                    order:tuple[int, ...],  # permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue
+                    b:float, c:float, s:float, h:float,  # the factors, as drawn by `sample_jitter`
+                   ) -> np.ndarray:  # [H, W, 3] float32 in [0, 1]
+    "`color_jitter` with OpenCV's kernels on an interleaved image: the same operations, to float rounding."
+    for i in order:
+        if i == 0: torch.from_numpy(x).mul_(b).clamp_(0, 1)
+        elif i == 1:
+            m = float(_LUMA @ np.array(cv2.mean(x)[:3]))  # mean luma = luma of the channel means
+            torch.from_numpy(x).mul_(c).add_((1 - c) * m).clamp_(0, 1)
+        elif i == 2:
+            x = cv2.transform(x, s * np.eye(3) + (1 - s) * np.tile(_LUMA, (3, 1)))  # s x + (1 - s) luma(x)
+            torch.from_numpy(x).clamp_(0, 1)
+        else:
+            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # hue in degrees, [0, 360)
+            cv2.add(hsv, (h % 1.0 * 360, 0, 0, 0), dst=hsv)  # the shift as a turn in [0, 1): hue in [0, 720)
+            x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=x)
+    return x
+
+def gaussian_blur_cv(x:np.ndarray,  # [H, W] or [H, W, C] float32
+                     sigma:float,  # standard deviation in pixels (PIL's radius)
+                    ) -> np.ndarray:  # same shape
+    "`gaussian_blur` with OpenCV's separable filter (PIL's kernel, repeated edges)."
+    if sigma <= 0: return x
+    k = pil_blur_kernel(sigma).numpy()
+    return cv2.sepFilter2D(x, -1, k, k, borderType=cv2.BORDER_REPLICATE)
+
+def grayscale_cv(x:np.ndarray,  # [H, W, 3] float32
+                ) -> np.ndarray:  # [H, W]
+    "`grayscale` on an interleaved image: the luma, one channel."
+    return cv2.transform(x, _LUMA[None])
+
+def normalize_planar(v:Tensor,  # [H, W, C] float, C = 1 (grayscale) or 3, interleaved
+                     mean:tuple|None, std:tuple,  # mean=None: no normalisation
+                    ) -> Tensor:  # [3, H, W] float32, planar
+    "The normalisation that also makes the planar `[3, H, W]` tensor (one channel is repeated to three)."
+    out = torch.empty(3, *v.shape[:2])
+    src = v.permute(2, 0, 1).expand(3, -1, -1)
+    if mean is None: return out.copy_(src)
+    m, s = _mean_std(tuple(mean), tuple(std), v.device)
+    return torch.sub(src, m, out=out).div_(s)
+
+# %% ../nbs/02_augment.ipynb #73a9c08b
+@functools.lru_cache(maxsize=None)
+def opencv_agrees() -> bool:
+    "Whether this OpenCV's kernels give what the tensor operations give (checked once, on a small image)."
+    if cv2 is None: return False
+    x = torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(0))
+    il = x.permute(1, 2, 0).contiguous().numpy()
+    pairs = [(color_jitter_cv(il.copy(), (0, 1, 2, 3), 1.2, 0.8, 1.1, h), color_jitter(x, (0, 1, 2, 3), 1.2, 0.8, 1.1, h))
+             for h in (-0.45, 0.3)] + [(gaussian_blur_cv(il, 2.0), gaussian_blur(x, 2.0))]
+    if all(torch.allclose(torch.from_numpy(a).permute(2, 0, 1), b, atol=1e-5) for a, b in pairs): return True
+    warnings.warn(f'OpenCV {cv2.__version__} does not give the tensor operations\' results; the CPU views use the tensor '
+                  'operations (slower)')
+    return False
+
+# %% ../nbs/02_augment.ipynb #d9a8bbbd
+BACKENDS = ('opencv', 'torch')  # the kernels of the CPU path
+
 def apply_view(img:Tensor,  # [3, H, W] uint8 source image
                p:ViewParams,  # the view's random decisions
                size:int=224,  # side of the output view
                solarize_threshold:float=128,  # on the 0..255 scale
                mean:tuple=IMAGENET_MEAN, std:tuple=IMAGENET_STD,  # normalisation; mean=None returns [0, 1] floats
+               backend:str|None=None,  # 'opencv', 'torch', or None: OpenCV's kernels on the CPU when they agree
               ) -> Tensor:  # [3, size, size] float32
     "One augmented view of `img` from its parameters."
+    if backend is None: backend = 'opencv' if img.device.type == 'cpu' and opencv_agrees() else 'torch'
+    elif backend not in BACKENDS: raise ConfigError('backend', backend, f"one of {BACKENDS} or None")
     v = crop_resize(img, p.top, p.left, p.height, p.width, size)  # uint8 [3, S, S]
     if p.flip: v = v.flip(-1)
+    if backend == 'opencv':
+        x = v.permute(1, 2, 0).to(torch.float32).div_(255).numpy()  # [S, S, 3], interleaved like the resize's output
+        if p.jitter is not None: x = color_jitter_cv(x, *p.jitter)
+        if p.gray: x = grayscale_cv(x)  # [S, S]: one channel until the normalisation
+        if p.sigma is not None: x = gaussian_blur_cv(x, p.sigma)
+        v = torch.from_numpy(x).view(size, size, -1)
+        if p.solarize: v = solarize(v, solarize_threshold / 255)
+        return normalize_planar(v, mean, std)
     v = v.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
     if p.jitter is not None: v = color_jitter(v, *p.jitter)
     if p.gray: v = grayscale(v)  # [1, S, S] until the normalisation: the three channels would be equal
@@ -264,6 +340,7 @@ class PixProAugment:
                  solarize_threshold:float=128,  # on 0..255
                  mean:tuple|None=IMAGENET_MEAN,  # normalisation mean (None: return floats in [0, 1])
                  std:tuple=IMAGENET_STD,  # normalisation std
+                 backend:str|None=None,  # kernels of `apply_view`: 'opencv', 'torch', None (OpenCV when it agrees)
                 ):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ConfigError('image_size', image_size, 'a positive integer')
@@ -280,7 +357,10 @@ class PixProAugment:
         self.image_size, self.scale, self.ratio, self.flip_p = image_size, tuple(scale), tuple(ratio), flip_p
         self.jitter, self.jitter_p, self.gray_p = (brightness, contrast, saturation, hue), jitter_p, gray_p
         self.blur_sigma, self.blur_p, self.solarize_p = tuple(blur_sigma), tuple(blur_p), tuple(solarize_p)
-        self.solarize_threshold, self.mean, self.std = solarize_threshold, mean, std
+        if backend is not None and backend not in BACKENDS: raise ConfigError('backend', backend, f'one of {BACKENDS} or None')
+        if backend == 'opencv' and cv2 is None:
+            raise ConfigError('backend', backend, "'torch' or None: OpenCV is not installed (pip install opencv-python-headless)")
+        self.solarize_threshold, self.mean, self.std, self.backend = solarize_threshold, mean, std, backend
 
     def __repr__(self):
         return (f'PixProAugment(image_size={self.image_size}, scale={self.scale}, blur_p={self.blur_p}, '
@@ -330,7 +410,8 @@ def _call(self:PixProAugment,
     "Two augmented views of `img` and their crop coordinates."
     x = to_rgb_tensor(img)
     p1, p2 = self.draw(x.shape[-2], x.shape[-1], generator)
-    kw = dict(size=self.image_size, solarize_threshold=self.solarize_threshold, mean=self.mean, std=self.std)
+    kw = dict(size=self.image_size, solarize_threshold=self.solarize_threshold, mean=self.mean, std=self.std,
+              backend=getattr(self, 'backend', None))  # (objects pickled before the argument existed have none)
     return apply_view(x, p1, **kw), apply_view(x, p2, **kw), p1.coord, p2.coord
 
 PixProAugment.__call__ = _call

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 try: from torchcodec.decoders import decode_jpeg  # libjpeg-turbo, TorchCodec >= 0.16
 except Exception: decode_jpeg = None  # no TorchCodec (or none built for this torch): PIL decodes everything
 
-from .augment import PixProAugment
+from .augment import PixProAugment, cv2
 from .core import ConfigError, check_positive
 
 # %% auto #0
@@ -329,11 +329,12 @@ def keep_freed_memory(mmap_threshold:int=32 << 20,  # bytes: larger blocks still
 
 # %% ../nbs/03_data.ipynb #0cfb27c9
 def _seed_worker(worker_id:int):
-    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; SIGTERM as `hold_worker_sigterm` says; `keep_freed_memory`."
+    "Seed Python's and NumPy's global RNGs in a worker from torch's worker seed; SIGTERM as `hold_worker_sigterm` says; `keep_freed_memory`; OpenCV on one thread."
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s)
     signal.signal(signal.SIGTERM, _worker_sigterm)
     keep_freed_memory()
+    if cv2 is not None: cv2.setNumThreads(0)  # sequential, as torch is in a worker (0: 1 would hang after a fork)
 
 # %% ../nbs/03_data.ipynb #dd95aa9c
 class PairLoader:

@@ -153,3 +153,24 @@ def test_a_link_loop_and_a_named_pipe_neither_multiply_nor_hang(tmp_path):
     with pytest.warns(UserWarning, match='x.jpg'):
         fp = ImageFiles(tmp_path).fingerprint()
     assert fp['data_files'] == 4 and fp == data_fingerprint([tmp_path / f'{k}.jpg' for k in range(4)], tmp_path)
+
+
+AFTER_THREADED_OPENCV = """
+import cv2, numpy as np, torch
+from pixpro_rs.augment import apply_view, opencv_agrees
+from pixpro_rs.data import SyntheticScenes, make_loader
+assert opencv_agrees()
+cv2.setNumThreads(2)
+big = np.random.rand(1500, 1500, 3).astype(np.float32)
+for _ in range(3): cv2.sepFilter2D(big, -1, np.ones(5, np.float32) / 5, np.ones(5, np.float32) / 5)  # OpenCV's thread pool runs
+dl = make_loader(SyntheticScenes(16, image_size=40, num_classes=4, seed=5), 4, image_size=24, num_workers=2, seed=9)
+print(sum(len(b[0]) for b in dl))
+"""
+
+
+def test_workers_forked_after_threaded_opencv_finish():
+    "The parent used OpenCV on two threads before forking: the workers' views (OpenCV kernels) must not hang."
+    pytest.importorskip('cv2')
+    out = subprocess.run([sys.executable, '-c', AFTER_THREADED_OPENCV], capture_output=True, text=True, timeout=120,
+                         check=True)  # a hang fails here instead of blocking the suite
+    assert out.stdout.split() == ['16']

@@ -2,9 +2,10 @@
 
     python tools/ab_pipeline.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 12] [--batches 7] [--workers 0] [--crops]
 
-Each round runs `bench_data` once in a fresh process for each checkout (the order alternates), on the same folder of
-256 JPEG files (500x375, `make_jpeg_folder`), 224 px views, batch 32, one thread; it prints each round's pairs/s and
-the ratio NEW/OLD, then the medians. Alternating whole processes keeps a drifting machine from favouring one side.
+Each round repeats `bench_data`'s protocol once in a fresh process for each checkout (the order alternates), on the
+same folder of 256 JPEG files (500x375, `make_jpeg_folder`), 224 px views, batch 32, torch and OpenCV on one thread;
+it prints each round's pairs/s and the ratio NEW/OLD, then the medians. Alternating whole processes keeps a drifting
+machine from favouring one side.
 `--crops` times the crop-only path of the GPU augmentation instead (`make_crop_loader`: uint8 crops, flips and the
 decision tensors; the colour work is left for the accelerator).
 """
@@ -14,6 +15,8 @@ from pathlib import Path
 CHILD = r'''
 import sys, torch
 sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1)
+try: import cv2; cv2.setNumThreads(0)  # sequential, as in a DataLoader worker
+except ImportError: pass
 import pixpro_rs
 assert pixpro_rs.__file__.startswith(sys.argv[1]), pixpro_rs.__file__
 import time
