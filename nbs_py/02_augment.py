@@ -1027,13 +1027,17 @@ test_eq(torch.rand(1), expected)  # and torch's global one too
 # - The crop and colour jitter draws are torchvision's (same values for the same seed); hue and blur are
 #   reimplemented for speed: hue exactly, blur with PIL's own three-box kernel (within about one level of 255 of
 #   PIL); the whole pipeline stays within about one level of the reference PIL pipeline `apply_view_pil`.
+# - On the CPU, `apply_view` runs OpenCV's fused kernels for the colour jitter, grayscale, blur and normalisation
+#   (`color_jitter_cv`, `gaussian_blur_cv`, ...), which give the tensor operations' views to float rounding (checked
+#   once per process by `opencv_agrees`); `backend='torch'` runs the tensor operations, the ones the accelerator
+#   batches.
 # - A flipped view is the mirror image of the unflipped one and its coordinates swap the x entries. What the
 #   coordinates of two views mean for the positive pixel pairs, and how many pairs the augmentation produces, is the
 #   next-but-one chapter, `04_positives`.
 #
 # ## Exercises
 #
-# 1. Replace `gaussian_blur` in `apply_view` by torchvision's `F.gaussian_blur` with a kernel of
+# 1. Replace `gaussian_blur` in `apply_view`'s tensor path (`backend='torch'`) by torchvision's `F.gaussian_blur` with a kernel of
 #    $2\lceil 3\sigma\rceil+1$ taps, rerun the replay against `apply_view_pil` above and time one view before and
 #    after (`%timeit`). Which costs more, the difference in pixels or the difference in time?
 # 2. Make the recipe symmetric, `PixProAugment(blur_p=(0.5, 0.5), solarize_p=(0.1, 0.1))`, and check with the `rate`

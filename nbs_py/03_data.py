@@ -77,7 +77,9 @@ from pixpro_rs.augment import apply_view, apply_view_pil
 # > benchmark chapter's `bench_decoders` makes them) gave TorchCodec 1,134 and 1,187 images/s, torchvision 966 and
 # > 1,187, PIL 657 and 804. We use
 # > TorchCodec, the maintained one. Where it cannot be imported (it is built for recent torch releases only), PIL
-# > decodes everything; JPEGs TorchCodec refuses go to PIL too, which names the problem.
+# > decodes everything; JPEGs TorchCodec refuses go to PIL too, which names the problem, and so do JPEGs whose EXIF
+# > data asks for a turn (below). OpenCV's `imdecode`, a dependency since the augmentation's fast path, is as fast
+# > (`bench_decoders`), and would serve as well; it too turns such files unless told not to.
 
 # %%
 #| exports
@@ -114,12 +116,19 @@ test_eq(_pil_rgb(Image.new('RGBA', (2, 1), (10, 20, 30, 0)))[:, 0, 0], torch.ten
 
 # %%
 #| exports
+def _exif_turned(data:bytes) -> bool:
+    "Whether a JPEG's EXIF data asks for a rotation or a mirror (orientation tag present and not 1)."
+    if b'Exif\x00\x00' not in data[:1 << 18]: return False  # the EXIF segment sits in the header, before the scan
+    try:
+        with Image.open(io.BytesIO(data)) as img: return img.getexif().get(0x0112, 1) != 1  # reads the header only
+    except _PIL_ERRORS: return False  # the decoders below name the problem
+
 def load_image(path:str|Path) -> Tensor:  # [3, H, W] uint8 RGB
     "Decode an image file to a uint8 RGB tensor; raise `BadImageError` naming the file if it cannot be read."
     path = Path(path)
     try: data = path.read_bytes()
     except OSError as e: raise BadImageError(f'{path}: {e}') from e
-    if data[:3] == b'\xff\xd8\xff' and decode_jpeg is not None:  # JPEG
+    if data[:3] == b'\xff\xd8\xff' and decode_jpeg is not None and not _exif_turned(data):  # JPEG, stored upright
         try: return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode='RGB')
         except RuntimeError: pass  # let PIL try (and name the problem)
     try:
@@ -153,6 +162,21 @@ good = (tmp/'rgb.jpg').read_bytes()
 test_fail(lambda: load_image(tmp/'truncated.jpg'), contains='truncated.jpg')
 test_fail(lambda: load_image(tmp/'garbage.jpg'), contains='garbage.jpg')
 test_fail(lambda: load_image(tmp/'missing.jpg'), contains='missing.jpg')
+
+# %% [markdown]
+# A photograph taken with the camera turned is often stored sideways, with an EXIF orientation tag that asks the
+# viewer to turn it. The reference decodes with PIL, which ignores the tag, and so do we: the network sees the pixels
+# as stored, whichever decoder runs. TorchCodec applies the tag, so a JPEG whose tag asks for a turn or a mirror
+# goes to PIL (the check reads the header only, and costs nothing for files without EXIF data).
+
+# %%
+for orientation in (1, 2, 6, 8):
+    exif = Image.Exif(); exif[0x0112] = orientation
+    rgb.save(tmp/f'turned{orientation}.jpg', exif=exif.tobytes())
+    with Image.open(tmp/f'turned{orientation}.jpg') as im: as_stored = torch.from_numpy(np.array(im)).permute(2, 0, 1)
+    test_eq(load_image(tmp/f'turned{orientation}.jpg'), as_stored)  # [3, 20, 30] for every tag: never turned
+    test_eq(_exif_turned((tmp/f'turned{orientation}.jpg').read_bytes()), orientation != 1)
+test_eq(_exif_turned(good), False)
 
 # %% [markdown]
 # ## Folders of images
@@ -936,22 +960,23 @@ torch.set_num_threads(os.cpu_count() or 1)
 
 # %% [markdown]
 # > **Ours.** Where the time goes, per pair on one core (measured while writing the chapter): the JPEG decode is the
-# > same in both (libjpeg-turbo, about 2 ms for 500x375). The PIL pipeline then spends most of its time in
+# > same in both (libjpeg-turbo, 1-1.5 ms for 500x375). The PIL pipeline then spends most of its time in
 # > `adjust_hue` (an RGB-HSV-RGB round trip through 8-bit images, ~4 ms) and in the blur of view 1 (~2.5 ms). Ours
-# > resizes the uint8 crop with a vectorised antialiased kernel, converts to float once at 224x224, computes the hue
-# > rotation directly from max, min and chroma (~0.3-0.5 ms instead of torchvision's ~5 ms), and blurs with a sum of
-# > shifted copies (~0.4-0.6 ms). torchvision's own `adjust_hue`, grouped `conv2d` blur and `solarize` were each
+# > resizes the uint8 crop with a vectorised antialiased kernel, converts to float once at 224x224, and runs the
+# > colour jitter and the blur with OpenCV's fused kernels (the augmentation chapter's fast path: the hue rotation
+# > ~0.16 ms, the blur 0.11-0.20 ms). torchvision's own `adjust_hue`, grouped `conv2d` blur and `solarize` were each
 # > slower than the PIL operation they replace; a pipeline of stock v2 transforms would be slower than PIL, not
 # > faster. The machine this book is built on is shared, so the absolute figures move from run to run; the ratio is
-# > steadier, as both pipelines are timed in alternating rounds: 1.5x to 1.8x over our runs while writing the
-# > chapter, and 2.55x in the execution stored here, after the benchmark chapter's second round of work on the CPU
-# > path (the hue rotation, the blur and the memory allocator).
+# > steadier, as both pipelines are timed in alternating rounds: 1.5x to 1.8x with the first tensor kernels, 2.55x
+# > and 2.66x after the benchmark chapter's second round of work on the CPU path (the hue rotation, the blur, the
+# > memory allocator), and 3.12x and 3.07x (the execution stored here) with OpenCV's kernels.
 
 # %% [markdown]
 # ## Summary
 #
 # - `load_image` decodes JPEGs with libjpeg-turbo and everything else with PIL, always to 8-bit RGB (16-bit images
-#   rescaled); unreadable files raise `BadImageError` naming the file.
+#   rescaled), as stored (an EXIF orientation tag is not applied, as in the reference); unreadable files raise
+#   `BadImageError` naming the file.
 # - `ImageFiles` (recursive, unlabelled) and `ClassFolders` (ImageNet layout, labelled) fail at construction on a
 #   missing or empty folder, and skip unreadable files with one warning each, a shared count and an end-of-epoch
 #   summary (or raise with `strict=True`). Their listing, `find_images`, visits each real folder once (a symlink loop

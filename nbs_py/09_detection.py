@@ -1430,13 +1430,14 @@ fig.suptitle('Figure 5: Mask R-CNN after 80 steps on exported COCO-format scenes
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# In the execution stored with this chapter (our shared 2-core machine, one thread), the 80 steps took 24 s, the loss
-# fell from 2.82 (mean of the first 10 steps) to 2.18 (last 10) and `loss_mask` from 0.89 to 0.62, and COCOeval gave
-# bbox AP 0.008 (AP50 0.039) and segm AP 0.004 (AP50 0.014) on the 24 validation scenes (the printed tables above are
-# that run's; the execution before it, with the augmentation's previous float rounding, gave 0.009 and 0.007). Near zero, as expected of 80 steps from a backbone pretrained for one step: the demo shows that boxes
-# and masks flow through training, `coco_results` and COCOeval, not that the detector is good. Figure 5 therefore
-# shows the three best detections per image: in the stored run they score 0.12 to 0.72, mostly as `disc stripes`
-# and `triangle dots`.
+# In the execution stored with this chapter (our shared 2-core machine, one thread), the 80 steps took 30 s, the loss
+# fell from 2.83 (mean of the first 10 steps) to 2.19 (last 10) and `loss_mask` from 0.89 to 0.62, and COCOeval gave
+# bbox AP 0.008 (AP50 0.028) and segm AP 0.004 (AP50 0.017) on the 24 validation scenes (the printed tables above are
+# that run's; the executions before it, each with the augmentation's previous float rounding, gave AP50 0.039 and
+# 0.014, and AP 0.009 and 0.007). Near zero, as expected of 80 steps from a backbone pretrained for one step: the demo
+# shows that boxes and masks flow through training, `coco_results` and COCOeval, not that the detector is good.
+# Figure 5 therefore shows the three best detections per image: in the stored run they score 0.13 to 0.23, mostly as
+# `disc stripes`.
 # COCO's area ranges are meant for real photographs: at 96 px nearly every object is "small" (under $32^2$ pixels),
 # so APs/APm/APl say little here.
 

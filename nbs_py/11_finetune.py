@@ -1325,7 +1325,7 @@ assert last < first and evals[-1]['top1'] > chance + 0.1 and evals[-1]['top1_ema
 
 # %% [markdown]
 # On our shared 2-core machine the loss fell from 1.36 (mean of the first epoch) to 0.72 (last epoch) and the models
-# ended at 0.68 (raw) and 0.68 (EMA) top-1 against a chance of 0.34, in 50 s (the printed line above is this
+# ended at 0.68 (raw) and 0.68 (EMA) top-1 against a chance of 0.34, in 68 s (the printed line above is this
 # execution's measurement). In so short a run
 # the EMA and the raw model are close: with the warm-up $\frac{1+t}{10+t}$ the EMA after 192 steps averages roughly
 # the last 20 steps. Its benefit in the paper's runs comes at the end of a 110,000-step schedule, where 0.9999 is

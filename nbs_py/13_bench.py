@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
@@ -549,8 +550,9 @@ with tempfile.TemporaryDirectory() as d:
 #
 # Two tools answer what a faster CPU pipeline would have to attack. `bench_decoders` times the JPEG decoders on the
 # same files, one core, in alternating rounds: TorchCodec (what `load_image` uses), torchvision's deprecated
-# `decode_jpeg` and PIL. `profile_pipeline` runs the CPU path in this process (`num_workers=0`, one thread) under
-# `cProfile` and splits the time per pair into phases by the functions that do the work; the profiler's own cost
+# `decode_jpeg`, OpenCV's `imdecode` and PIL. `profile_pipeline` runs the CPU path in this process (`num_workers=0`, one thread) under
+# `cProfile` and splits the time per pair into phases by the functions that do the work (the tensor operations' or
+# OpenCV's, whichever path runs); the profiler's own cost
 # lands in "Python and the rest", so the phases are shares, and the pairs/s it prints is below `bench_data`'s.
 
 # %%
@@ -559,7 +561,7 @@ def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
                    n:int=64,  # files decoded per round
                    rounds:int=7,  # alternating rounds; the median is reported
                   ) -> dict[str, float]:  # decoder -> images/s on one core (those that import)
-    "JPEG decoding speed of TorchCodec, torchvision and PIL on the same files, one thread, alternating rounds."
+    "JPEG decoding speed of TorchCodec, torchvision, OpenCV and PIL on the same files, one thread, alternating rounds."
     datas = [f.read_bytes() for f in find_images(root)[:n]]
     as_tensor = lambda d: torch.frombuffer(bytearray(d), dtype=torch.uint8)
     def pil(d):
@@ -570,8 +572,15 @@ def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
         from torchvision.io import ImageReadMode, decode_jpeg as tv
         decoders['torchvision'] = lambda d: tv(as_tensor(d), mode=ImageReadMode.RGB)
     except ImportError: pass
-    threads, rates = torch.get_num_threads(), {k: [] for k in decoders}
+    if cv2 is not None:
+        rgb = getattr(cv2, 'IMREAD_COLOR_RGB', None)  # OpenCV >= 4.10 decodes to RGB directly
+        def opencv(d):
+            a = cv2.imdecode(np.frombuffer(d, np.uint8), rgb if rgb is not None else cv2.IMREAD_COLOR)
+            return torch.from_numpy(a if rgb is not None else cv2.cvtColor(a, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
+        decoders['OpenCV'] = opencv
+    threads, rates = (torch.get_num_threads(), cv2.getNumThreads() if cv2 is not None else None), {k: [] for k in decoders}
     torch.set_num_threads(1)
+    if cv2 is not None: cv2.setNumThreads(0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -580,7 +589,9 @@ def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
                     t = time.perf_counter()
                     for d in datas: fn(d)
                     rates[name].append(len(datas) / (time.perf_counter() - t))
-    finally: torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads[0])
+        if cv2 is not None: cv2.setNumThreads(threads[1])
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
@@ -589,6 +600,7 @@ with tempfile.TemporaryDirectory() as d:
     folder = make_jpeg_folder(d, 16, unique=8)
     rates = bench_decoders(folder, n=4, rounds=1)
     assert 'PIL' in rates and all(v > 0 for v in rates.values()), rates
+    assert ('OpenCV' in rates) == (cv2 is not None), rates
 
 # %%
 #| exports
@@ -1125,42 +1137,56 @@ print(f"{'phase':22s} {'ms per pair':>11s} {'share':>6s}")
 for p, ms in phases: print(f'{p:22s} {ms:11.2f} {100 * ms / total:5.0f} %')
 
 # %% [markdown]
-# **Where the time goes now.** The table above is the CPU path after two rounds of work on it, on the machine
+# **Where the time goes now.** The table above is the CPU path after three rounds of work on it, on the machine
 # this chapter was last executed on (a 2-core AMD EPYC that reports AVX-512; the older figures of this chapter
-# came from a draw of the same machine type with AVX only). A pair costs 4.5-5.5 ms on one core (186 pairs/s in the
-# run above; this machine's speed drifts by a third from one run to the next). The colour jitter is the largest
-# phase (a quarter), then the JPEG decode (a fifth, once per pair; libjpeg-turbo through TorchCodec, as fast as
-# torchvision's deprecated decoder, PIL at 0.6x), the blur of view 1 and the two resized crops.
+# came from a draw of the same machine type with AVX only). This machine's speed drifts by half from one quarter of
+# an hour to the next (the same replay of 512 pairs took 2.9 ms and 4.5 ms a pair within 30 minutes; an execution of
+# this cell in a slow stretch gave 179 pairs/s, the one above 292), so the shares are steadier than the rates. The
+# JPEG decode is now the largest phase (three tenths, once per pair), then the colour jitter and the two antialiased
+# uint8 resizes (a sixth each), the random draws, the blur and the normalisation. The profiler inflates the phases
+# made of many small calls (the draws, the normalisation) more than the others. The three libjpeg-turbo decoders
+# are within this machine's noise of one another (in other runs TorchCodec was ahead); `load_image` keeps
+# TorchCodec, and sends the JPEGs whose EXIF data asks for a turn to PIL, as the reference decodes them (the data
+# chapter). PIL decodes at 0.4-0.6x.
 #
 # What made it faster, each piece timed side by side on real views (224 px crops of these 500x375 JPEGs) and kept
-# only because it helped; every piece gives the same pixels as before, to float rounding or to the bit:
+# only because it helped; every piece gives the same views as before, to float rounding or to the bit, with the
+# same random decisions and the same coordinates:
 #
+# - *OpenCV's kernels* (the augmentation chapter, "The fast path"). Every tensor operation is a pass over the
+#   600 KB view at 5-20 us, whatever it computes, and the hue rotation alone was about 35 of them. OpenCV's
+#   `cvtColor` to HSV and back is two fused, vectorised passes; saturation is one 3x3 colour matrix
+#   (`cv2.transform`); the blur is one separable filter (`sepFilter2D`). Timed on real views, one thread: the hue
+#   rotation 0.30-0.45 ms to 0.16 ms, the blur 0.39-0.66 ms to 0.11-0.20 ms (sigma 0.5 to 2), the cast to float
+#   0.08 to 0.03 ms (the resize's output is already interleaved, which is OpenCV's layout). The views stay
+#   interleaved until the normalisation writes the planar tensor. A worker runs OpenCV on one thread, as it runs
+#   torch (`cv2.setNumThreads(0)`; 1 hangs a worker forked from a process whose OpenCV pool has run, which
+#   `tests/test_data.py` reproduces).
 # - *The allocator.* A replay of the pipeline with a timer per stage counted 432 000 page faults in 768 pairs:
 #   glibc gave the freed 600 KB views and 19 MB batches back to the kernel and faulted them in again.
 #   `keep_freed_memory` (data chapter) raises its two thresholds once per process: 139 000 faults, 6.6 to 5.2 ms
 #   per pair in that replay (batching alone 0.76 to 0.14 ms).
-# - *The blur* as a sum of shifted copies with the taps paired, after padding with `torch.cat`: 0.71-0.80 ms to
-#   0.50-0.56 ms per blurred view over the recipe's mix of sigmas, against the banded matrix products before.
-#   `F.pad(mode='replicate')` on the last axis alone took 0.15-0.23 ms.
-# - *The hue rotation* with 0/1 masks from `sign` and the wrap-around by `floor`: 0.46-0.49 to 0.32-0.33 ms per
-#   view. On random pixels `torch.where` looks far worse than on real views (a mispredicted branch per pixel),
-#   which is why all these figures come from real views.
-# - *Small pieces*: brightness, contrast and saturation in place (torchvision's operations, bitwise); the crop
-#   copied to channels-last before the uint8 resize (about 65 us a view less: the kernel no longer repacks its
-#   output, and the cast to float changes the layout in the same pass); grayscale views blurred and solarized on
-#   one channel; solarize with masks; the normalisation in place.
+# - *The tensor path*, still what `backend='torch'` and the accelerator run: the blur as a sum of shifted copies
+#   with the taps paired (0.71-0.80 to 0.50-0.56 ms per blurred view against banded matrix products); the hue
+#   rotation with 0/1 masks from `sign` and the wrap-around by `floor` (0.46-0.49 to 0.32-0.33 ms; on random
+#   pixels `torch.where` looks far worse than on real views, a mispredicted branch per pixel, which is why all these
+#   figures come from real views); brightness, contrast and saturation in place; the crop copied to channels-last
+#   before the uint8 resize (about 65 us a view less); grayscale views blurred and solarized on one channel.
 #
-# The whole CPU path before this round (commit c4d96ca, which also predates the hue change of the round before)
-# and after, `bench_data`'s protocol (in process, one thread, 224 px, batch 32) in fresh processes that alternate
-# between the two checkouts (`python tools/ab_pipeline.py OLD NEW --rounds 14`): median **150 to 215 pairs/s,
-# 1.38x** (rounds 1.08x-1.64x). With the views made in one DataLoader worker (`--workers 1`, 10 rounds): 145 to
-# 180 pairs/s, 1.31x (rounds 1.11x-1.51x). The crop-only loader of the GPU path (`--crops`, 10 rounds) is
-# unchanged: 510 and 497 pairs/s, median ratio 1.00x. The goal was 1.5x, and it is not reached. What is left
-# is memory traffic: every remaining step is a pass over a 600 KB view at some 15-25 us, and the hue rotation
-# alone is about 35 of them (on one or three channels). One pass for the whole jitter needs generated code:
-# `torch.compile` does it, at seconds of compilation per worker and a C++ compiler on every machine that trains,
-# and this PyTorch build has no LLVM for TorchScript's CPU fuser. On a GPU, the batched path of the GPU
-# augmentation chapter runs these operations on the accelerator, and it is the default there.
+# Tried and dropped, slower than what they would replace on these views: grouped `conv2d` for the blur (oneDNN's
+# depthwise convolution, 0.9-1.1 ms), `avg_pool2d` box passes, NumPy for the hue (its passes were slower than torch's),
+# writing the views channels-last (the batch's `torch.stack` then spends 70 us more a view on the transpose than
+# the normalisation saves).
+#
+# The whole CPU path before this issue's work (commit c4d96ca) and now, `bench_data`'s protocol (in process, one
+# thread, 224 px, batch 32) in fresh processes that alternate between the two checkouts
+# (`python tools/ab_pipeline.py OLD NEW --rounds 14 --batches 15`): median **114 to 209 pairs/s, 1.79x** (rounds
+# 1.46x-2.64x; an earlier run of 14 rounds of 7 batches: 1.64x, rounds 1.32x-2.51x). With the views made in one
+# DataLoader worker (`--workers 1 --batches 10`, 10 rounds): 108 to 170 pairs/s, **1.58x** (rounds 1.39x-2.12x).
+# Against the previous round's tensor kernels alone (commit eba39e3, 10 rounds): 1.34x. The crop-only loader of the
+# GPU path (`--crops --batches 30`, 10 rounds) does not change: 429 and 464 pairs/s, median ratio 0.97x (rounds
+# 0.87x-1.47x), within this machine's noise. On a GPU, the batched path of the GPU augmentation chapter runs the
+# colour work on the accelerator, and it is the default there.
 
 # %% [markdown]
 # Figure 2: the same split as bars; Figure 3: throughput against batch size, the H200 rows of this chapter (bf16,

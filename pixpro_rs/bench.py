@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
@@ -306,7 +307,7 @@ def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
                    n:int=64,  # files decoded per round
                    rounds:int=7,  # alternating rounds; the median is reported
                   ) -> dict[str, float]:  # decoder -> images/s on one core (those that import)
-    "JPEG decoding speed of TorchCodec, torchvision and PIL on the same files, one thread, alternating rounds."
+    "JPEG decoding speed of TorchCodec, torchvision, OpenCV and PIL on the same files, one thread, alternating rounds."
     datas = [f.read_bytes() for f in find_images(root)[:n]]
     as_tensor = lambda d: torch.frombuffer(bytearray(d), dtype=torch.uint8)
     def pil(d):
@@ -317,8 +318,15 @@ def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
         from torchvision.io import ImageReadMode, decode_jpeg as tv
         decoders['torchvision'] = lambda d: tv(as_tensor(d), mode=ImageReadMode.RGB)
     except ImportError: pass
-    threads, rates = torch.get_num_threads(), {k: [] for k in decoders}
+    if cv2 is not None:
+        rgb = getattr(cv2, 'IMREAD_COLOR_RGB', None)  # OpenCV >= 4.10 decodes to RGB directly
+        def opencv(d):
+            a = cv2.imdecode(np.frombuffer(d, np.uint8), rgb if rgb is not None else cv2.IMREAD_COLOR)
+            return torch.from_numpy(a if rgb is not None else cv2.cvtColor(a, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
+        decoders['OpenCV'] = opencv
+    threads, rates = (torch.get_num_threads(), cv2.getNumThreads() if cv2 is not None else None), {k: [] for k in decoders}
     torch.set_num_threads(1)
+    if cv2 is not None: cv2.setNumThreads(0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -327,7 +335,9 @@ def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
                     t = time.perf_counter()
                     for d in datas: fn(d)
                     rates[name].append(len(datas) / (time.perf_counter() - t))
-    finally: torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads[0])
+        if cv2 is not None: cv2.setNumThreads(threads[1])
     return {k: statistics.median(v) for k, v in rates.items()}
 
 # %% ../nbs/13_bench.ipynb #9355a1ac

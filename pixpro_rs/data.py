@@ -52,12 +52,19 @@ def _pil_rgb(img:Image.Image) -> Tensor:  # [3, H, W] uint8
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 # %% ../nbs/03_data.ipynb #de77504f
+def _exif_turned(data:bytes) -> bool:
+    "Whether a JPEG's EXIF data asks for a rotation or a mirror (orientation tag present and not 1)."
+    if b'Exif\x00\x00' not in data[:1 << 18]: return False  # the EXIF segment sits in the header, before the scan
+    try:
+        with Image.open(io.BytesIO(data)) as img: return img.getexif().get(0x0112, 1) != 1  # reads the header only
+    except _PIL_ERRORS: return False  # the decoders below name the problem
+
 def load_image(path:str|Path) -> Tensor:  # [3, H, W] uint8 RGB
     "Decode an image file to a uint8 RGB tensor; raise `BadImageError` naming the file if it cannot be read."
     path = Path(path)
     try: data = path.read_bytes()
     except OSError as e: raise BadImageError(f'{path}: {e}') from e
-    if data[:3] == b'\xff\xd8\xff' and decode_jpeg is not None:  # JPEG
+    if data[:3] == b'\xff\xd8\xff' and decode_jpeg is not None and not _exif_turned(data):  # JPEG, stored upright
         try: return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode='RGB')
         except RuntimeError: pass  # let PIL try (and name the problem)
     try:
