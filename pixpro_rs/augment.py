@@ -255,7 +255,7 @@ def normalize_planar(v:Tensor,  # [H, W, C] float, C = 1 (grayscale) or 3, inter
                      mean:tuple|None, std:tuple,  # mean=None: no normalisation
                     ) -> Tensor:  # [3, H, W] float32, planar
     "The normalisation that also makes the planar `[3, H, W]` tensor (one channel is repeated to three)."
-    out = torch.empty(3, *v.shape[:2])
+    out = torch.empty(3, *v.shape[:2], dtype=v.dtype)
     src = v.permute(2, 0, 1).expand(3, -1, -1)
     if mean is None: return out.copy_(src)
     m, s = _mean_std(tuple(mean), tuple(std), v.device)
@@ -288,10 +288,12 @@ def apply_view(img:Tensor,  # [3, H, W] uint8 source image
     "One augmented view of `img` from its parameters."
     if backend is None: backend = 'opencv' if img.device.type == 'cpu' and opencv_agrees() else 'torch'
     elif backend not in BACKENDS: raise ConfigError('backend', backend, f"one of {BACKENDS} or None")
+    elif backend == 'opencv' and (cv2 is None or img.device.type != 'cpu'):
+        raise ConfigError('backend', backend, "'torch' or None: OpenCV's kernels need OpenCV and an image on the CPU")
     v = crop_resize(img, p.top, p.left, p.height, p.width, size)  # uint8 [3, S, S]
     if p.flip: v = v.flip(-1)
     if backend == 'opencv':
-        x = v.permute(1, 2, 0).to(torch.float32).div_(255).numpy()  # [S, S, 3], interleaved like the resize's output
+        x = v.permute(1, 2, 0).to(torch.float32).div_(255).contiguous().numpy()  # [S, S, 3], interleaved as resized
         if p.jitter is not None: x = color_jitter_cv(x, *p.jitter)
         if p.gray: x = grayscale_cv(x)  # [S, S]: one channel until the normalisation
         if p.sigma is not None: x = gaussian_blur_cv(x, p.sigma)
