@@ -1183,6 +1183,8 @@ for p, ms in phases: print(f'{p:22s} {ms:11.2f} {100 * ms / total:5.0f} %')
 # (`python tools/ab_pipeline.py OLD NEW --rounds 14 --batches 15`): median **114 to 209 pairs/s, 1.79x** (rounds
 # 1.46x-2.64x; an earlier run of 14 rounds of 7 batches: 1.64x, rounds 1.32x-2.51x). With the views made in one
 # DataLoader worker (`--workers 1 --batches 10`, 10 rounds): 108 to 170 pairs/s, **1.58x** (rounds 1.39x-2.12x).
+# Repeated an hour later, in a faster stretch of the machine: 170 to 294 pairs/s in process, 1.73x (rounds
+# 1.44x-1.99x), and 131 to 215 in one worker, 1.59x (rounds 1.47x-1.87x).
 # Against the previous round's tensor kernels alone (commit eba39e3, 10 rounds): 1.34x. The crop-only loader of the
 # GPU path (`--crops --batches 30`, 10 rounds) does not change: 429 and 464 pairs/s, median ratio 0.97x (rounds
 # 0.87x-1.47x), within this machine's noise. On a GPU, the batched path of the GPU augmentation chapter runs the
