@@ -656,6 +656,15 @@ assert opencv_agrees() == (cv2 is not None)
 #| exports
 BACKENDS = ('opencv', 'torch')  # the kernels of the CPU path
 
+def _check_backend(backend:str|None, on_cpu:bool=True):
+    "Raise `ConfigError` naming `backend` unless it is None, 'torch', or 'opencv' with OpenCV installed and a CPU image."
+    if backend is None: return
+    if backend not in BACKENDS: raise ConfigError('backend', backend, f'one of {BACKENDS} or None')
+    if backend == 'opencv' and cv2 is None:
+        raise ConfigError('backend', backend, "'torch' or None: OpenCV is not installed (pip install opencv-python-headless)")
+    if backend == 'opencv' and not on_cpu:
+        raise ConfigError('backend', backend, "'torch' or None: OpenCV's kernels need an image on the CPU")
+
 def apply_view(img:Tensor,  # [3, H, W] uint8 source image
                p:ViewParams,  # the view's random decisions
                size:int=224,  # side of the output view
@@ -664,10 +673,8 @@ def apply_view(img:Tensor,  # [3, H, W] uint8 source image
                backend:str|None=None,  # 'opencv', 'torch', or None: OpenCV's kernels on the CPU when they agree
               ) -> Tensor:  # [3, size, size] float32
     "One augmented view of `img` from its parameters."
+    _check_backend(backend, img.device.type == 'cpu')
     if backend is None: backend = 'opencv' if img.device.type == 'cpu' and opencv_agrees() else 'torch'
-    elif backend not in BACKENDS: raise ConfigError('backend', backend, f"one of {BACKENDS} or None")
-    elif backend == 'opencv' and (cv2 is None or img.device.type != 'cpu'):
-        raise ConfigError('backend', backend, "'torch' or None: OpenCV's kernels need OpenCV and an image on the CPU")
     v = crop_resize(img, p.top, p.left, p.height, p.width, size)  # uint8 [3, S, S]
     if p.flip: v = v.flip(-1)
     if backend == 'opencv':
@@ -780,9 +787,7 @@ class PixProAugment:
         self.image_size, self.scale, self.ratio, self.flip_p = image_size, tuple(scale), tuple(ratio), flip_p
         self.jitter, self.jitter_p, self.gray_p = (brightness, contrast, saturation, hue), jitter_p, gray_p
         self.blur_sigma, self.blur_p, self.solarize_p = tuple(blur_sigma), tuple(blur_p), tuple(solarize_p)
-        if backend is not None and backend not in BACKENDS: raise ConfigError('backend', backend, f'one of {BACKENDS} or None')
-        if backend == 'opencv' and cv2 is None:
-            raise ConfigError('backend', backend, "'torch' or None: OpenCV is not installed (pip install opencv-python-headless)")
+        _check_backend(backend)
         self.solarize_threshold, self.mean, self.std, self.backend = solarize_threshold, mean, std, backend
 
     def __repr__(self):

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -557,6 +557,17 @@ with tempfile.TemporaryDirectory() as d:
 
 # %%
 #| exports
+@contextmanager
+def _one_thread():
+    "torch on one thread and OpenCV's kernels sequential for the block, as in a DataLoader worker; the settings restored after."
+    threads = torch.get_num_threads(), (cv2.getNumThreads() if cv2 is not None else None)
+    torch.set_num_threads(1)
+    if cv2 is not None: cv2.setNumThreads(0)
+    try: yield
+    finally:
+        torch.set_num_threads(threads[0])
+        if cv2 is not None: cv2.setNumThreads(threads[1])
+
 def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
                    n:int=64,  # files decoded per round
                    rounds:int=7,  # alternating rounds; the median is reported
@@ -578,20 +589,14 @@ def bench_decoders(root:str|Path,  # a folder of JPEG files (`make_jpeg_folder`)
             a = cv2.imdecode(np.frombuffer(d, np.uint8), rgb if rgb is not None else cv2.IMREAD_COLOR)
             return torch.from_numpy(a if rgb is not None else cv2.cvtColor(a, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
         decoders['OpenCV'] = opencv
-    threads, rates = (torch.get_num_threads(), cv2.getNumThreads() if cv2 is not None else None), {k: [] for k in decoders}
-    torch.set_num_threads(1)
-    if cv2 is not None: cv2.setNumThreads(0)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            for _ in range(rounds):
-                for name, fn in decoders.items():
-                    t = time.perf_counter()
-                    for d in datas: fn(d)
-                    rates[name].append(len(datas) / (time.perf_counter() - t))
-    finally:
-        torch.set_num_threads(threads[0])
-        if cv2 is not None: cv2.setNumThreads(threads[1])
+    rates = {k: [] for k in decoders}
+    with _one_thread(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for _ in range(rounds):
+            for name, fn in decoders.items():
+                t = time.perf_counter()
+                for d in datas: fn(d)
+                rates[name].append(len(datas) / (time.perf_counter() - t))
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
@@ -616,18 +621,12 @@ def profile_pipeline(root:str|Path,  # a folder of JPEG files
                     ) -> tuple[float, list[tuple[str, float]]]:  # pairs/s under the profiler; (phase, ms per pair)
     "The CPU path in this process under cProfile, one thread: milliseconds per pair in each phase of `PIPELINE_PHASES`."
     loader = make_loader(ImageFiles(root), batch_size, image_size=image_size, num_workers=0, labels=False)
-    threads = torch.get_num_threads(), (cv2.getNumThreads() if cv2 is not None else None)
-    torch.set_num_threads(1)
-    if cv2 is not None: cv2.setNumThreads(0)  # OpenCV's kernels sequential too
-    try:
+    with _one_thread():
         it = iter(loader); next(it)
         prof, n = cProfile.Profile(), 0
         t = time.perf_counter(); prof.enable()
         for _, b in zip(range(batches), it): n += len(b[0])
         prof.disable(); total = time.perf_counter() - t
-    finally:
-        torch.set_num_threads(threads[0])
-        if cv2 is not None: cv2.setNumThreads(threads[1])
     cum = {}
     for (_, _, fn), (_, _, _, ct, _) in pstats.Stats(prof).stats.items(): cum[fn] = cum.get(fn, 0.0) + ct
     phases = [(phase, 1e3 * sum(cum.get(f, 0.0) for f in fns) / n) for phase, fns in PIPELINE_PHASES.items()]
